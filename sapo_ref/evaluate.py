@@ -1,0 +1,115 @@
+r"""The loss and its closed-form gradient, generic over array namespaces (clauses 1-3, 5, 6).
+
+:func:`evaluate` is the whole computation on already validated arrays of one floating dtype.
+The reference (:func:`sapo_ref.policy_loss`) calls it in float64 on NumPy; adapters may call it
+on their own arrays (e.g. inside a custom autograd function) and specialise where speed needs.
+
+.. math::
+
+    \mathcal{L} = -\sum_{i,t} c_{it}\,m_{it}\,A_{it}\,f_{it}(x_{it}),\qquad
+    \frac{\partial\mathcal{L}}{\partial\log\pi_\theta(y_{it'})} =
+    \begin{cases}
+    -c_{it'}\,m_{it'}\,A_{it'}\,\partial_\delta f_{it'} & \text{token ratio, gspo-token}\\
+    -\frac{m_{it'}}{L_i}\sum_t c_{it}\,m_{it}\,A_{it}\,\partial_\mu f_{it} & \text{sequence ratio (gspo, sapo-seq)}
+    \end{cases}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._xp import namespace
+from .aggregation import Normalizer, denominator, row_lengths, token_weights
+from .config import LossConfig
+from .gates import clip_parts, sapo_parts
+
+__all__ = ["Evaluation", "evaluate", "prepare", "Prepared"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Sanitised inputs: invalid positions replaced by 0 by selection (clause 6.1).
+
+    ``delta`` [N, T] log-ratios, ``adv`` [N, T] advantages, ``valid`` [N, T] bool,
+    ``lengths`` [N] row lengths, ``log_x`` [N, T] the log of the ratio the gate sees
+    (``delta`` for token methods, the row mean ``mu_i`` broadcast for sequence methods).
+    """
+
+    delta: Any
+    adv: Any
+    valid: Any
+    lengths: Any
+    log_x: Any
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss (0-d), gradient [N, T] and the intermediates metrics are computed from."""
+
+    loss: Any
+    grad: Any
+    prepared: Prepared
+    term: Any  # [N, T] per-token term A * f(x), 0 where invalid
+    gate: Any  # SapoParts or ClipParts
+    weights: Any  # [N, T] aggregation weights c_it
+
+
+def prepare(logp: Any, old_logp: Any, advantages: Any, mask: Any, config: LossConfig) -> Prepared:
+    """Select valid positions and form the log-ratios, in the dtype of ``logp``."""
+    xp = namespace(logp, old_logp, advantages)
+    dtype = logp.dtype
+    valid = mask if mask.dtype == xp.bool else mask != 0
+    zero = xp.zeros_like(logp)
+    delta = xp.where(valid, logp, zero) - xp.where(valid, old_logp, zero)
+    adv = advantages
+    if adv.ndim == 1:
+        adv = xp.broadcast_to(xp.expand_dims(adv, axis=1), logp.shape)
+    adv = xp.where(valid, adv, zero)
+    lengths = row_lengths(valid, dtype)
+    if config.sequence_value:
+        one = xp.ones_like(lengths)
+        mu = xp.sum(delta, axis=1) / xp.where(lengths > 0, lengths, one)
+        log_x = xp.where(valid, xp.broadcast_to(xp.expand_dims(mu, axis=1), delta.shape), zero)
+    else:
+        log_x = delta
+    return Prepared(delta=delta, adv=adv, valid=valid, lengths=lengths, log_x=log_x)
+
+
+def evaluate(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    config: LossConfig,
+    norm: Normalizer,
+) -> Evaluation:
+    """Loss and closed-form gradient d loss / d logp for validated inputs of one dtype.
+
+    ``norm`` holds the (global) counts; see :func:`sapo_ref.normalizer`.
+    """
+    xp = namespace(logp, old_logp, advantages)
+    p = prepare(logp, old_logp, advantages, mask, config)
+    zero = xp.zeros_like(p.delta)
+    den = denominator(norm, config.loss_agg, config.norm_length)
+    c = token_weights(p.valid, p.lengths, config.loss_agg, den)
+
+    if config.is_soft:
+        tau = xp.where(p.adv > 0, xp.full_like(zero, config.tau_pos), xp.full_like(zero, config.tau_neg))
+        gate = sapo_parts(p.log_x, tau)
+        g, dlog = gate.f, gate.dlog
+    else:
+        gate = clip_parts(p.log_x, p.adv, config.eps_low, config.eps_high, config.dual_clip)
+        g, dlog = gate.g, gate.dlog
+
+    term = xp.where(p.valid, p.adv * g, zero)
+    loss = 0.0 - xp.sum(c * term)  # 0.0 - x keeps an empty batch at +0.0
+    # dJ/d log x per token; c = 0 and adv = 0 at invalid tokens, dlog finite there.
+    coef = xp.where(p.valid, c * p.adv * dlog, zero)
+    if config.spreads_gradient:
+        one = xp.ones_like(p.lengths)
+        row = xp.sum(coef, axis=1) / xp.where(p.lengths > 0, p.lengths, one)
+        grad = xp.where(p.valid, -xp.broadcast_to(xp.expand_dims(row, axis=1), zero.shape), zero)
+    else:
+        grad = xp.where(p.valid, -coef, zero)
+    return Evaluation(loss=loss, grad=grad, prepared=p, term=term, gate=gate, weights=c)
