@@ -1,0 +1,1 @@
+"""sapo_jax: placeholder until its adapter issue lands."""

@@ -1,0 +1,1 @@
+"""sapo_mlx: placeholder until its adapter issue lands."""

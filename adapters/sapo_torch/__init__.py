@@ -1,0 +1,1 @@
+"""sapo_torch: placeholder until its adapter issue lands."""

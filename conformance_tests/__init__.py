@@ -1,0 +1,1 @@
+"""sapo_conformance: placeholder until the conformance issue lands."""
