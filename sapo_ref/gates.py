@@ -127,7 +127,8 @@ def sapo_parts(delta: Any, tau: Any) -> SapoParts:
     d = xp.minimum(delta, _broadcast(xp, saturation_log_ratio(tau), delta))
     u = xp.expm1(d)  # r - 1, exact near r = 1
     p, w = logistic_and_weight(tau * u)
-    return SapoParts(f=(4.0 / tau) * p, w=w, dlog=w * (u + 1.0))
+    # r = e^d, not u + 1: u + 1 rounds to 0 for r < 1e-16 and w * r would lose every digit.
+    return SapoParts(f=(4.0 / tau) * p, w=w, dlog=w * xp.exp(d))
 
 
 def logistic_and_weight(x: Any) -> tuple[Any, Any]:
@@ -153,8 +154,7 @@ def sapo_gate(r: Any, tau: Any) -> Any:
     >>> sapo_gate(np.array([1.0]), 1.0).tolist()  # 2/tau at r = 1
     [2.0]
     """
-    xp = namespace(r)
-    return sapo_parts(xp.log(r), tau).f
+    return sapo_parts(_log_ratio(r), tau).f
 
 
 def sapo_weight(r: Any, tau: Any) -> Any:
@@ -164,8 +164,7 @@ def sapo_weight(r: Any, tau: Any) -> Any:
     >>> sapo_weight(np.array([1.0, 2.0]), 1.0).round(4).tolist()
     [1.0, 0.7864]
     """
-    xp = namespace(r)
-    return sapo_parts(xp.log(r), tau).w
+    return sapo_parts(_log_ratio(r), tau).w
 
 
 def clip_parts(
@@ -216,6 +215,13 @@ def clip_parts(
     return ClipParts(
         g=g, dlog=xp.where(active, r, zero), active=active, r=r, low=low, high=high, dual=dual
     )
+
+
+def _log_ratio(r: Any) -> Any:
+    # log(0) = -inf is the right log-ratio (clause 5.3) but NumPy warns on it: select instead.
+    xp = namespace(r)
+    pos = r > 0
+    return xp.where(pos, xp.log(xp.where(pos, r, xp.ones_like(r))), xp.full_like(r, -math.inf))
 
 
 def _broadcast(xp: Any, value: Any, like: Any) -> Any:

@@ -37,6 +37,14 @@ def _extreme(xp: Any, x: Any, sel: Any, largest: bool) -> Any:
     return xp.where(xp.any(sel), value, xp.zeros_like(value))
 
 
+def _k1(xp: Any, delta: Any, valid: Any) -> Any:
+    # KL(old || new) is +inf as soon as new gives 0 mass to a sampled token (delta = -inf), as
+    # k3 says; the plain mean would meet inf - inf when delta = +inf occurs too.
+    minus_inf = valid & (delta == -math.inf)
+    mean = _mean(xp, -xp.where(minus_inf, xp.zeros_like(delta), delta), valid)
+    return xp.where(xp.any(minus_inf), xp.full_like(mean, math.inf), mean)
+
+
 def compute_metrics(ev: Evaluation, config: LossConfig) -> dict[str, Any]:
     """Every metric key of ``config.method`` as a 0-d array (clause 7.1)."""
     p = ev.prepared
@@ -58,7 +66,7 @@ def compute_metrics(ev: Evaluation, config: LossConfig) -> dict[str, Any]:
         "ratio/mean": _mean(xp, r, valid),
         "ratio/min": _extreme(xp, r, valid, largest=False),
         "ratio/max": _extreme(xp, r, valid, largest=True),
-        "kl/k1": _mean(xp, -delta, valid),
+        "kl/k1": _k1(xp, delta, valid),
         "kl/k3": _mean(xp, k3, valid),
     }
     if config.sequence_value:
