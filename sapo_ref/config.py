@@ -75,14 +75,17 @@ class LossConfig:
 
 def _check_param(name: str, value: Any) -> float:
     domain = spec.DOMAINS[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    not_a_number = TypeError(
+        f"{name} must be a real number in {domain.describe()} ({domain.meaning}); "
+        f"got {type(value).__name__}"
+    )
+    if isinstance(value, (bool, str, bytes)):  # float() would accept True and "1"
+        raise not_a_number
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)  # 0-d arrays and numpy scalars
         except (TypeError, ValueError):
-            raise TypeError(
-                f"{name} must be a real number in {domain.describe()} ({domain.meaning}); "
-                f"got {type(value).__name__}"
-            ) from None
+            raise not_a_number from None
     value = float(value)
     if not domain.contains(value):
         raise ValueError(
