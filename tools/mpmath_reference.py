@@ -1,0 +1,465 @@
+r"""An independent high-precision implementation of the whole spec (spec/clauses.toml), in mpmath.
+
+Written from the clause text, not from ``sapo_ref``: plain Python loops over rows and tokens,
+every quantity an ``mpmath.mpf`` at :data:`DPS` significant digits, inputs taken exactly (a
+float64 is a dyadic rational, so ``mpf(x)`` is exact). The only thing read from the project is
+the spec data itself (method defaults, ratio/gate kinds, aggregation row weights and
+denominators, metric keys), with ``tomllib`` straight from ``spec/clauses.toml``.
+
+Limits are handled from the math, explicitly (clauses 5.1, 5.3, 5.4):
+
+* SAPO at :math:`\delta = +\infty`: :math:`f = 4/\tau`, :math:`w = 0`, :math:`w r = 0`; at
+  :math:`\delta = -\infty`: :math:`r = 0`, :math:`f = \frac4\tau\sigma(-\tau)`,
+  :math:`w = \operatorname{sech}^2(\tau/2)`, :math:`w r = 0`.
+* Clip methods at :math:`x = +\infty`: :math:`A > 0` clipped (value :math:`A(1+\epsilon_h)`, no
+  gradient); :math:`A < 0` without dual clip: term :math:`-\infty`, loss and gradient
+  :math:`+\infty`; with dual clip: term :math:`cA`, no gradient.
+* :math:`A = 0`: term 0 and gradient 0 whatever the ratio.
+
+Results are mpf; :func:`to_float64` rounds one correctly (to nearest, ties to even, subnormals
+included), which is how the golden vectors are written.
+
+>>> res = policy_loss([[0.0, 0.0]], [[0.0, 0.0]], [1.0], [[True, True]])
+>>> to_float64(res.loss), [to_float64(g) for g in res.grad[0]]   # -2/tau_pos; -A/(R L)
+(-2.0, [-0.5, -0.5])
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+import mpmath
+from mpmath import mp, mpf
+
+__all__ = [
+    "DPS",
+    "SPEC",
+    "Result",
+    "policy_loss",
+    "group_advantages",
+    "sequence_gate_diagnostics",
+    "kink_distance",
+    "to_float64",
+]
+
+#: Significant decimal digits of every computation here.
+DPS = 60
+SPEC: dict[str, Any] = tomllib.loads(
+    (Path(__file__).resolve().parents[1] / "spec" / "clauses.toml").read_text(encoding="utf-8")
+)
+
+INF = mpf("inf")
+
+
+# ------------------------------------------------------------------------------------------
+# Rounding to float64
+# ------------------------------------------------------------------------------------------
+def to_float64(x: Any) -> float:
+    """``x`` (an mpf) correctly rounded to the nearest float64 (ties to even).
+
+    ``float(mpf)`` truncates in mpmath 1.3; this goes through an exact ``Fraction`` instead,
+    whose ``float()`` is correctly rounded, subnormals and overflow to infinity included.
+
+    >>> to_float64(mpf(1) / 3) == 1 / 3, to_float64(mpmath.exp(-mpmath.exp(800)))
+    (True, 0.0)
+    """
+    x = mpf(x)
+    if mpmath.isnan(x):
+        return math.nan
+    if mpmath.isinf(x):
+        return math.inf if x > 0 else -math.inf
+    if x == 0:
+        return 0.0
+    sign, man, exp, bc = x._mpf_
+    top = exp + bc  # |x| in [2**(top-1), 2**top)
+    if top > 1025:
+        return -math.inf if sign else math.inf
+    if top < -1076:  # below half the smallest subnormal 2**-1074
+        return -0.0 if sign else 0.0
+    q = Fraction(man) * (Fraction(2) ** exp)
+    try:
+        v = float(q)
+    except OverflowError:
+        v = math.inf
+    return -v if sign else v
+
+
+# ------------------------------------------------------------------------------------------
+# Spec data
+# ------------------------------------------------------------------------------------------
+def _defaults(method: str) -> dict[str, Any]:
+    d = dict(SPEC["methods"][method]["defaults"])
+    return {k: (None if v == "none" else v) for k, v in d.items()}
+
+
+def _metric_keys(method: str) -> list[str]:
+    return [
+        k for k, m in SPEC["metrics"].items() if m["methods"] == "all" or method in m["methods"]
+    ]
+
+
+@dataclass(frozen=True)
+class Result:
+    """Loss :math:`\\mathcal L`, gradient :math:`\\partial\\mathcal L/\\partial\\log\\pi_\\theta`
+    (list of rows of mpf) and the clause 7.1 metrics (key -> mpf), all exact to ~DPS digits."""
+
+    loss: Any
+    grad: list[list[Any]]
+    metrics: dict[str, Any]
+
+
+def _matrix(x: Any, n: int, t: int, name: str) -> list[list[Any]]:
+    rows = [list(r) for r in x]
+    if len(rows) != n or any(len(r) != t for r in rows):
+        raise ValueError(f"{name} must be [{n}, {t}]")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Gates (clause 2)
+# ------------------------------------------------------------------------------------------
+def _sigmoid_and_weight(x: Any) -> tuple[Any, Any]:
+    """sigma(x) and w = 4 sigma (1 - sigma) = sech^2(x/2), for x in [-inf, inf].
+
+    w is written with e^{-|x|} because 1 - sigma(x) cancels to nothing at 60 digits for x > 140.
+    """
+    if mpmath.isinf(x):
+        return (mpf(1) if x > 0 else mpf(0)), mpf(0)
+    e = mpmath.exp(-abs(x))
+    sig = 1 / (1 + e) if x >= 0 else e / (1 + e)
+    return sig, 4 * e / (1 + e) ** 2
+
+
+def _sapo(log_x: Any, tau: Any) -> tuple[Any, Any, Any]:
+    """Clause 2.1/2.2 at x = exp(log_x): (f, w, w * x) with the clause 5.3 limits."""
+    if log_x == INF:  # r -> inf: f -> 4/tau, w -> 0 faster than r grows, so w r -> 0
+        return 4 / tau, mpf(0), mpf(0)
+    x = mpmath.exp(log_x)  # exp(-inf) = 0 exactly: the r -> 0 limits follow directly
+    sig, w = _sigmoid_and_weight(tau * mpmath.expm1(log_x))
+    return 4 / tau * sig, w, w * x
+
+
+def _clip(log_x: Any, a: Any, eps_low: Any, eps_high: Any, dual: Any | None) -> dict[str, Any]:
+    """Clause 2.4-2.6 at x = exp(log_x): term l, the eq. 24 indicator, the clip flags.
+
+    The gradient of l with respect to log x is ``active * x * A`` (0 when not active, also
+    at x = inf).
+    """
+    x = INF if log_x == INF else mpmath.exp(log_x)
+    hi, lo = 1 + eps_high, 1 - eps_low
+    out = {"low": False, "high": False, "dual": False}
+    if a > 0:
+        term = a * min(x, hi)
+        out["high"] = x > hi
+        active = x <= hi
+    elif a < 0:
+        g = max(x, lo)
+        if dual is not None:
+            g = min(g, dual)
+            out["dual"] = x > dual
+        term = a * g  # a * inf = -inf: the true limit without dual clip (clause 5.4)
+        out["low"] = x < lo
+        active = x >= lo and (dual is None or x <= dual)
+    else:
+        term, active = mpf(0), False  # clause 5.1, r = inf included
+    out.update(term=term, active=active, dlog=(x * a if active else mpf(0)), x=x)
+    return out
+
+
+def kink_distance(
+    log_x: Any, a: float, eps_low: float, eps_high: float, dual: float | None
+) -> Any:
+    """Relative distance min |x/k - 1| of x = exp(log_x) to the clip kinks k that matter for
+    the sign of ``a`` (1+eps_high for A > 0; 1-eps_low (when > 0) and dual for A < 0);
+    inf when none does."""
+    with mp.workdps(DPS):
+        log_x = mpf(log_x)
+        if mpmath.isinf(log_x):
+            return INF
+        x = mpmath.exp(log_x)
+        kinks = []
+        if a > 0:
+            kinks.append(1 + mpf(eps_high))
+        elif a < 0:
+            if 1 - mpf(eps_low) > 0:
+                kinks.append(1 - mpf(eps_low))
+            if dual is not None:
+                kinks.append(mpf(dual))
+        return min((abs(x / k - 1) for k in kinks), default=INF)
+
+
+# ------------------------------------------------------------------------------------------
+# The loss (clauses 1-3, 5, 7)
+# ------------------------------------------------------------------------------------------
+def policy_loss(
+    logp: Sequence[Sequence[float]],
+    old_logp: Sequence[Sequence[float]],
+    advantages: Sequence[Any],
+    mask: Sequence[Sequence[Any]],
+    *,
+    method: str = SPEC["defaults"]["method"],
+    loss_agg: str = SPEC["defaults"]["loss_agg"],
+    tau_pos: float | None = None,
+    tau_neg: float | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    norm_length: float | None = None,
+    count_empty_rows: bool | None = None,
+    normalizer: Any = None,
+) -> Result:
+    """Loss, closed-form gradient and metrics of the spec, at DPS digits.
+
+    ``normalizer`` is anything with ``num_tokens`` and ``num_rows`` (clause 3.8) or a pair.
+    Raises ``ValueError`` for the data errors of clauses 5.5, 8.5 and 8.6; option validation
+    (clause 8.4) is not repeated here.
+    """
+    with mp.workdps(DPS):
+        return _policy_loss(
+            logp, old_logp, advantages, mask, method, loss_agg,
+            dict(tau_pos=tau_pos, tau_neg=tau_neg, eps_low=eps_low, eps_high=eps_high,
+                 dual_clip=dual_clip),
+            norm_length, count_empty_rows, normalizer,
+        )  # fmt: skip
+
+
+def _policy_loss(logp, old_logp, advantages, mask, method, loss_agg, given, norm_length,
+                 count_empty_rows, normalizer):  # fmt: skip
+    mspec = SPEC["methods"][method]
+    aspec = SPEC["loss_aggs"][loss_agg]
+    params = _defaults(method)
+    for k, v in given.items():
+        if v is not None:
+            if k not in mspec["params"]:
+                raise ValueError(f"{k} does not apply to {method}")
+            params[k] = v
+    if count_empty_rows is None:
+        count_empty_rows = SPEC["defaults"]["count_empty_rows"]
+    soft = mspec["gate"] == "soft"
+    ratio_kind = mspec["ratio"]  # token | sequence | sequence-token
+
+    lp_rows = [list(r) for r in logp]
+    n_rows, n_tok = len(lp_rows), len(lp_rows[0])
+    old_rows = _matrix(old_logp, n_rows, n_tok, "old_logp")
+    m = [[bool(v) for v in r] for r in _matrix(mask, n_rows, n_tok, "mask")]
+    adv_in = list(advantages)
+    per_token = hasattr(adv_in[0], "__len__")  # [N, T] rows, else [N] scalars
+
+    # Clause 1.2-1.5 at valid tokens only; invalid positions are never read (clause 1.2).
+    delta = [[None] * n_tok for _ in range(n_rows)]
+    adv = [[None] * n_tok for _ in range(n_rows)]
+    for i in range(n_rows):
+        for t in range(n_tok):
+            if not m[i][t]:
+                continue
+            a = mpf(adv_in[i][t]) if per_token else mpf(adv_in[i])
+            if not mpmath.isfinite(a):
+                raise ValueError(f"advantage at valid token {(i, t)} is not finite")
+            d = mpf(lp_rows[i][t]) - mpf(old_rows[i][t])
+            if mpmath.isnan(d):
+                raise ValueError(f"log-ratio undefined at valid token {(i, t)}")
+            delta[i][t], adv[i][t] = d, a
+    lengths = [sum(1 for t in range(n_tok) if m[i][t]) for i in range(n_rows)]
+
+    mu: list[Any] = [None] * n_rows  # log s_i (clause 1.4)
+    for i in range(n_rows):
+        if lengths[i]:
+            ds = [delta[i][t] for t in range(n_tok) if m[i][t]]
+            if INF in ds and -INF in ds:
+                if ratio_kind != "token":
+                    raise ValueError(f"row {i}: sequence ratio undefined (clause 5.5)")
+                continue
+            mu[i] = mpmath.fsum(ds) / lengths[i]
+
+    # Clause 3: c_it = rho_it / D.
+    n_valid = sum(lengths)
+    r_count = n_rows if count_empty_rows else sum(1 for L in lengths if L)
+    if normalizer is not None:
+        if isinstance(normalizer, (tuple, list)):
+            n_valid, r_count = normalizer
+        else:
+            n_valid, r_count = normalizer.num_tokens, normalizer.num_rows
+    n_valid, r_count = mpf(n_valid), mpf(r_count)
+    den = {
+        "num_tokens": n_valid,
+        "num_rows": r_count,
+        "num_rows * norm_length": r_count * (mpf(norm_length) if norm_length is not None else 0),
+    }[aspec["denominator"]]
+
+    def weight(i: int) -> Any:
+        if den == 0 or lengths[i] == 0:  # clause 3.7: 0/0 = 0; an empty row adds nothing
+            return mpf(0)
+        rho = 1 / mpf(lengths[i]) if aspec["row_weight"] == "1/L_i" else mpf(1)
+        return rho / den
+
+    # Per-token terms and d term / d log x.
+    tau_pos, tau_neg = params.get("tau_pos"), params.get("tau_neg")
+    eps_low, eps_high, dual = (
+        params.get("eps_low"), params.get("eps_high"), params.get("dual_clip"),
+    )  # fmt: skip
+    if eps_low is not None:
+        eps_low, eps_high = mpf(eps_low), mpf(eps_high)
+        dual = None if dual is None else mpf(dual)
+    total = mpf(0)
+    grad = [[mpf(0)] * n_tok for _ in range(n_rows)]
+    gate_w = {}  # (i, t) -> w, SAPO methods
+    flags = {}  # (i, t) -> clip flags, clip methods
+    for i in range(n_rows):
+        c = weight(i)
+        row_coef = mpf(0)  # sum_t c A dterm/dmu, for gradients that spread (clause 2.3, 2.7)
+        for t in range(n_tok):
+            if not m[i][t]:
+                continue
+            a = adv[i][t]
+            log_x = delta[i][t] if ratio_kind == "token" else mu[i]
+            if soft:
+                tau = mpf(tau_pos) if a > 0 else mpf(tau_neg)  # clause 1.6
+                f, w, wx = _sapo(log_x, tau)
+                gate_w[i, t] = w
+                term, dterm = f * a, wx * a
+            else:
+                cl = _clip(log_x, a, eps_low, eps_high, dual)
+                flags[i, t] = cl
+                term, dterm = cl["term"], cl["dlog"]
+            if a == 0:
+                term, dterm = mpf(0), mpf(0)  # clause 5.1
+            if c != 0:
+                total += c * term
+                coef = c * dterm
+            else:
+                coef = mpf(0)
+            if ratio_kind == "sequence":
+                row_coef += coef
+            else:  # token ratio, and gspo-token: only through the token's own logp
+                grad[i][t] = -coef
+        if ratio_kind == "sequence" and lengths[i]:
+            for t in range(n_tok):
+                if m[i][t]:
+                    grad[i][t] = -row_coef / lengths[i]
+    loss = -total
+    metrics = _metrics(method, m, delta, adv, mu, lengths, gate_w, flags, soft, ratio_kind)
+    return Result(loss=loss, grad=grad, metrics=metrics)
+
+
+def _mean(values: list[Any]) -> Any:
+    return mpmath.fsum(values) / len(values) if values else mpf(0)
+
+
+def _k1(deltas: list[Any]) -> Any:
+    """Mean of -delta. The spec's plain mean is inf - inf when delta = +inf and -inf both occur;
+    KL(old || new) is +inf as soon as the new policy gives a sampled token zero mass
+    (delta = -inf), so that is the value taken (as k3 gives), whatever else occurs."""
+    if -INF in deltas:
+        return INF
+    return _mean([-d for d in deltas])
+
+
+def _metrics(method, m, delta, adv, mu, lengths, gate_w, flags, soft, ratio_kind):
+    """Clause 7.1 from the [metrics.*] definitions, valid tokens only."""
+    cells = [(i, t) for i in range(len(m)) for t in range(len(m[0])) if m[i][t]]
+    ratio = {k: (INF if delta[k[0]][k[1]] == INF else mpmath.exp(delta[k[0]][k[1]])) for k in cells}
+    rs = [ratio[k] for k in cells]
+    pos = [k for k in cells if adv[k[0]][k[1]] > 0]
+    neg = [k for k in cells if adv[k[0]][k[1]] < 0]
+
+    def k3(d: Any) -> Any:  # (r - 1) - delta; both limits are +inf
+        return INF if mpmath.isinf(d) else mpmath.expm1(d) - d
+
+    out = {
+        "tokens": mpf(len(cells)),
+        "rows": mpf(sum(1 for L in lengths if L)),
+        "ratio/mean": _mean(rs),
+        "ratio/min": min(rs) if rs else mpf(0),
+        "ratio/max": max(rs) if rs else mpf(0),
+        "kl/k1": _k1([delta[i][t] for i, t in cells]),
+        "kl/k3": _mean([k3(delta[i][t]) for i, t in cells]),
+        "tokens_pos": mpf(len(pos)),
+        "tokens_neg": mpf(len(neg)),
+    }
+    if ratio_kind != "token":
+        ss = [INF if mu[i] == INF else mpmath.exp(mu[i]) for i in range(len(m)) if lengths[i]]
+        out["seq_ratio/mean"] = _mean(ss)
+        out["seq_ratio/min"] = min(ss) if ss else mpf(0)
+        out["seq_ratio/max"] = max(ss) if ss else mpf(0)
+    if soft:
+        out["gate/mean"] = _mean([gate_w[k] for k in cells])
+        out["gate/mean_pos"] = _mean([gate_w[k] for k in pos])
+        out["gate/mean_neg"] = _mean([gate_w[k] for k in neg])
+    else:
+        n = len(cells)
+        for name in ("low", "high", "dual"):
+            count = sum(1 for k in cells if flags[k][name])
+            out[f"clip/{name}_frac"] = mpf(count) / n if n else mpf(0)
+        out["clip/frac"] = out["clip/low_frac"] + out["clip/high_frac"] + out["clip/dual_frac"]
+    keys = _metric_keys(method)
+    assert set(out) == set(keys), sorted(set(out) ^ set(keys))
+    return {k: out[k] for k in keys}
+
+
+# ------------------------------------------------------------------------------------------
+# Tools (clause 9)
+# ------------------------------------------------------------------------------------------
+def group_advantages(
+    rewards: Sequence[float], group_size: int, *, scale: str = "std", ddof: int = 1,
+    eps: float = 1e-6,
+) -> list[Any]:  # fmt: skip
+    """Clause 9.1: A_i = (R_i - mean_g) / (std_g + eps), or centred only; flat groups give 0.
+
+    >>> [to_float64(a) for a in group_advantages([1.0, 0.0], 2, eps=0.0)]
+    [0.7071067811865476, -0.7071067811865476]
+    """
+    with mp.workdps(DPS):
+        out = []
+        for g0 in range(0, len(rewards), group_size):
+            grp = [mpf(r) for r in rewards[g0 : g0 + group_size]]
+            if len(grp) == 1 or all(r == grp[0] for r in grp):
+                out += [mpf(0)] * len(grp)
+                continue
+            mean = mpmath.fsum(grp) / len(grp)
+            if scale == "none":
+                out += [r - mean for r in grp]
+                continue
+            var = mpmath.fsum((r - mean) ** 2 for r in grp) / (len(grp) - ddof)
+            den = mpmath.sqrt(var) + mpf(eps)
+            out += [(r - mean) / den for r in grp]
+        return out
+
+
+def sequence_gate_diagnostics(
+    logp: Sequence[Sequence[float]],
+    old_logp: Sequence[Sequence[float]],
+    mask: Sequence[Sequence[Any]],
+    tau: float | Sequence[float] = 1.0,
+) -> dict[str, list[Any]]:
+    """Clause 9.2 per row: var, gap D_i, bound tau^2/4 Var_i, mean_log_ratio mu_i (0 if empty).
+
+    >>> d = sequence_gate_diagnostics([[0.5, -0.5]], [[0.0, 0.0]], [[1, 1]])
+    >>> to_float64(d["var"][0]), d["gap"][0] <= d["bound"][0]
+    (0.25, True)
+    """
+    with mp.workdps(DPS):
+        out: dict[str, list[Any]] = {"var": [], "gap": [], "bound": [], "mean_log_ratio": []}
+        for i, (lp, olp, mk) in enumerate(zip(logp, old_logp, mask)):
+            z = [mpf(a) - mpf(b) for a, b, k in zip(lp, olp, mk) if k]
+            if not z:
+                for key in out:
+                    out[key].append(mpf(0))
+                continue
+            tau_i = mpf(tau if isinstance(tau, (int, float)) else tau[i])
+            mu = mpmath.fsum(z) / len(z)
+            var = mpmath.fsum((v - mu) ** 2 for v in z) / len(z)
+
+            def g(v: Any) -> Any:  # sech^2(tau v / 2)
+                return mpmath.sech(tau_i * v / 2) ** 2
+
+            gap = abs(mpmath.fsum(g(v) for v in z) / len(z) - g(mu))
+            out["var"].append(var)
+            out["gap"].append(gap)
+            out["bound"].append(tau_i**2 / 4 * var)
+            out["mean_log_ratio"].append(mu)
+        return out
