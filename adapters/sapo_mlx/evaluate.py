@@ -1,0 +1,143 @@
+r"""The loss and its closed-form gradient in MLX: the twin of :func:`sapo_ref.evaluate`.
+
+:func:`prepare` selects valid positions (clause 6.1) with ordinary MLX operations;
+:func:`loss_core` is an ``mx.custom_function`` that returns the loss and, as its one saved
+residual, :math:`G = \partial\mathcal{L}/\partial\delta`; its ``vjp`` is
+:math:`\bar\delta = \bar{\mathcal{L}}\,G`. Its ``vmap`` maps over a leading batch axis with the
+same closed form (every formula here works on ``[..., N, T]``), so ``mx.grad(mx.vmap(...))``
+keeps the closed-form gradient.
+
+.. math::
+
+    \mathcal{L} = -\sum_{i,t} c_{it}\,m_{it}\,A_{it}\,f_{it}(x_{it}),\qquad
+    G_{it'} = \begin{cases}
+    -c_{it'}\,m_{it'}\,A_{it'}\,\partial_\delta f_{it'} & \text{token ratio, gspo-token}\\
+    -\frac{m_{it'}}{L_i}\sum_t c_{it}\,m_{it}\,A_{it}\,\partial_\mu f_{it} & \text{sequence ratio}
+    \end{cases}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import mlx.core as mx
+from sapo_ref.aggregation import Normalizer, denominator
+from sapo_ref.config import LossConfig
+
+from .gates import clip_parts, signed_sapo_parts
+
+__all__ = ["Prepared", "prepare", "token_weights", "loss_core", "gate_parts"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Sanitised inputs in the compute dtype, invalid positions 0 by selection.
+
+    ``delta`` [N, T] (differentiable), ``adv`` [N, T] (constant), ``valid`` [N, T] bool,
+    ``lengths`` [N] row lengths.
+    """
+
+    delta: mx.array
+    adv: mx.array
+    valid: mx.array
+    lengths: mx.array
+
+
+def prepare(
+    logp: mx.array, old_logp: mx.array, advantages: mx.array, mask: mx.array, dtype: mx.Dtype
+) -> Prepared:
+    """Select valid positions and form :math:`\\delta` in ``dtype`` (clause 1.2-1.5, 6.1)."""
+    valid = mask if mask.dtype == mx.bool_ else mask != 0
+    delta = mx.where(valid, logp.astype(dtype), 0.0) - mx.where(valid, old_logp.astype(dtype), 0.0)
+    adv = advantages.astype(dtype)
+    if adv.ndim == valid.ndim - 1:
+        adv = mx.expand_dims(adv, -1)
+    # Advantages are data, not parameters: their gradient is zero by definition (clause 1.7).
+    adv = mx.stop_gradient(mx.where(valid, adv, 0.0))
+    lengths = mx.sum(valid.astype(dtype), axis=-1)
+    return Prepared(delta=delta, adv=adv, valid=valid, lengths=lengths)
+
+
+def token_weights(p: Prepared, config: LossConfig, norm: Normalizer) -> mx.array:
+    r"""Aggregation weights :math:`c_{it} = m_{it}\rho_{it}/D` (clause 3.1); :math:`0/0 = 0`."""
+    dtype = p.delta.dtype
+    den = denominator(norm, config.loss_agg, config.norm_length)
+    den = den.astype(dtype) if isinstance(den, mx.array) else mx.array(den, dtype=dtype)
+    row = 1.0 / mx.where(den > 0, den, 1.0)
+    if config.per_row_mean:
+        row = row / mx.where(p.lengths > 0, p.lengths, 1.0)
+    else:
+        row = mx.broadcast_to(row, p.lengths.shape)
+    return mx.where(p.valid, mx.expand_dims(row, -1), 0.0)
+
+
+def _log_x(delta: mx.array, valid: mx.array, config: LossConfig) -> tuple[mx.array, mx.array]:
+    """The log of the ratio the gate sees (``delta`` or the row mean ``mu_i``) and safe lengths."""
+    lengths = mx.sum(valid.astype(delta.dtype), axis=-1)
+    safe = mx.where(lengths > 0, lengths, 1.0)
+    if not config.sequence_value:
+        return delta, safe
+    mu = mx.sum(delta, axis=-1) / safe
+    return mx.where(valid, mx.expand_dims(mu, -1), 0.0), safe
+
+
+def gate_parts(log_x: mx.array, adv: mx.array, config: LossConfig) -> Any:
+    """The method's gate at ``log_x``: ``SapoParts`` (soft) or ``ClipParts`` (clip)."""
+    if config.is_soft:
+        return signed_sapo_parts(log_x, adv > 0, config.tau_pos, config.tau_neg)
+    return clip_parts(log_x, adv, config.eps_low, config.eps_high, config.dual_clip)
+
+
+def _loss_and_grad(
+    delta: mx.array, adv: mx.array, c: mx.array, valid: mx.array, config: LossConfig
+) -> tuple[mx.array, mx.array]:
+    log_x, safe = _log_x(delta, valid, config)
+    gate = gate_parts(log_x, adv, config)
+    g, dlog = (gate.f, gate.dlog) if config.is_soft else (gate.g, gate.dlog)
+    term = mx.where(valid, adv * g, 0.0)
+    # Row sums first, then the batch: shorter float32 accumulation chains.
+    loss = 0.0 - mx.sum(mx.sum(c * term, axis=-1), axis=-1)  # 0.0 - x: an empty batch is +0.0
+    coef = mx.where(valid, c * adv * dlog, 0.0)
+    if config.spreads_gradient:
+        row = mx.sum(coef, axis=-1) / safe
+        grad = mx.where(valid, -mx.expand_dims(row, -1), 0.0)
+    else:
+        grad = mx.where(valid, -coef, 0.0)
+    return loss, grad
+
+
+@lru_cache(maxsize=None)
+def loss_core(config: LossConfig) -> Callable[..., tuple[mx.array, mx.array]]:
+    """The custom function ``(delta, adv, c, valid) -> (loss, G)`` of ``config``, built once.
+
+    Shapes ``[..., N, T]`` in, ``([...], [..., N, T])`` out.
+    """
+
+    @mx.custom_function
+    def core(delta: mx.array, adv: mx.array, c: mx.array, valid: mx.array):
+        return _loss_and_grad(delta, adv, c, valid, config)
+
+    @core.vjp
+    def core_vjp(primals, cotangents, outputs):
+        _, adv, c, valid = primals
+        cot = cotangents[0]
+        g = outputs[1]
+        return (
+            cot.reshape(cot.shape + (1, 1)) * g,
+            mx.zeros_like(adv),
+            mx.zeros_like(c),
+            mx.zeros_like(valid),
+        )
+
+    @core.vmap
+    def core_vmap(inputs, axes):
+        size = next(x.shape[a] for x, a in zip(inputs, axes) if a is not None)
+        moved = [
+            mx.broadcast_to(x, (size,) + x.shape) if a is None else mx.moveaxis(x, a, 0)
+            for x, a in zip(inputs, axes)
+        ]
+        return core(*moved), (0, 0)
+
+    return core
