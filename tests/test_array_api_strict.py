@@ -1,0 +1,121 @@
+"""The reference runs on array_api_strict: its formulas use nothing outside the array API standard.
+
+array_api_strict implements the standard and nothing else (no NumPy extras, no implicit
+conversions), so any reliance on NumPy behaviour beyond the standard fails here. Results must
+match the NumPy reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import sapo_ref
+from sapo_ref import spec
+
+xps = pytest.importorskip("array_api_strict")
+
+F64 = spec.TOLERANCES["float64"]
+
+
+def batch(seed: int, per_token: bool, extreme: bool):
+    """Ragged masks with holes and an empty row; optionally +-inf and huge log-ratios."""
+    rng = np.random.default_rng(seed)
+    n, t = 5, 7
+    old = np.log(rng.uniform(0.05, 1.0, size=(n, t)))
+    logp = old + rng.normal(scale=0.3, size=(n, t))
+    mask = rng.random((n, t)) < 0.7
+    mask[1] = False  # an empty row
+    mask[2, 0] = True
+    if extreme:
+        logp[2, 0] = math.inf  # one sign of infinity per row: valid for sequence methods too
+        logp[3, mask[3].argmax()] = old[3, mask[3].argmax()] - 900.0
+        old[4, 0], mask[4, 0] = -math.inf, True
+    logp[~mask] = rng.choice([math.nan, math.inf, -1e30], size=int((~mask).sum()))  # garbage
+    adv = rng.normal(size=(n, t) if per_token else n)
+    return logp, old, adv, mask
+
+
+def to_strict(*arrays):
+    return tuple(xps.asarray(a) for a in arrays)
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.from_dlpack(x)
+
+
+def assert_matches(strict_res, numpy_res):
+    assert isinstance(strict_res.grad, type(xps.asarray(0.0)))  # stays in the caller's namespace
+    got = to_numpy(strict_res.grad)
+    np.testing.assert_allclose(strict_res.loss, numpy_res.loss, rtol=F64["value"].rtol,
+                               atol=F64["value"].atol * max(1.0, abs(numpy_res.loss)))
+    scale = max(1.0, float(np.max(np.abs(numpy_res.grad), initial=0.0)))
+    np.testing.assert_allclose(got, numpy_res.grad, rtol=F64["grad"].rtol, atol=F64["grad"].atol * scale)
+    assert strict_res.metrics.keys() == numpy_res.metrics.keys()
+    for k, v in numpy_res.metrics.items():
+        np.testing.assert_allclose(strict_res.metrics[k], v, rtol=F64["value"].rtol,
+                                   atol=F64["value"].atol, err_msg=k)
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["moderate", "extreme"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["adv[N]", "adv[N,T]"])
+@pytest.mark.parametrize("loss_agg", list(spec.LOSS_AGGS))
+@pytest.mark.parametrize("method", list(spec.METHODS))
+def test_policy_loss_on_array_api_strict(method, loss_agg, per_token, extreme):
+    seed = list(spec.METHODS).index(method) * 10 + list(spec.LOSS_AGGS).index(loss_agg)
+    logp, old, adv, mask = batch(seed, per_token, extreme)
+    kw = {"method": method, "loss_agg": loss_agg}
+    if "norm_length" in spec.LOSS_AGGS[loss_agg].requires:
+        kw["norm_length"] = 11.0
+    if spec.METHODS[method].gate == "clip":
+        kw["dual_clip"] = 3.0  # keeps extreme clipped cases finite, exercises the dual branch
+    want = sapo_ref.policy_loss(logp, old, adv, mask, **kw)
+    got = sapo_ref.policy_loss(*to_strict(logp, old, adv, mask), **kw)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("method", list(spec.METHODS))
+def test_shard_with_normalizer_on_array_api_strict(method):
+    logp, old, adv, mask = batch(7, False, False)
+    norm = sapo_ref.normalizer(xps.asarray(mask), count_empty_rows=True)
+    want = sapo_ref.policy_loss(logp[:2], old[:2], adv[:2], mask[:2], method=method,
+                                normalizer=sapo_ref.normalizer(mask, count_empty_rows=True))
+    got = sapo_ref.policy_loss(*to_strict(logp[:2], old[:2], adv[:2], mask[:2]), method=method,
+                               normalizer=norm)
+    assert_matches(got, want)
+
+
+def test_int_mask_on_array_api_strict():
+    logp, old, adv, mask = batch(3, True, False)
+    want = sapo_ref.policy_loss(logp, old, adv, mask)
+    got = sapo_ref.policy_loss(*to_strict(logp, old, adv, mask.astype(np.int64)))
+    assert_matches(got, want)
+
+
+def test_tools_on_array_api_strict():
+    """group_advantages, sequence_gate_diagnostics and the gate functions are standard too."""
+    rewards = np.array([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])
+    np.testing.assert_allclose(
+        to_numpy(sapo_ref.group_advantages(xps.asarray(rewards), 3)),
+        sapo_ref.group_advantages(rewards, 3), rtol=F64["value"].rtol, atol=F64["value"].atol)
+    logp, old, _, mask = batch(5, False, False)
+    logp = np.where(mask, logp, 0.0)
+    d_np = sapo_ref.sequence_gate_diagnostics(logp, old, mask, 1.5)
+    d_xs = sapo_ref.sequence_gate_diagnostics(*to_strict(logp, old, mask), 1.5)
+    for field in ("var", "gap", "bound", "mean_log_ratio"):
+        np.testing.assert_allclose(to_numpy(getattr(d_xs, field)), getattr(d_np, field),
+                                   rtol=F64["value"].rtol, atol=F64["value"].atol, err_msg=field)
+    r = np.array([0.0, 0.5, 1.0, 3.0, math.inf])
+    for fn in (sapo_ref.sapo_gate, sapo_ref.sapo_weight):
+        np.testing.assert_allclose(to_numpy(fn(xps.asarray(r), 1.0)), fn(r, 1.0),
+                                   rtol=F64["value"].rtol, atol=F64["value"].atol)
+
+
+def test_data_errors_on_array_api_strict():
+    """The data checks (clause 8.5, 8.6, 5.5) work on strict arrays and name the position."""
+    logp, old, adv, mask = batch(1, False, False)
+    adv[2] = math.nan
+    with pytest.raises(ValueError, match="advantages"):
+        sapo_ref.policy_loss(*to_strict(logp, old, adv, mask))
