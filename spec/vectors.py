@@ -104,7 +104,29 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                                 "rewards": _VEC,
                             },
                         },
-                        "options": {"type": "object"},
+                        "options": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "method": {"type": "string"},
+                                "loss_agg": {"type": "string"},
+                                **{k: {"type": "number"} for k in (
+                                    "tau_pos", "tau_neg", "eps_low", "eps_high", "dual_clip",
+                                    "norm_length", "eps")},
+                                "count_empty_rows": {"type": "boolean"},
+                                "normalizer": {
+                                    "type": "object",
+                                    "required": ["num_tokens", "num_rows"],
+                                    "additionalProperties": False,
+                                    "properties": {"num_tokens": {"type": "number"},
+                                                   "num_rows": {"type": "number"}},
+                                },
+                                "group_size": {"type": "integer", "minimum": 1},
+                                "scale": {"enum": ["std", "none"]},
+                                "ddof": {"enum": [0, 1]},
+                                "tau": {"oneOf": [{"type": "number"}, _VEC]},
+                            },
+                        },
                         "expected": {
                             "type": "object",
                             "additionalProperties": False,

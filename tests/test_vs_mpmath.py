@@ -82,10 +82,11 @@ def _batches(method: str, count: int, rng: np.random.Generator):
         m = mask[j, :nj, :tj]
         opts = _options(method, j, rng, m)
         adv = adv_tok[j, :nj, :tj] if per_token[j] else adv_seq[j, :nj]
-        case = (logp[j, :nj, :tj], old[j, :nj, :tj], adv, m, opts)
-        if _near_kink(method, case):
+        if _near_kink(method, (logp[j, :nj, :tj], old[j, :nj, :tj], adv, m, opts)):
             continue
-        out.append(case)
+        if j % 3 == 0:  # a 0/1 integer mask (clause 1.1)
+            m = m.astype(np.int8)
+        out.append((logp[j, :nj, :tj], old[j, :nj, :tj], adv, m, opts))
     assert len(out) == count
     return out
 
@@ -100,7 +101,8 @@ def _options(method: str, j: int, rng: np.random.Generator, mask: np.ndarray) ->
             opts["tau_pos"], opts["tau_neg"] = np.exp(rng.uniform(-2.3, 2.3, 2)).round(3).tolist()
     else:
         if rng.random() < 0.6:
-            opts["eps_low"], opts["eps_high"] = rng.uniform(0.0, 0.5, 2).round(3).tolist()
+            # eps_low >= 1 (no lower bound) included.
+            opts["eps_low"], opts["eps_high"] = rng.uniform(0.0, [1.5, 0.5]).round(3).tolist()
         if rng.random() < 0.3:
             opts["dual_clip"] = round(float(rng.uniform(1.5, 5.0)), 2)
     if rng.random() < 0.15:  # a shard of a larger batch (clause 3.8)
@@ -179,10 +181,11 @@ def test_random_batches_exercise_the_edge_cases() -> None:
     """The generator really produces what the docstring promises (so the test above means it)."""
     rng = np.random.default_rng([SEED, 0])
     cases = _batches("gspo", CASES_PER_METHOD, rng)
-    assert any((~c[3].any(axis=1)).any() for c in cases)  # empty rows
+    assert any((~c[3].astype(bool).any(axis=1)).any() for c in cases)  # empty rows
+    assert any(c[3].dtype == np.int8 for c in cases)
     with np.errstate(invalid="ignore"):
-        assert any(np.isinf(c[0] - c[1])[c[3]].any() for c in cases)  # infinite log-ratios
-    assert any(c[2].ndim == 2 and (c[2][c[3]] == 0).any() for c in cases)  # A = 0
+        assert any(np.isinf(c[0] - c[1])[c[3] != 0].any() for c in cases)  # infinite ratios
+    assert any(c[2].ndim == 2 and (c[2][c[3] != 0] == 0).any() for c in cases)  # A = 0
     assert any("dual_clip" in c[4] for c in cases) and any("normalizer" in c[4] for c in cases)
     assert len({c[4]["loss_agg"] for c in cases}) == len(AGGS)
 
