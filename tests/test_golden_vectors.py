@@ -126,6 +126,7 @@ def test_mpmath_reference_is_independent_of_sapo_ref() -> None:
 
 def test_loader_doctests_and_errors() -> None:
     assert doctest.testmod(V, optionflags=doctest.ELLIPSIS).failed == 0
+    assert doctest.testmod(make_vectors.M).failed == 0  # the mpmath reference's examples
     with pytest.raises(FileNotFoundError, match="no golden vectors"):
         V.load_vectors("0.0.0")
     with pytest.raises(ValueError, match="kind must be"):
