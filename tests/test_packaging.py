@@ -117,3 +117,26 @@ def test_spec_clause_kinds_are_known():
     kinds = {"definition", "method", "gradient", "aggregation", "default", "special-case",
              "numerics", "metrics", "error", "tool", "conformance"}
     assert {c.kind for c in spec.CLAUSES} <= kinds
+
+
+def test_committed_spec_document_is_rendered():
+    """spec/SPEC.md is generated: it must equal the renderer's output for clauses.toml."""
+    from pathlib import Path
+
+    from sapo_ref.spec import render
+
+    committed = Path(__file__).resolve().parents[1] / "spec" / "SPEC.md"
+    assert committed.read_text(encoding="utf-8") == render.render(), (
+        "spec/SPEC.md is stale: run `python -m sapo_ref.spec.render` and commit the result")
+
+
+def test_rendered_spec_covers_the_data():
+    """Every clause, method, aggregation, domain, metric key and tolerance row is in the text."""
+    from sapo_ref.spec import render
+
+    text = render.render()
+    for c in spec.CLAUSES:
+        assert f"### {c.id} {c.title}" in text
+    for names in (spec.METHODS, spec.LOSS_AGGS, spec.DOMAINS, spec.METRICS, spec.TOLERANCES):
+        for name in names:
+            assert f"| `{name}` |" in text, name
