@@ -1,0 +1,580 @@
+r"""Conformance cases: seeded, deterministic inputs tagged with the clauses they exercise.
+
+A :class:`Case` holds float64 NumPy inputs and the options the call needs (only those: a
+third-party function gets exactly ``fn(logp, old_logp, advantages, mask, **options)``).
+:func:`generate_cases` draws ``per_clause`` cases for every clause of :data:`GENERATORS` from
+``numpy.random.default_rng([seed, clause index, k])``, so a case does not change when the count
+of other clauses' cases does. :func:`golden_cases` adds the spec's golden vectors.
+
+:func:`materialize` turns a case into the inputs of one dtype: rounded to the dtype, with
+clip-method ratios moved off the kinks (clause 2.5: never within 1e-3 relative), and the
+float64 reference evaluated on the rounded inputs (clause C.1). A case does not apply to a
+dtype whose range cannot hold its inputs or the reference's outputs.
+
+>>> cases = generate_cases(seed=0, per_clause=1)
+>>> cases[0].id, cases[0].clauses[0]
+('1.5-00', '1.5')
+>>> m = materialize(cases[0], "float32")
+>>> m.logp.dtype.name, bool(np.isfinite(m.want_loss))
+('float32', True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+import sapo_ref
+from sapo_ref import spec
+
+__all__ = [
+    "Case",
+    "Materialized",
+    "DTYPES",
+    "GENERATORS",
+    "generate_cases",
+    "golden_cases",
+    "materialize",
+    "round_to",
+    "KINK_DISTANCE",
+]
+
+#: Dtype names the suite knows, highest precision first.
+DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
+#: Clip-method ratios stay at least this far (relative) from a kink (clause 2.5).
+KINK_DISTANCE = 1e-3
+#: Options of the third-party contract (issue 3); count_empty_rows and normalizer are not in it.
+CONTRACT_OPTIONS = ("method", "loss_agg", "tau_pos", "tau_neg", "eps_low", "eps_high",
+                    "dual_clip", "norm_length")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: id, clauses it exercises (the first is the one it was drawn for), inputs, options.
+
+    ``fd`` says whether a float64 finite-difference check of the implementation's own gradient
+    is meaningful (no infinities, no kinks within reach).
+    """
+
+    id: str
+    clauses: tuple[str, ...]
+    logp: np.ndarray
+    old_logp: np.ndarray
+    advantages: np.ndarray
+    mask: np.ndarray
+    options: dict[str, Any] = field(default_factory=dict)
+    fd: bool = True
+    note: str = ""
+
+    @property
+    def method(self) -> str:
+        return self.options.get("method", spec.DATA["defaults"]["method"])
+
+    @property
+    def loss_agg(self) -> str:
+        return self.options.get("loss_agg", spec.DATA["defaults"]["loss_agg"])
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A case in one dtype: rounded inputs (NumPy; bfloat16 held as float32 values) and the
+    float64 reference on them."""
+
+    case: Case
+    dtype: str
+    logp: np.ndarray
+    old_logp: np.ndarray
+    advantages: np.ndarray
+    mask: np.ndarray
+    want_loss: float
+    want_grad: np.ndarray
+    want_metrics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------- rounding
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float64 to the nearest bfloat16 (ties to even), returned as float32 values."""
+    f = np.asarray(x, np.float64).astype(np.float32)
+    bits = f.view(np.uint32).astype(np.uint64)
+    finite = np.isfinite(f)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    out = np.where(finite, rounded.view(np.float32), f)
+    return out.astype(np.float32)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype``; bfloat16 comes back as float32 holding bfloat16 values.
+
+    >>> round_to(np.array([1.0 + 2**-10]), "bfloat16").tolist()
+    [1.0]
+    """
+    x = np.asarray(x, np.float64)
+    if dtype == "bfloat16":
+        return _bf16(x)
+    with np.errstate(over="ignore"):
+        return x.astype(dtype)
+
+
+def _max_finite(dtype: str) -> float:
+    if dtype == "bfloat16":
+        return 3.3895313892515355e38
+    return float(np.finfo(dtype).max)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+#: One shape (N != T): a jitting backend compiles once per shape and dtype, and repros stay
+#: short; raggedness comes from the masks.
+_SHAPES = ((4, 6),)
+
+
+def _shape(rng: np.random.Generator) -> tuple[int, int]:
+    return _SHAPES[int(rng.integers(len(_SHAPES)))]
+
+
+def _mask(rng: np.random.Generator, n: int, t: int, empty: bool = False) -> np.ndarray:
+    """Ragged mask: right padding, or scattered holes; every row non-empty unless ``empty``."""
+    lengths = rng.integers(0 if empty else 1, t + 1, size=n)
+    if empty:
+        lengths[rng.integers(n)] = 0  # at least one empty row
+        lengths[rng.integers(n)] = max(1, lengths.max())  # and one non-empty
+    m = np.arange(t)[None, :] < lengths[:, None]
+    if rng.random() < 0.3:  # holes: a permutation keeps each row's length
+        m = np.stack([row[rng.permutation(t)] for row in m])
+    return m
+
+
+def _old(rng: np.random.Generator, n: int, t: int) -> np.ndarray:
+    return -rng.exponential(1.5, size=(n, t)) - 0.05
+
+
+def _adv(rng: np.random.Generator, n: int, t: int, per_token: bool | None = None) -> np.ndarray:
+    if per_token is None:
+        per_token = bool(rng.random() < 0.5)
+    shape = (n, t) if per_token else (n,)
+    return rng.normal(0.0, 1.0, size=shape)
+
+
+def _garbage(rng: np.random.Generator, x: np.ndarray, mask: np.ndarray, nonfinite: bool) -> np.ndarray:
+    """Fill invalid positions: random finite values, or NaN/inf/1e30 (clause 6.1)."""
+    x = x.copy()
+    if x.shape != mask.shape:
+        return x
+    pool = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30]) if nonfinite else None
+    bad = ~mask
+    if nonfinite:
+        x[bad] = rng.choice(pool, size=int(bad.sum()))
+    else:
+        x[bad] = rng.normal(-3.0, 3.0, size=int(bad.sum()))
+    return x
+
+
+def _tau(rng: np.random.Generator) -> dict[str, float]:
+    """Temperatures around the paper's, tau_pos != tau_neg both ways, or the defaults."""
+    k = rng.integers(4)
+    if k == 0:
+        return {}
+    a, b = (float(v) for v in rng.choice([0.5, 0.95, 1.0, 1.05, 2.0, 4.0], size=2, replace=False))
+    return {"tau_pos": a, "tau_neg": b} if k < 3 else {"tau_pos": b}
+
+
+def _eps(rng: np.random.Generator, method: str) -> dict[str, float]:
+    k = rng.integers(3)
+    if k == 0:
+        return {}
+    if method == "grpo" or k == 1:  # clip-higher (DAPO) or symmetric
+        lo = float(rng.choice([0.1, 0.2, 0.3]))
+        return {"eps_low": lo, "eps_high": lo if rng.random() < 0.4 else float(rng.choice([0.28, 0.4]))}
+    return {"eps_low": 3e-4, "eps_high": 4e-4}
+
+
+def _agg(rng: np.random.Generator, t: int, agg: str | None = None) -> dict[str, Any]:
+    agg = agg or str(rng.choice(sapo_ref.LOSS_AGG_NAMES))
+    out: dict[str, Any] = {"loss_agg": agg}
+    if "norm_length" in spec.LOSS_AGGS[agg].requires:
+        out["norm_length"] = float(rng.choice([t, 2 * t, 512.0]))
+    return out
+
+
+def _opts(rng: np.random.Generator, method: str, t: int, agg: str | None = None) -> dict[str, Any]:
+    opts: dict[str, Any] = {"method": method, **_agg(rng, t, agg)}
+    if spec.METHODS[method].gate == "soft":
+        opts.update(_tau(rng))
+    else:
+        opts.update(_eps(rng, method))
+    return opts
+
+
+def _batch(
+    rng: np.random.Generator,
+    sigma: float = 0.3,
+    empty: bool = False,
+    per_token: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n, t = _shape(rng)
+    mask = _mask(rng, n, t, empty)
+    old = _old(rng, n, t)
+    logp = old + rng.normal(0.0, sigma, size=(n, t))
+    adv = _adv(rng, n, t, per_token)
+    return (_garbage(rng, logp, mask, False), _garbage(rng, old, mask, False), adv, mask)
+
+
+Gen = Callable[[np.random.Generator], dict[str, Any]]
+
+
+def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> str:
+    return str(rng.choice(names))
+
+
+def _g_adv_per_token(rng):  # 1.5: per-token advantages, sequence methods pair s_i with A_it
+    lp, old, adv, m = _batch(rng, per_token=True)
+    method = _pick(rng, ("sapo-seq", "gspo", "gspo-token", "sapo", "grpo"))
+    opts = _opts(rng, method, m.shape[1])
+    if method in ("gspo", "gspo-token"):
+        opts.update({"eps_low": 0.2, "eps_high": 0.28})
+    return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.METHODS[method].clause,))
+
+
+def _g_tau_select(rng):  # 1.6: signs mixed, A = 0 present, tau_pos != tau_neg both ways
+    lp, old, adv, m = _batch(rng, sigma=0.6, per_token=True)
+    adv[rng.random(adv.shape) < 0.2] = 0.0
+    a, b = (float(v) for v in rng.choice([0.5, 1.0, 1.05, 2.0, 4.0], size=2, replace=False))
+    method = _pick(rng, ("sapo", "sapo-seq"))
+    opts = {"method": method, "tau_pos": a, "tau_neg": b, **_agg(rng, m.shape[1])}
+    return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.METHODS[method].clause,))
+
+
+def _method_gen(method: str, sigma: float) -> Gen:
+    def gen(rng):
+        lp, old, adv, m = _batch(rng, sigma=sigma)
+        opts = _opts(rng, method, m.shape[1])
+        return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.LOSS_AGGS[opts["loss_agg"]].clause,))
+
+    return gen
+
+
+def _g_dual(rng):  # 2.6: dual clip, A < 0 with ratios beyond c
+    lp, old, adv, m = _batch(rng, sigma=0.8)
+    adv = -np.abs(adv) if rng.random() < 0.5 else adv
+    method = _pick(rng, ("grpo", "gspo", "gspo-token"))
+    c = float(rng.choice([1.5, 2.0, 3.0]))
+    opts = {"method": method, **_agg(rng, m.shape[1]), "dual_clip": c}
+    if method != "grpo":
+        opts.update({"eps_low": 0.2, "eps_high": 0.2})
+        rows = rng.random(m.shape[0]) < 0.5  # some rows with s_i far above c
+        lp = np.where(rows[:, None], old + math.log(c) + 0.7, lp)
+    return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.METHODS[method].clause,))
+
+
+def _agg_gen(agg: str) -> Gen:
+    def gen(rng):
+        lp, old, adv, m = _batch(rng, sigma=0.4)
+        method = _pick(rng, sapo_ref.METHOD_NAMES)
+        opts = _opts(rng, method, m.shape[1], agg)
+        return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.METHODS[method].clause,))
+
+    return gen
+
+
+def _g_empty(rng):  # 3.6: empty rows excluded from R by default
+    lp, old, adv, m = _batch(rng, empty=True)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    agg = _pick(rng, ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    opts = _opts(rng, method, m.shape[1], agg)
+    return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.LOSS_AGGS[agg].clause,))
+
+
+def _g_no_token(rng):  # 3.7: no valid token: loss 0, gradient 0
+    lp, old, adv, m = _batch(rng)
+    m[:] = False
+    lp, old = _garbage(rng, lp, m, rng.random() < 0.5), _garbage(rng, old, m, False)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False)
+
+
+def _g_method_defaults(rng):  # 4.1: method parameters left to their defaults
+    lp, old, adv, m = _batch(rng, sigma=0.5)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    if spec.METHODS[method].is_sequence and spec.METHODS[method].gate == "clip":
+        # GSPO's default band is 3e-4 wide: make rows either on-policy or well outside it.
+        rows = rng.random(m.shape[0]) < 0.5
+        lp = np.where(rows[:, None], old, lp)
+    opts = {"method": method, **_agg(rng, m.shape[1])}
+    return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.METHODS[method].clause,))
+
+
+def _g_agg_defaults(rng):  # 4.2: no loss_agg given (seq-mean-token-mean, empty rows excluded)
+    lp, old, adv, m = _batch(rng, empty=bool(rng.random() < 0.5))
+    method = _pick(rng, ("sapo", "grpo", "sapo-seq"))
+    return dict(inputs=(lp, old, adv, m), options={"method": method}, extra=("3.3", "3.6"))
+
+
+def _g_zero_adv(rng):  # 5.1: A = 0 with any ratio, r = inf included
+    lp, old, adv, m = _batch(rng, sigma=1.0, per_token=True)
+    zero = rng.random(adv.shape) < 0.5
+    adv[zero] = 0.0
+    method = _pick(rng, ("sapo", "grpo"))
+    huge = zero & m & (rng.random(adv.shape) < 0.5)
+    lp = np.where(huge, old + rng.choice([30.0, 200.0, np.inf], size=lp.shape), lp)
+    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False)
+
+
+def _g_on_policy(rng):  # 5.2: delta = 0
+    lp, old, adv, m = _batch(rng)
+    lp = np.where(m, old, lp)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]),
+                extra=(spec.METHODS[method].clause,))
+
+
+_EXTREME = np.array([25.0, 60.0, 90.0, 100.0, 700.0, 800.0, 1e4, 1e6, np.inf])
+
+
+def _extreme_deltas(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    mag = rng.choice(_EXTREME, size=shape)
+    return mag * rng.choice([-1.0, 1.0], size=shape)
+
+
+def _g_sapo_extreme(rng):  # 5.3 / 6.3: SAPO at extreme valid log-ratios, exact limits
+    lp, old, adv, m = _batch(rng)
+    d = _extreme_deltas(rng, lp.shape)
+    pick = m & (rng.random(lp.shape) < 0.6)
+    if rng.random() < 0.5:  # put the extreme value on logp or on old_logp
+        lp = np.where(pick, np.where(np.isinf(d), d, old + d), lp)
+    else:
+        old = np.where(pick, np.where(np.isinf(d), -d, lp - d), old)
+    method = _pick(rng, ("sapo", "sapo", "sapo-seq"))
+    if method == "sapo-seq":  # a row may not hold both +inf and -inf (clause 5.5)
+        delta = lp - old
+        for i in range(m.shape[0]):
+            row = delta[i][m[i]]
+            if np.any(row == np.inf) and np.any(row == -np.inf):
+                lp[i] = np.where(m[i] & (delta[i] == -np.inf), old[i], lp[i])
+    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False,
+                extra=("2.1" if method == "sapo" else "2.3",))
+
+
+def _g_clip_extreme(rng):  # 5.4: clipped methods at extreme ratios, +inf loss where A < 0
+    lp, old, adv, m = _batch(rng)
+    d = _extreme_deltas(rng, lp.shape)
+    method = _pick(rng, ("grpo", "grpo", "gspo", "gspo-token"))
+    pick = m & (rng.random(lp.shape) < 0.5)
+    if method != "grpo":  # one sign per row keeps s_i defined (clause 5.5)
+        d = np.abs(d) * rng.choice([-1.0, 1.0], size=(lp.shape[0], 1))
+    lp = np.where(pick, np.where(np.isinf(d), d, old + d), lp)
+    opts = _opts(rng, method, m.shape[1])
+    if method != "grpo":
+        opts.update({"eps_low": 0.2, "eps_high": 0.2})
+    if rng.random() < 0.4:
+        opts["dual_clip"] = 3.0
+    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+
+
+def _g_masking(rng):  # 6.1: NaN/inf/1e30 at invalid positions change nothing
+    lp, old, adv, m = _batch(rng, per_token=True)
+    lp = _garbage(rng, lp, m, True)
+    old = _garbage(rng, old, m, True)
+    adv = _garbage(rng, adv, m, True)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    opts = _opts(rng, method, m.shape[1])
+    if method in ("gspo", "gspo-token"):
+        opts.update({"eps_low": 0.2, "eps_high": 0.2})
+    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+
+
+def _g_no_clamp(rng):  # 6.2: |delta| in (20, 80): a +-20 clamp changes the numbers
+    lp, old, adv, m = _batch(rng)
+    method = _pick(rng, ("grpo", "sapo-seq", "gspo", "grpo"))
+    d = rng.uniform(21.0, 60.0, size=lp.shape) * rng.choice([-1.0, 1.0], size=lp.shape)
+    pick = m & (rng.random(lp.shape) < 0.5)
+    lp = np.where(pick, old + d, lp)
+    if method == "grpo":
+        adv = -np.abs(adv) - 0.1  # A < 0, no dual clip: the term is r A, unbounded
+    opts = _opts(rng, method, m.shape[1])
+    opts.pop("dual_clip", None)
+    if method == "gspo":
+        opts.update({"eps_low": 0.2, "eps_high": 0.2})
+    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+
+
+GENERATORS: dict[str, Gen] = {
+    "1.5": _g_adv_per_token,
+    "1.6": _g_tau_select,
+    "2.1": _method_gen("sapo", 0.3),
+    "2.2": _method_gen("sapo", 1.0),
+    "2.3": _method_gen("sapo-seq", 0.4),
+    "2.4": _method_gen("grpo", 0.15),
+    "2.5": _method_gen("grpo", 0.6),
+    "2.6": _g_dual,
+    "2.7": _method_gen("gspo", 0.3),
+    "2.8": _method_gen("gspo-token", 0.3),
+    "3.2": _agg_gen("token-mean"),
+    "3.3": _agg_gen("seq-mean-token-mean"),
+    "3.4": _agg_gen("seq-mean-token-sum"),
+    "3.5": _agg_gen("seq-mean-token-sum-norm"),
+    "3.6": _g_empty,
+    "3.7": _g_no_token,
+    "4.1": _g_method_defaults,
+    "4.2": _g_agg_defaults,
+    "5.1": _g_zero_adv,
+    "5.2": _g_on_policy,
+    "5.3": _g_sapo_extreme,
+    "5.4": _g_clip_extreme,
+    "6.1": _g_masking,
+    "6.2": _g_no_clamp,
+    "6.3": _g_sapo_extreme,
+}
+
+
+def generate_cases(seed: int = 0, per_clause: int = 6, clauses: tuple[str, ...] | None = None) -> list[Case]:
+    """``per_clause`` seeded cases for every clause with a generator (deterministic)."""
+    out: list[Case] = []
+    for index, (cid, gen) in enumerate(GENERATORS.items()):
+        if clauses is not None and cid not in clauses:
+            continue
+        for k in range(per_clause):
+            rng = np.random.default_rng([seed, index, k])
+            d = gen(rng)
+            lp, old, adv, m = (np.asarray(a) for a in d["inputs"])
+            tags = tuple(dict.fromkeys((cid, *d.get("extra", ()))))
+            out.append(
+                Case(
+                    id=f"{cid}-{k:02d}",
+                    clauses=tags,
+                    logp=lp.astype(np.float64),
+                    old_logp=old.astype(np.float64),
+                    advantages=adv.astype(np.float64),
+                    mask=m.astype(bool),
+                    options={k2: v for k2, v in d["options"].items()},
+                    fd=d.get("fd", True),
+                )
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- golden vectors
+
+
+def _num(x: Any) -> Any:
+    if isinstance(x, str):
+        return float(x)  # "nan", "inf", "-inf"
+    if isinstance(x, list):
+        return [_num(v) for v in x]
+    return x
+
+
+def golden_cases() -> list[Case]:
+    """The spec's golden vectors (``spec/vectors/<version>/*.json``) as cases; [] if absent.
+
+    Vectors whose options fall outside the third-party contract (``count_empty_rows``,
+    ``normalizer``) are left out: the contract cannot pass them.
+    """
+    import json
+
+    folder = spec.vectors_dir()
+    if not folder.is_dir():
+        return []
+    out: list[Case] = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for c in data.get("cases", []):
+            opts = dict(c.get("options", {}))
+            if any(k not in CONTRACT_OPTIONS for k in opts):
+                continue
+            inp = c["inputs"]
+            try:
+                lp, old, adv = (np.asarray(_num(inp[k]), np.float64) for k in ("logp", "old_logp", "advantages"))
+                mask = np.asarray(_num(inp["mask"])).astype(bool)
+                sapo_ref.policy_loss(lp, old, adv, mask, **opts)  # error vectors are not for us
+            except Exception:
+                continue
+            finite = all(np.all(np.isfinite(np.where(mask, a, 0.0))) for a in (lp, old))
+            out.append(Case(id=f"golden:{c['id']}", clauses=tuple(c.get("clauses", ("C.1",))),
+                            logp=lp, old_logp=old, advantages=adv, mask=mask, options=opts,
+                            fd=bool(finite) and opts.get("method", "sapo") in ("sapo", "sapo-seq")))
+    return out
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+def _kink_free(case: Case, lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``lp`` with every clip-method ratio within KINK_DISTANCE of a kink set on-policy."""
+    cfg = sapo_ref.resolve_config(**case.options)
+    if cfg.is_soft:
+        return lp
+    kinks = [1.0 + cfg.eps_high]
+    if cfg.eps_low < 1.0:
+        kinks.append(1.0 - cfg.eps_low)
+    if cfg.dual_clip is not None:
+        kinks.append(cfg.dual_clip)
+    with np.errstate(all="ignore"):
+        delta = np.where(mask, lp.astype(np.float64) - old.astype(np.float64), 0.0)
+        if cfg.sequence_value:
+            length = mask.sum(axis=1)
+            mu = delta.sum(axis=1) / np.maximum(length, 1)
+            x = np.broadcast_to(mu[:, None], delta.shape)
+        else:
+            x = delta
+        near = np.zeros(delta.shape, bool)
+        for k in kinks:
+            near |= np.abs(np.exp(x) / k - 1.0) < KINK_DISTANCE
+    near &= mask
+    if cfg.sequence_value:
+        near = np.broadcast_to(near.any(axis=1, keepdims=True), near.shape) & mask
+    return np.where(near, old, lp)
+
+
+def _ratio_beyond_float32(case: Case, lp, old, adv, mask) -> bool:
+    """Whether a clip-method term r*A has a finite r that float32 cannot hold (clause 6.3 makes
+    it +inf in float32, a finite number in the float64 reference): low precision skips it."""
+    cfg = sapo_ref.resolve_config(**case.options)
+    if cfg.is_soft:
+        return False
+    with np.errstate(all="ignore"):
+        delta = np.where(mask, lp.astype(np.float64) - old.astype(np.float64), 0.0)
+        x = delta
+        if cfg.sequence_value:
+            x = np.broadcast_to((delta.sum(axis=1) / np.maximum(mask.sum(axis=1), 1))[:, None], delta.shape)
+    a = np.broadcast_to(adv if adv.ndim == 2 else adv[:, None], mask.shape)
+    big = np.isfinite(x) & (x > math.log(float(np.finfo(np.float32).max)) - 2.0)
+    return bool(np.any(mask & big & (a < 0)))
+
+
+def _reference(lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray, options: dict) -> Any:
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return sapo_ref.policy_loss(lp, old, adv, mask, **options)
+
+
+def materialize(case: Case, dtype: str) -> Materialized | str:
+    """The case in ``dtype`` with the reference on the rounded inputs, or why it does not apply."""
+    lp, old, adv = (round_to(a, dtype) for a in (case.logp, case.old_logp, case.advantages))
+    mask = case.mask
+    for name, orig, rounded in (("logp", case.logp, lp), ("old_logp", case.old_logp, old)):
+        if np.any(mask & np.isfinite(orig) & ~np.isfinite(rounded)):
+            return f"{name} is out of the range of {dtype}"
+    adv_full = np.broadcast_to(adv if adv.ndim == 2 else adv[:, None], mask.shape)
+    if np.any(mask & ~np.isfinite(adv_full)):
+        return f"advantages are out of the range of {dtype}"
+    lp = _kink_free(case, lp, old, adv, mask)
+    if dtype != "float64" and _ratio_beyond_float32(case, lp, old, adv, mask):
+        return f"a finite ratio beyond float32's range (the compute dtype of {dtype}) enters the result"
+    try:
+        res = _reference(lp, old, adv, mask, case.options)
+    except ValueError as err:  # rounding made a row undefined (clause 5.5)
+        return f"undefined in {dtype}: {err}"
+    top = _max_finite(dtype)
+    outs = np.concatenate([[res.loss], res.grad.ravel()])
+    if np.any(np.isfinite(outs) & (np.abs(outs) > top)):
+        return f"the reference's outputs exceed the range of {dtype}"
+    return Materialized(case, dtype, lp, old, adv, mask, float(res.loss), np.asarray(res.grad, np.float64),
+                        dict(res.metrics))
