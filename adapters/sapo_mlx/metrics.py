@@ -29,6 +29,14 @@ def _extreme(x: mx.array, sel: mx.array, largest: bool) -> mx.array:
     return mx.where(mx.any(sel), value, 0.0)
 
 
+def _k1(delta: mx.array, valid: mx.array) -> mx.array:
+    # KL(old || new) is +inf once new gives 0 mass to a sampled token (delta = -inf), as k3
+    # says; the plain mean would meet inf - inf when delta = +inf occurs too.
+    minus_inf = valid & (delta == -math.inf)
+    mean = _mean(-mx.where(minus_inf, 0.0, delta), valid)
+    return mx.where(mx.any(minus_inf), math.inf, mean)
+
+
 def compute_metrics(p: Prepared, config: LossConfig) -> dict[str, mx.array]:
     """Every metric key of ``config.method`` as a 0-d ``mx.array`` (no gradient flows).
 
@@ -57,7 +65,7 @@ def compute_metrics(p: Prepared, config: LossConfig) -> dict[str, mx.array]:
         "ratio/mean": _mean(r, valid),
         "ratio/min": _extreme(r, valid, largest=False),
         "ratio/max": _extreme(r, valid, largest=True),
-        "kl/k1": _mean(-delta, valid),
+        "kl/k1": _k1(delta, valid),
         "kl/k3": _mean(k3, valid),
     }
     log_x = delta

@@ -22,7 +22,7 @@ import math
 
 import mlx.core as mx
 
-__all__ = ["exp", "exp_nonpositive", "logistic_and_weight"]
+__all__ = ["exp", "exp_nonpositive", "exp_capped", "logistic_and_weight"]
 
 
 def exp(x: mx.array) -> mx.array:
@@ -60,6 +60,20 @@ def exp_nonpositive(x: mx.array) -> mx.array:
     if x.dtype == mx.float64:
         q = 1.0 / (1.0 + mx.expm1(-0.5 * x))
         return q * q
+    return mx.exp(x)
+
+
+def exp_capped(x: mx.array) -> mx.array:
+    r""":math:`e^x` for :math:`x \le 87`: :func:`exp` without the float32 overflow branch
+    (``mx.exp`` overflows only from 88.0). SAPO's capped log-ratio
+    :math:`\min(\delta, \delta_\text{sat})` is at most :math:`\log(1 + 10^{30}/10^{-6}) \approx 82.9`.
+
+    >>> import mlx.core as mx
+    >>> exp_capped(mx.array([0.0, -float("inf")])).tolist()
+    [1.0, 0.0]
+    """
+    if x.dtype == mx.float64:
+        return exp(x)
     return mx.exp(x)
 
 
