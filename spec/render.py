@@ -22,7 +22,7 @@ from typing import Any
 
 from . import CLAUSES, DATA, DOMAINS, LOSS_AGGS, METHODS, METRICS, TOLERANCES, VERSION
 
-__all__ = ["render", "main", "default_path"]
+__all__ = ["render", "render_body", "main", "default_path"]
 
 #: Section headings by the kind of the section's first clause (presentation only).
 _SECTION_NAMES = {
@@ -55,22 +55,31 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return out + [""]
 
 
+def _anchor(clause_id: str) -> str:
+    # The docs site's anchor scheme: "2.1" -> "clause-21", "C.1" -> "clause-c1".
+    return "clause-" + clause_id.lower().replace(".", "")
+
+
+def _ref(clause_id: str, anchors: bool) -> str:
+    return f"[{clause_id}](#{_anchor(clause_id)})" if anchors else clause_id
+
+
 def _number(v: Any) -> str:
     return "disabled" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _methods() -> list[str]:
+def _methods(anchors: bool) -> list[str]:
     rows = []
     for m in METHODS.values():
         defaults = ", ".join(f"`{k}` = {_number(v)}" for k, v in m.defaults.items())
-        rows.append((f"`{m.name}`", m.clause, m.ratio, m.gate,
+        rows.append((f"`{m.name}`", _ref(m.clause, anchors), m.ratio, m.gate,
                      ", ".join(f"`{p}`" for p in m.params), defaults, m.paper_eq, m.summary))
     return _table(("Method", "Clause", "Ratio", "Gate", "Parameters", "Defaults", "Paper eq.",
                    "Summary"), rows)
 
 
-def _loss_aggs() -> list[str]:
-    rows = [(f"`{a.name}`", a.clause, a.row_weight, a.denominator,
+def _loss_aggs(anchors: bool) -> list[str]:
+    rows = [(f"`{a.name}`", _ref(a.clause, anchors), a.row_weight, a.denominator,
              ", ".join(f"`{r}`" for r in a.requires) or "", f"${a.formula}$")
             for a in LOSS_AGGS.values()]
     return _table(("Aggregation", "Clause", "Row weight $\\rho$", "Denominator $D$", "Requires",
@@ -98,7 +107,7 @@ def _tolerances() -> list[str]:
     return _table(("Configuration", "value rtol", "value atol", "grad rtol", "grad atol"), rows)
 
 
-def _clauses() -> list[str]:
+def _clauses(anchors: bool) -> list[str]:
     out: list[str] = []
     section = None
     for c in CLAUSES:
@@ -106,40 +115,50 @@ def _clauses() -> list[str]:
         if head != section:
             section = head
             out += [f"## {head}. {_SECTION_NAMES.get(c.kind, c.kind.capitalize())}", ""]
-        out += [f"### {c.id} {c.title}", ""]
+        out += [f"### {c.id} {c.title}" + (f" {{ #{_anchor(c.id)} }}" if anchors else ""), ""]
         tag = f"*{c.kind}*" + (f" · paper eq. {c.eq}" if c.eq else "")
         out += [tag, "", c.text, ""]
     return out
 
 
 def render() -> str:
-    """The whole document as Markdown (deterministic: a function of ``clauses.toml`` only)."""
+    """The whole document, ``SPEC.md``, as Markdown (a function of ``clauses.toml`` only)."""
+    return f"# {DATA['meta']['title']}\n\n" + render_body(anchors=False)
+
+
+def render_body(anchors: bool = True) -> str:
+    """The document without its title, for a page that has its own (the docs site).
+
+    With ``anchors`` (MkDocs ``attr_list``) every clause heading gets the id ``clause-<id>``
+    (``2.1`` -> ``clause-21``) and the tables link their clause columns to it.
+
+    >>> "### 2.1 SAPO token gate (method `sapo`) { #clause-21 }" in render_body()
+    True
+    """
     meta = DATA["meta"]
+    d = DATA["defaults"]
     out = [
-        f"# {meta['title']}",
-        "",
         f"Specification version **{VERSION}**. Generated from `spec/clauses.toml` by "
-        "`python -m sapo_ref.spec.render`; edit the TOML, never this file.",
+        "`python -m sapo_ref.spec.render`; edit the TOML, not the generated text.",
         "",
         f"Primary source: {meta['paper']}.",
         "",
     ]
     out += [f"- {p}" for p in meta.get("papers", ())] + [""]
-    d = DATA["defaults"]
     out += [
         f"Defaults: `method = \"{d['method']}\"`, `loss_agg = \"{d['loss_agg']}\"`, "
-        f"`count_empty_rows = {d['count_empty_rows']}` (clauses 4.1, 4.2). Clause ids are stable; "
-        "tests and conformance cases cite them.",
+        f"`count_empty_rows = {d['count_empty_rows']}` (clauses {_ref('4.1', anchors)}, "
+        f"{_ref('4.2', anchors)}). Clause ids are stable; tests and conformance cases cite them.",
         "",
     ]
-    out += _clauses()
+    out += _clauses(anchors)
     out += ["## Data tables", "",
             "The tables below are the normative data the clauses refer to, as the reference and "
             "the conformance suite read them.", ""]
-    out += ["### Methods (clauses 2, 4.1)", ""] + _methods()
+    out += ["### Methods (clauses 2, 4.1)", ""] + _methods(anchors)
     out += ["### Aggregations (clause 3)", "",
             "$\\ell_{it}$ is the per-token term of clause 1.7; $L_i$ the row length, $R$ the row "
-            "count (clause 3.6), $L_\\mathrm{norm}$ = `norm_length`.", ""] + _loss_aggs()
+            "count (clause 3.6), $L_\\mathrm{norm}$ = `norm_length`.", ""] + _loss_aggs(anchors)
     out += ["### Parameter domains (clause 8.4)", "",
             "Bounds are inclusive unless the interval is written open; values must be finite.",
             ""] + _domains()
