@@ -284,19 +284,29 @@ def unclipped_grad(adv, mask, loss_agg, count_empty_rows=False, norm_length=7.0)
     return out
 
 
-@pytest.mark.parametrize("method", SOFT)
+def method_params(data, method: str) -> dict:
+    """Parameters of ``method`` drawn over their whole spec domain (dual clip on or off)."""
+    out = {}
+    for name in spec.METHODS[method].params:
+        d = spec.DOMAINS[name]
+        if name == "dual_clip" and not data.draw(st.booleans(), label="dual_clip on"):
+            continue
+        out[name] = data.draw(st.floats(d.min, d.max, exclude_min=d.min_open), label=name)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 def test_on_policy_gradient_is_unclipped(method, data):
-    """Clause 5.2: at delta = 0 SAPO's gradient is the unclipped -c A for every tau (w = 1)."""
+    """Clause 5.2: at delta = 0 the gradient is the unclipped -c A for every parameter value:
+    SAPO's w = 1 at r = 1 for every tau, and r = 1 is inside every clip band."""
     logp, _, adv, mask = data.draw(batches(), label="batch")
     agg = data.draw(st.sampled_from(LOSS_AGGS), label="loss_agg")
-    tau_pos = data.draw(st.floats(TAU.min, TAU.max), label="tau_pos")
-    tau_neg = data.draw(st.floats(TAU.min, TAU.max), label="tau_neg")
     cer = data.draw(st.booleans(), label="count_empty_rows")
-    res = call(logp, logp.copy(), adv, mask, method=method, tau_pos=tau_pos, tau_neg=tau_neg,
-               count_empty_rows=cer, **agg_kwargs(agg))
+    res = call(logp, logp.copy(), adv, mask, method=method, count_empty_rows=cer,
+               **method_params(data, method), **agg_kwargs(agg))
     want = unclipped_grad(adv, mask, agg, cer)
-    if method == "sapo-seq" and adv.ndim == 2:  # the row's gradient is spread over its tokens
+    if spec.METHODS[method].ratio == "sequence" and adv.ndim == 2:  # spread over the row
         lengths = np.maximum(mask.sum(axis=1, keepdims=True), 1)
         want = np.where(mask, want.sum(axis=1, keepdims=True) / lengths, 0.0)
     assert_close(res.grad, want, F64["grad"])
@@ -337,7 +347,8 @@ def test_sequence_gate_bound(data):
 @given(data=st.data())
 def test_gspo_token_equals_gspo_for_sequence_advantages(loss_agg, data):
     """Clause 2.8: with per-sequence A, gspo-token equals gspo in value and gradient."""
-    logp, old, adv, mask = data.draw(batches(per_token=False, max_abs_delta=5e-4), label="batch")
+    scale = data.draw(st.sampled_from([5e-4, 0.5]), label="max |delta| (inside / across the band)")
+    logp, old, adv, mask = data.draw(batches(per_token=False, max_abs_delta=scale), label="batch")
     clip = data.draw(st.sampled_from([{}, {"dual_clip": 3.0}]), label="dual")
     a = call(logp, old, adv, mask, method="gspo", **clip, **agg_kwargs(loss_agg))
     b = call(logp, old, adv, mask, method="gspo-token", **clip, **agg_kwargs(loss_agg))
