@@ -119,3 +119,19 @@ def test_data_errors_on_array_api_strict():
     adv[2] = math.nan
     with pytest.raises(ValueError, match="advantages"):
         sapo_ref.policy_loss(*to_strict(logp, old, adv, mask))
+
+
+@pytest.mark.parametrize("method", list(spec.METHODS))
+def test_no_data_dependent_shapes_and_oldest_standard(method):
+    """The reference needs neither boolean indexing nor data-dependent shapes (what jit-compiled
+    adapters calling ``sapo_ref.evaluate`` require) and only the 2023.12 standard
+    (``maximum``/``minimum`` are 2023.12 functions)."""
+    logp, old, adv, mask = batch(11, True, True)
+    kw = {"method": method}
+    if spec.METHODS[method].gate == "clip":
+        kw["dual_clip"] = 3.0
+    want = sapo_ref.policy_loss(logp, old, adv, mask, **kw)
+    with xps.ArrayAPIStrictFlags(api_version="2023.12", boolean_indexing=False,
+                                 data_dependent_shapes=False):
+        got = sapo_ref.policy_loss(*to_strict(logp, old, adv, mask), **kw)
+        assert_matches(got, want)
