@@ -26,7 +26,7 @@ import mlx.core as mx
 from sapo_ref.aggregation import Normalizer, denominator
 from sapo_ref.config import LossConfig
 
-from .gates import clip_parts, signed_sapo_parts
+from .gates import SapoParts, clip_parts, sapo_parts, signed_sapo_parts
 
 __all__ = ["Prepared", "prepare", "token_weights", "loss_core", "gate_parts"]
 
@@ -74,20 +74,26 @@ def token_weights(p: Prepared, config: LossConfig, norm: Normalizer) -> mx.array
 
 
 def _log_x(delta: mx.array, valid: mx.array, config: LossConfig) -> tuple[mx.array, mx.array]:
-    """The log of the ratio the gate sees (``delta`` or the row mean ``mu_i``) and safe lengths."""
+    """The log of the ratio the gate sees, ``delta`` [..., N, T] or the row mean ``mu_i`` as
+    [..., N, 1] (the gate is then evaluated once per row), and the safe row lengths."""
     lengths = mx.sum(valid.astype(delta.dtype), axis=-1)
     safe = mx.where(lengths > 0, lengths, 1.0)
     if not config.sequence_value:
         return delta, safe
-    mu = mx.sum(delta, axis=-1) / safe
-    return mx.where(valid, mx.expand_dims(mu, -1), 0.0), safe
+    return mx.expand_dims(mx.sum(delta, axis=-1) / safe, -1), safe
 
 
 def gate_parts(log_x: mx.array, adv: mx.array, config: LossConfig) -> Any:
-    """The method's gate at ``log_x``: ``SapoParts`` (soft) or ``ClipParts`` (clip)."""
-    if config.is_soft:
-        return signed_sapo_parts(log_x, adv > 0, config.tau_pos, config.tau_neg)
-    return clip_parts(log_x, adv, config.eps_low, config.eps_high, config.dual_clip)
+    """The method's gate at ``log_x`` ([..., N, T], or [..., N, 1] per row) for advantages
+    ``adv`` [..., N, T]: ``SapoParts`` (soft) or ``ClipParts`` (clip), shaped like ``adv``."""
+    pos = adv > 0
+    if not config.is_soft:
+        return clip_parts(log_x, adv, config.eps_low, config.eps_high, config.dual_clip)
+    if log_x.shape[-1] == adv.shape[-1]:
+        return signed_sapo_parts(log_x, pos, config.tau_pos, config.tau_neg)
+    # One row ratio, two temperatures: evaluate both per row, then select per token.
+    hi, lo = sapo_parts(log_x, config.tau_pos), sapo_parts(log_x, config.tau_neg)
+    return SapoParts(*(mx.where(pos, getattr(hi, k), getattr(lo, k)) for k in ("f", "w", "dlog")))
 
 
 def _loss_and_grad(

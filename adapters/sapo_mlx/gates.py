@@ -19,17 +19,16 @@ from typing import Any
 import mlx.core as mx
 from sapo_ref.gates import X_SAT, ClipParts, SapoParts, saturation_log_ratio
 
-from .numerics import exp, exp_capped, logistic_and_weight
+from .numerics import exp, exp_and_expm1, logistic_and_weight
 
 __all__ = ["sapo_parts", "signed_sapo_parts", "clip_parts", "SapoParts", "ClipParts"]
 
 
 def _sapo(delta: mx.array, tau: Any, delta_sat: Any, four_over_tau: Any) -> SapoParts:
-    d = mx.minimum(delta, delta_sat)
-    u = mx.expm1(d)  # r - 1, exact near r = 1
+    # r = e^d and u = r - 1 both to a few ulps (u exact near r = 1, r exact for tiny r).
+    r, u = exp_and_expm1(mx.minimum(delta, delta_sat))
     p, w = logistic_and_weight(tau * u)
-    # r = e^d, not u + 1: u + 1 rounds to 0 for r < 1e-16 and w * r would lose every digit.
-    return SapoParts(f=four_over_tau * p, w=w, dlog=w * exp_capped(d))
+    return SapoParts(f=four_over_tau * p, w=w, dlog=w * r)
 
 
 def sapo_parts(delta: mx.array, tau: Any) -> SapoParts:

@@ -76,7 +76,7 @@ def compute_metrics(p: Prepared, config: LossConfig) -> dict[str, mx.array]:
         out["seq_ratio/mean"] = _mean(s, rows)
         out["seq_ratio/min"] = _extreme(s, rows, largest=False)
         out["seq_ratio/max"] = _extreme(s, rows, largest=True)
-        log_x = mx.where(valid, mx.expand_dims(mu, -1), 0.0)
+        log_x = mx.expand_dims(mu, -1)
     gate = gate_parts(log_x, adv, config)
     if config.is_soft:
         out["gate/mean"] = _mean(gate.w, valid)

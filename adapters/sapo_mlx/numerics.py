@@ -2,79 +2,67 @@ r"""Exponentials that are accurate in the dtype they are given, on every MLX bac
 
 MLX's CPU ``exp`` and ``sigmoid`` are float32 approximations even for float64 arrays (relative
 error ~1e-7, overflow to ``inf`` past :math:`x \approx 88`, flush to 0 below
-:math:`x \approx -87`; upstream ml-explore/mlx#3047), and the float32 ``exp`` already overflows
-at :math:`x = 88.0` although :math:`e^x` is finite up to 88.72. ``expm1`` and the arithmetic
-operations are correctly rounded in float64 (checked by tests/test_mlx_numerics.py), so the
-float64 exponential is built from them:
+:math:`x \approx -87`; upstream ml-explore/mlx#3047), and its float32 ``exp`` (relative error
+~4e-6) already overflows at :math:`x = 88.0` although :math:`e^x` is finite up to 88.72.
+``expm1`` and the arithmetic operations are float64-accurate (checked against mpmath by
+tests/test_mlx_numerics.py), so every exponential here comes from one ``expm1``:
 
 .. math::
 
-    e^x = 1 + \operatorname{expm1}(x)\quad (x \ge 0),\qquad
-    e^x = \Big(\frac{1}{1 + \operatorname{expm1}(-x/2)}\Big)^2\quad (x < 0),
+    v = \operatorname{expm1}(y),\quad y = \begin{cases} x & x \ge 0\\ -x/2 & x < 0\end{cases},\qquad
+    e^x = \begin{cases} 1 + v\\ q^2,\ q = \frac{1}{1+v}\end{cases},\qquad
+    e^x - 1 = \begin{cases} v\\ -(vq)(1+q)\end{cases}
 
-a few ulps from the true value over the whole float64 range (the square reaches the subnormals
-down to :math:`e^{-745}`; the halving is exact in binary).
+(for :math:`x < 0`, :math:`q = e^{x/2}` and :math:`q - 1 = -vq`, so no digit cancels). Both are
+a few ulps from the true values over the whole range of the dtype, subnormals included (the
+halving is exact in binary), and cost one transcendental evaluation, which is what dominates
+the run time of MLX's CPU kernels.
 """
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 
-__all__ = ["exp", "exp_nonpositive", "exp_capped", "logistic_and_weight"]
+__all__ = ["exp", "exp_and_expm1", "logistic_and_weight"]
+
+
+def exp_and_expm1(x: mx.array) -> tuple[mx.array, mx.array]:
+    r""":math:`(e^x, e^x - 1)`, both accurate to a few ulps in the dtype of ``x`` (one ``expm1``).
+
+    :math:`e^x` is :math:`+\infty` past the largest finite exponent, 0 at :math:`-\infty`;
+    :math:`e^x - 1` is exact near 0 and :math:`-1` at :math:`-\infty`.
+
+    >>> import math, mlx.core as mx
+    >>> r, u = exp_and_expm1(mx.array([-1e-12, -30.0, -float("inf")], dtype=mx.float64))
+    >>> [abs(a / math.exp(x) - 1) < 1e-15 for a, x in zip(r.tolist(), [-1e-12, -30.0])]
+    [True, True]
+    >>> abs(u.tolist()[0] / math.expm1(-1e-12) - 1) < 1e-15, u.tolist()[2]
+    (True, -1.0)
+    """
+    pos = x >= 0
+    v = mx.expm1(mx.where(pos, x, -0.5 * x))
+    q = 1.0 / (1.0 + v)
+    # v q = v / (1 + v) -> 1 when v overflows (q = 0), where the product would be inf * 0.
+    vq = mx.where(q > 0, v * q, 1.0)
+    return mx.where(pos, 1.0 + v, q * q), mx.where(pos, v, -vq * (1.0 + q))
 
 
 def exp(x: mx.array) -> mx.array:
-    r""":math:`e^x` accurate in the dtype of ``x``, :math:`+\infty` past the largest finite exponent.
-
-    float64 uses the expm1 form above; other dtypes use ``mx.exp``, squared from the half
-    argument where ``mx.exp`` would overflow before the dtype does.
+    r""":math:`e^x` accurate in the dtype of ``x``, :math:`+\infty` past the largest finite exponent,
+    without the float32 approximation MLX uses for ``mx.exp`` (see the module docstring).
 
     >>> import math, mlx.core as mx
-    >>> xs = [1e-10, 88.5, -700.0]
+    >>> xs = [1e-10, 88.5, -700.0, -740.0]
     >>> got = exp(mx.array(xs, dtype=mx.float64)).tolist()
-    >>> all(abs(g / math.exp(x) - 1) < 1e-15 for g, x in zip(got, xs))
+    >>> all(abs(g / math.exp(x) - 1) < 1e-15 for g, x in zip(got[:3], xs))
     True
     >>> exp(mx.array([88.5, 100.0])).tolist()[1]  # float32: finite below 88.72, inf above
     inf
     """
-    if x.dtype == mx.float64:
-        pos = x >= 0
-        e = 1.0 + mx.expm1(mx.where(pos, x, -0.5 * x))
-        q = 1.0 / e
-        return mx.where(pos, e, q * q)
-    half_from = 0.5 * math.log(float(mx.finfo(x.dtype).max))
-    big = x > half_from
-    e = mx.exp(mx.where(big, 0.5 * x, x))
-    return mx.where(big, e * e, e)
-
-
-def exp_nonpositive(x: mx.array) -> mx.array:
-    r""":math:`e^x` for :math:`x \le 0` (or :math:`-\infty`): :func:`exp` without its overflow branch.
-
-    >>> import mlx.core as mx
-    >>> exp_nonpositive(mx.array([0.0, -float("inf")], dtype=mx.float64)).tolist()
-    [1.0, 0.0]
-    """
-    if x.dtype == mx.float64:
-        q = 1.0 / (1.0 + mx.expm1(-0.5 * x))
-        return q * q
-    return mx.exp(x)
-
-
-def exp_capped(x: mx.array) -> mx.array:
-    r""":math:`e^x` for :math:`x \le 87`: :func:`exp` without the float32 overflow branch
-    (``mx.exp`` overflows only from 88.0). SAPO's capped log-ratio
-    :math:`\min(\delta, \delta_\text{sat})` is at most :math:`\log(1 + 10^{30}/10^{-6}) \approx 82.9`.
-
-    >>> import mlx.core as mx
-    >>> exp_capped(mx.array([0.0, -float("inf")])).tolist()
-    [1.0, 0.0]
-    """
-    if x.dtype == mx.float64:
-        return exp(x)
-    return mx.exp(x)
+    pos = x >= 0
+    v = mx.expm1(mx.where(pos, x, -0.5 * x))
+    q = 1.0 / (1.0 + v)
+    return mx.where(pos, 1.0 + v, q * q)
 
 
 def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
@@ -89,7 +77,8 @@ def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
     >>> p.tolist(), w.tolist()
     ([0.5, 1.0, 0.0], [1.0, 0.0, 0.0])
     """
-    e = exp_nonpositive(-mx.abs(x))
+    q = 1.0 / (1.0 + mx.expm1(0.5 * mx.abs(x)))
+    e = q * q  # e^{-|x|}, as in exp() for a non-positive argument
     one_e = 1.0 + e
     p = mx.where(x >= 0, 1.0 / one_e, e / one_e)
     return p, 4.0 * e / (one_e * one_e)
