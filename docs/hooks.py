@@ -35,7 +35,7 @@ def _landed(folder: str, marker: str) -> bool:
     if marker.endswith(".py"):
         return (path / marker).is_file()
     init = path / "__init__.py"
-    return init.is_file() and f"def {marker}" in init.read_text(encoding="utf-8") or any(
+    return any(
         f"def {marker}(" in p.read_text(encoding="utf-8") for p in path.glob("*.py")
     )
 

@@ -1,4 +1,5 @@
-"""The documentation: figures command, strict site build, navigation, citation metadata.
+"""The documentation: figures command, strict site build, navigation, citation metadata, and
+the porting guide's option mappings.
 
 The figure and CLI checks need matplotlib and the build needs mkdocs (extras ``plots`` and
 ``docs``); without them those tests are skipped with the reason.
@@ -12,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import sapo_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -98,12 +102,11 @@ def test_sapo_ref_plot_subcommand_dispatches(tmp_path, monkeypatch, capsys):
 
 
 def test_selfcheck_passes_and_reports_every_method(capsys):
-    from sapo_ref import METHOD_NAMES
     from sapo_ref.__main__ import main
 
     assert main(["selfcheck"]) == 0
     out = capsys.readouterr().out
-    for method in METHOD_NAMES:
+    for method in sapo_ref.METHOD_NAMES:
         assert f"\n{method} " in out
     assert "FAIL" not in out
 
@@ -213,7 +216,6 @@ def test_citation_cff():
     assert data["cff-version"] == "1.2.0"
     for key in ("message", "title", "authors", "version", "type", "license"):
         assert data.get(key), key
-    import sapo_ref
 
     assert str(data["version"]) == sapo_ref.__version__
     paper = data["preferred-citation"]
@@ -225,3 +227,180 @@ def test_citation_cff():
 def test_citing_page_has_bibtex_for_the_paper():
     text = (DOCS / "citing.md").read_text(encoding="utf-8")
     assert "```bibtex" in text and "2511.20347" in text and "SPEC_VERSION" in text
+
+
+# --- the porting guide's option mappings -----------------------------------------------------
+#
+# Each framework's loss is transcribed here in NumPy from its public source at the commit the
+# guide cites (a transcription, not the framework's code), and compared with sapo_ref called
+# with the options the guide gives: the values directly, the gradients against central finite
+# differences of the transcription. Log-ratios stay small (|delta| <= 1.5), so the
+# +-20 clamps some frameworks apply do not act, and the batch keeps clip ratios away from kinks.
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _batch(seed=3, n=5, t=7, empty_row=True):
+    rng = np.random.default_rng(seed)
+    old = np.log(rng.uniform(0.05, 0.95, size=(n, t)))
+    logp = old + rng.uniform(-0.5, 0.5, size=(n, t))
+    lengths = rng.integers(1, t + 1, size=n)
+    if empty_row:
+        lengths[2] = 0
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    adv = rng.normal(size=n)
+    return logp, old, adv, mask
+
+
+def _fd_grad(loss_fn, logp, mask, h=1e-6):
+    g = np.zeros_like(logp)
+    for i, t in zip(*np.nonzero(mask)):
+        up, dn = logp.copy(), logp.copy()
+        up[i, t] += h
+        dn[i, t] -= h
+        g[i, t] = (loss_fn(up) - loss_fn(dn)) / (2 * h)
+    return g
+
+
+def _away_from_kinks(logp, old, mask, edges, rel=1e-3):
+    r = np.exp(logp - old)[mask]
+    assert all(np.min(np.abs(r - e)) > rel * e for e in edges), "test batch too close to a clip kink"
+
+
+def _check(transcribed, logp, old, adv, mask, **options):
+    res = sapo_ref.policy_loss(logp, old, adv, mask, **options)
+    want = transcribed(logp)
+    assert abs(res.loss - want) <= 1e-12 * max(1.0, abs(want)), (res.loss, want)
+    np.testing.assert_allclose(res.grad, _fd_grad(transcribed, logp, mask), rtol=1e-6, atol=1e-9)
+
+
+def _row_means_over_all_rows(per_token, mask):
+    # TRL / ms-swift / torchforge "sequence mean": clamp(L, 1), then mean over every row.
+    lengths = np.maximum(mask.sum(-1), 1)
+    return float(np.mean(np.where(mask, per_token, 0).sum(-1) / lengths))
+
+
+def test_porting_trl_sapo_is_seq_mean_token_mean_counting_empty_rows():
+    logp, old, adv, mask = _batch()
+
+    def trl(lp):
+        r = np.exp(lp - old)
+        tau = np.where(adv[:, None] > 0, 1.0, 1.05)
+        return _row_means_over_all_rows(-_sigmoid(tau * (r - 1)) * 4 / tau * adv[:, None], mask)
+
+    _check(trl, logp, old, adv, mask, method="sapo", count_empty_rows=True)
+    # ...and the spec's default (empty rows excluded) is a different number on this batch.
+    assert sapo_ref.policy_loss(logp, old, adv, mask).loss != pytest.approx(trl(logp))
+
+
+def test_porting_trl_sequence_level_sapo_is_sapo_seq():
+    logp, old, adv, mask = _batch()
+
+    def trl_seq(lp):
+        lengths = np.maximum(mask.sum(-1), 1)
+        s = np.exp(np.where(mask, lp - old, 0).sum(-1) / lengths)[:, None]
+        tau = np.where(adv[:, None] > 0, 1.0, 1.05)
+        per_token = np.broadcast_to(-_sigmoid(tau * (s - 1)) * 4 / tau * adv[:, None], mask.shape)
+        return _row_means_over_all_rows(per_token, mask)
+
+    _check(trl_seq, logp, old, adv, mask, method="sapo-seq", count_empty_rows=True)
+
+
+def test_porting_trl_grpo_delta_is_dual_clip():
+    logp, old, adv, mask = _batch(seed=5)
+    logp = np.where(np.arange(mask.shape[1]) == 0, old + 1.2, logp)  # some ratios above delta
+    eps, delta = 0.2, 2.0
+    _away_from_kinks(logp, old, mask, (1 - eps, 1 + eps, delta))
+
+    def trl(lp):
+        c1 = np.exp(lp - old)
+        c2 = np.clip(c1, 1 - eps, 1 + eps)
+        c1 = np.minimum(c1, delta)
+        per_token = -np.minimum(c1 * adv[:, None], c2 * adv[:, None])
+        return _row_means_over_all_rows(per_token, mask)
+
+    _check(trl, logp, old, adv, mask, method="grpo", count_empty_rows=True, dual_clip=delta)
+
+
+def test_porting_verl_vanilla_always_dual_clips():
+    logp, old, adv, mask = _batch(seed=7, empty_row=False)
+    logp = np.where(np.arange(mask.shape[1]) == 1, old + 1.5, logp)  # ratios past c = 3
+    _away_from_kinks(logp, old, mask, (0.8, 1.2, 3.0))
+
+    def verl(lp):  # compute_policy_loss_vanilla + agg_loss("token-mean")
+        r = np.exp(np.clip(lp - old, -20, 20))
+        a = adv[:, None]
+        l1, l2 = -a * r, -a * np.clip(r, 0.8, 1.2)
+        clip1 = np.maximum(l1, l2)
+        loss = np.where(a < 0, np.minimum(-a * 3.0, clip1), clip1)
+        return float(np.where(mask, loss, 0).sum() / mask.sum())
+
+    _check(verl, logp, old, adv, mask, method="grpo", loss_agg="token-mean", dual_clip=3.0)
+
+
+def test_porting_verl_token_sum_norm_is_ours_times_rows():
+    logp, old, adv, mask = _batch(seed=11, empty_row=False)
+    big_l = 16.0
+    ours = sapo_ref.policy_loss(logp, old, adv, mask, method="grpo",
+                                loss_agg="seq-mean-token-sum-norm", norm_length=big_l)
+    r = np.exp(logp - old)
+    a = adv[:, None]
+    verl = np.where(mask, np.maximum(-a * r, -a * np.clip(r, 0.8, 1.2)), 0).sum() / big_l
+    assert ours.loss * mask.shape[0] == pytest.approx(verl, rel=1e-12)
+
+
+def test_porting_skyrl_prescaled_advantages_and_the_shim():
+    logp, old, adv, mask = _batch(seed=13)
+    rows = mask.shape[0]
+    lengths = np.maximum(mask.sum(-1, keepdims=True), 1)
+    scaled = adv[:, None] / (rows * lengths)  # apply_loss_reduction_to_advantages_minibatch
+
+    def skyrl(lp):  # sapo_policy_loss + reduce_loss (a masked sum)
+        r = np.exp(np.clip(lp - old, -20, 20))
+        tau = np.where(scaled > 0, 1.0, 1.05)
+        return float(np.where(mask, -_sigmoid(tau * (r - 1)) * 4 / tau * scaled, 0).sum())
+
+    _check(skyrl, logp, old, adv, mask, method="sapo", count_empty_rows=True)
+    # The guide's shim: scaled advantages, seq-mean-token-sum over (n, rows), times rows.
+    norm = sapo_ref.Normalizer(float(mask.sum()), float(rows))
+    shim = sapo_ref.policy_loss(logp, old, np.broadcast_to(scaled, mask.shape), mask,
+                                method="sapo", loss_agg="seq-mean-token-sum", normalizer=norm)
+    assert shim.loss * rows == pytest.approx(skyrl(logp), rel=1e-12)
+
+
+def test_porting_torchforge_fixed_horizon_and_tunix_token_scale():
+    logp, old, adv, mask = _batch(seed=17)
+    n, t = mask.shape
+    r = np.exp(logp - old)
+    tau = np.where(adv[:, None] > 0, 1.0, 1.05)
+    per_token = -_sigmoid(tau * (r - 1)) * 4 / tau * adv[:, None]
+    total = np.where(mask, per_token, 0).sum()
+    forge = sapo_ref.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm",
+                                 norm_length=float(t), count_empty_rows=True)
+    assert forge.loss == pytest.approx(total / (n * t), rel=1e-12)  # sum / mask.numel()
+    nonempty = (mask.sum(-1) > 0).sum()
+    tunix = sapo_ref.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm",
+                                 norm_length=12.0)
+    assert tunix.loss == pytest.approx(total / 12.0 / nonempty, rel=1e-12)
+
+
+def test_porting_trinity_gradient_is_not_sapo():
+    # Trinity's loss -A * sg(f(r)) * logp has gradient -A f(r) per token; SAPO's is -A w(r) r.
+    r = np.array([0.5, 1.0, 2.0, 5.0])
+    for tau in (1.0, 1.05):
+        f = 4 / tau * _sigmoid(tau * (r - 1))
+        w = 4 * _sigmoid(tau * (r - 1)) * (1 - _sigmoid(tau * (r - 1)))
+        parts = sapo_ref.sapo_parts(np.log(r), tau)
+        np.testing.assert_allclose(parts.dlog, w * r, rtol=1e-12)
+        assert f[1] / parts.dlog[1] == pytest.approx(2 / tau)  # on-policy: 2/tau times ours
+        assert np.all(np.diff(f) > 0) and parts.dlog[-1] < parts.dlog[2]  # no trust region
+
+
+def test_porting_mlx_lm_lora_advantages():
+    rewards = np.array([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 1.0, 3.0])
+    g = 4
+    groups = rewards.reshape(-1, g)
+    want = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)).ravel()
+    got = sapo_ref.group_advantages(rewards, g, ddof=0, eps=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-13)
