@@ -6,6 +6,8 @@
 * The API pages of the backend packages (``sapo_torch``, ``sapo_jax``, ``sapo_mlx``) and of the
   conformance suite (``sapo_conformance``) are generated, and put in the navigation, only
   for the packages that exist with content in this checkout; the site builds either way.
+* ``conformance.md`` holds ``<!-- sapo-ref:deviations -->``; it is replaced by the table of
+  known deviations the suite recognises, read from ``conformance_tests/deviations.toml``.
 * ``distributed.md`` is put in the navigation when the file exists.
 """
 
@@ -19,6 +21,8 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_MARKER = "<!-- sapo-ref:spec -->"
+DEVIATIONS_MARKER = "<!-- sapo-ref:deviations -->"
+DEVIATIONS_FILE = ROOT / "conformance_tests" / "deviations.toml"
 
 #: import name -> (folder in the repository, title, what must exist for the page to be made)
 OPTIONAL_API = {
@@ -88,6 +92,8 @@ def on_files(files: Files, config: Any, **kwargs: Any) -> Files:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files, **kwargs: Any) -> str:
     if SPEC_MARKER in markdown:
         markdown = markdown.replace(SPEC_MARKER, render_spec())
+    if DEVIATIONS_MARKER in markdown:
+        markdown = markdown.replace(DEVIATIONS_MARKER, render_deviations())
     return markdown
 
 
@@ -96,3 +102,28 @@ def render_spec() -> str:
     from sapo_ref.spec.render import render_body
 
     return render_body(anchors=True)
+
+
+def render_deviations() -> str:
+    """The suite's catalogue of known deviations (``deviations.toml``) as a Markdown table."""
+    import tomllib
+
+    if not DEVIATIONS_FILE.is_file():
+        return "*The deviation catalogue is not part of this checkout.*\n"
+    data = tomllib.loads(DEVIATIONS_FILE.read_text(encoding="utf-8"))
+    rows = [
+        "| id | deviation | clause | seen in | recognised from numbers | fix |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in data.get("deviation", []):
+        clause = d.get("clause", "")
+        link = f"[{clause}](spec.md#clause-{clause.lower().replace('.', '')})" if clause else ""
+        rows.append(
+            f"| `{d['id']}` | {_cell(d['title'])} | {link} | {_cell(', '.join(d.get('peers', [])))} | "
+            f"{'yes' if d.get('model') else 'no'} | {_cell(d.get('fix', ''))} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")

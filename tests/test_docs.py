@@ -404,3 +404,15 @@ def test_porting_mlx_lm_lora_advantages():
     want = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)).ravel()
     got = sapo_ref.group_advantages(rewards, g, ddof=0, eps=1e-4)
     np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+def test_conformance_page_lists_every_known_deviation():
+    import tomllib
+
+    path = ROOT / "conformance_tests" / "deviations.toml"
+    if not path.is_file():
+        pytest.skip("the conformance suite's deviation catalogue is not in this checkout")
+    assert "<!-- sapo-ref:deviations -->" in (DOCS / "conformance.md").read_text(encoding="utf-8")
+    table = _load_hooks().render_deviations()
+    for d in tomllib.loads(path.read_text(encoding="utf-8"))["deviation"]:
+        assert f"| `{d['id']}` |" in table, d["id"]
