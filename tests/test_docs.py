@@ -118,15 +118,8 @@ def test_import_sapo_ref_does_not_import_matplotlib():
     assert proc.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("module", ["sapo_ref.plots", "sapo_ref.__main__"])
-def test_doctests(module):
-    if module == "sapo_ref.plots" and importlib.util.find_spec("matplotlib") is None:
-        pytest.skip("matplotlib not installed (extra 'plots')")
-    mod = __import__(module, fromlist=["_"])
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
+# The doctests of sapo_ref.plots and sapo_ref.__main__ run in tests/test_doctests.py with
+# every other sapo_ref module; docs/ is not a package, so its extension is run here.
 def test_doctests_of_the_docs_griffe_extension():
     pytest.importorskip("griffe", reason="griffe not installed (extra 'docs')")
     spec = importlib.util.spec_from_file_location("griffe_rst", DOCS / "griffe_rst.py")
