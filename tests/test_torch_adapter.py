@@ -359,3 +359,19 @@ def test_capabilities_are_the_spec_names() -> None:
     assert tuple(caps["loss_aggs"]) == sapo_ref.LOSS_AGG_NAMES
     assert set(caps["dtypes"]) <= set(spec.TOLERANCES)
     assert caps["tolerance_deviations"] == {}
+
+
+@pytest.mark.parametrize("taus", ((1e-6, 1e6), (1e6, 1e-6), (0.5, 2.0)))
+@pytest.mark.parametrize("method", ("sapo", "sapo-seq"))
+def test_saturation_with_far_apart_temperatures(taus: tuple[float, float], method: str) -> None:
+    """Clause 6.3 with the domain's extreme temperatures: the limits, in float32, no NaN."""
+    opts = options(method, "token-mean", tau_pos=taus[0], tau_neg=taus[1])
+    logp = np.array([[v, v] for v in (*EXTREME, 30.0, 60.0, 70.0, 80.0, -30.0)])
+    n = len(logp)
+    adv = np.where(np.arange(n) % 2 == 0, 1.0, -0.5)
+    t = to_torch({"logp": logp, "old_logp": np.zeros((n, 2)), "advantages": adv,
+                  "mask": np.ones((n, 2), bool)}, "float32")
+    ref = sapo_ref.policy_loss(**rounded_numpy(t), **opts)
+    loss, grad, _ = run_torch(t, opts, cotangent=1.0)
+    assert_within(loss.detach().numpy(), ref.loss, "float32", "value", "loss")
+    assert_within(grad.double().numpy(), ref.grad, "float32", "grad", "grad")

@@ -78,9 +78,11 @@ def _sapo_token_fused(
     ``delta`` is the sanitised log-ratio (owned here and overwritten), ``adv`` the sanitised
     advantage and ``k`` the coefficient, each [N, 1] or [N, T].
     """
-    tau, dsat = _tau(adv, config)
-    # minimum, not clamp_(max=tensor): the latter has no vmap batching rule.
-    d = delta.clamp_(max=dsat) if isinstance(dsat, float) else torch.minimum(delta, dsat)
+    tau, _ = _tau(adv, config)
+    # One scalar saturation for both temperatures, in place: past min(dsat_pos, dsat_neg) every
+    # token has x >= X_sat * tau_min / tau_max >= 1e18, where sigma(x) = 1 and sigma(-x) = 0
+    # exactly as at its own dsat (clause 6.3), so no bit of any output changes.
+    d = delta.clamp_(max=min(saturation_log_ratio(config.tau_pos), saturation_log_ratio(config.tau_neg)))
     r = torch.exp(d)
     u = d.expm1_()
     q = torch.mul(u, -tau if isinstance(tau, float) else torch.neg(tau)).sigmoid_()  # sigma(-x)
