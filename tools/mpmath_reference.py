@@ -16,6 +16,17 @@ Limits are handled from the math, explicitly (clauses 5.1, 5.3, 5.4):
   :math:`+\infty`; with dual clip: term :math:`cA`, no gradient.
 * :math:`A = 0`: term 0 and gradient 0 whatever the ratio.
 
+Two places where the spec text leaves a choice, and what is done here:
+
+* ``kl/k1`` is "the mean of :math:`-\delta`", which is :math:`\infty - \infty` when :math:`\delta = +\infty`
+  and :math:`-\infty` both occur; it is taken as :math:`+\infty` whenever some :math:`\delta = -\infty` (the
+  KL divergence is infinite once the new policy gives a sampled token zero mass).
+* Clause 6.3 lets clipped methods take :math:`r = +\infty` once :math:`e^\delta` overflows float64
+  (:math:`\delta > 709.78`). This oracle computes exact values, so the two differ when
+  :math:`e^\delta` overflows but :math:`c|A|e^\delta` does not (e.g. :math:`\delta = 710`, :math:`A = -0.5`,
+  :math:`c = 1/3`: exact loss :math:`3.7\cdot10^{307}`, clause 6.3 :math:`+\infty`). The golden vectors stay out
+  of that band.
+
 Results are mpf; :func:`to_float64` rounds one correctly (to nearest, ties to even, subnormals
 included), which is how the golden vectors are written.
 
