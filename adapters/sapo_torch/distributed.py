@@ -18,8 +18,7 @@ Per optimizer step, on every rank:
 Imports only PyTorch and ``sapo_ref``. See docs/distributed.md for a complete training loop.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: DDP checks a comm hook's annotations as objects.
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,8 +95,8 @@ def global_normalizer(
 
 
 def allreduce_sum_hook(
-    process_group: Any, bucket: "dist.GradBucket"
-) -> "torch.futures.Future[torch.Tensor]":
+    process_group: Any, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook that **sums** gradients across ranks instead of averaging them.
 
     With every rank's loss normalised by the global counts, the sum is the global gradient.
