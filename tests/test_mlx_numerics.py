@@ -229,3 +229,45 @@ def test_ml_dtypes_bfloat16_input():
     b = sapo_mlx.to_mx(a)
     assert b.dtype == mx.bfloat16
     assert np.array_equal(sapo_mlx.to_numpy(b), a.astype(np.float32))
+
+
+def test_accurate_sum_against_fsum():
+    """MLX sums float32 sequentially (error ~ n ulps); accurate_sum stays within the float32
+    value tolerance where mx.sum does not (length 8192 of equal values, and random data)."""
+    import math
+
+    from sapo_mlx.numerics import accurate_sum
+
+    rtol = spec.TOLERANCES["float32"]["value"].rtol
+    rng = np.random.default_rng(0)
+    for values in (np.full(8192, 0.1, np.float32), rng.uniform(0, 1, 100_003).astype(np.float32),
+                   rng.normal(size=(3, 5000)).astype(np.float32)):
+        x = mx.array(values)
+        want = [math.fsum(row.astype(np.float64)) for row in values.reshape(-1, values.shape[-1])]
+        got = np.array(accurate_sum(x)).reshape(-1)
+        scale = [math.fsum(np.abs(row.astype(np.float64))) for row in values.reshape(-1, values.shape[-1])]
+        assert np.all(np.abs(got - want) <= rtol * np.asarray(scale) / 10)
+    x = mx.full((8192,), 0.1)
+    exact = 8192 * float(np.float32(0.1))
+    assert abs(mx.sum(x).item() - exact) > rtol * exact  # the trap accurate_sum avoids
+
+
+@pytest.mark.parametrize("method", ["sapo", "gspo", "sapo-seq"])
+def test_float32_long_rows_meet_the_float32_tolerance(method):
+    """Rows of 16384 tokens: loss (seq-mean-token-sum, whose row terms are equal for sequence
+    methods) and gradient within the float32 tolerance of the float64 reference."""
+    rng = np.random.default_rng(2)
+    n, t = 4, 16384
+    old = np.log(rng.uniform(0.05, 1.0, (n, t))).astype(np.float32)
+    lp = (old + rng.normal(0, 0.05, (n, t))).astype(np.float32)
+    adv = np.array([1.0, -0.7, 0.4, -1.3], np.float32)
+    mask = np.ones((n, t), bool)
+    opts = {"method": method, "loss_agg": "seq-mean-token-sum"}
+    ref = sapo_ref.policy_loss(lp.astype(np.float64), old.astype(np.float64), adv.astype(np.float64), mask, **opts)
+    x, o, a = (mx.array(v) for v in (lp, old, adv))
+    v, g = mx.value_and_grad(lambda x: sapo_mlx.policy_loss(x, o, a, mx.array(mask), **opts)[0])(x)
+    tol = spec.TOLERANCES["float32"]
+    scale = max(1.0, abs(ref.loss))
+    assert abs(v.item() - ref.loss) <= tol["value"].atol * scale + tol["value"].rtol * abs(ref.loss)
+    gs = max(1.0, np.max(np.abs(ref.grad)))
+    assert np.all(np.abs(np.array(g) - ref.grad) <= tol["grad"].atol * gs + tol["grad"].rtol * np.abs(ref.grad))

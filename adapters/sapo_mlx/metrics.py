@@ -13,14 +13,14 @@ from sapo_ref.config import LossConfig
 from sapo_ref.metrics import metric_keys
 
 from .evaluate import Prepared, gate_parts
-from .numerics import exp
+from .numerics import accurate_sum, exp
 
 __all__ = ["compute_metrics"]
 
 
 def _mean(x: mx.array, sel: mx.array) -> mx.array:
-    n = mx.sum(sel.astype(x.dtype))
-    return mx.sum(mx.where(sel, x, 0.0)) / mx.where(n > 0, n, 1.0)
+    n = mx.sum(sel.astype(x.dtype))  # counts: exact
+    return accurate_sum(mx.where(sel, x, 0.0).reshape(-1)) / mx.where(n > 0, n, 1.0)
 
 
 def _extreme(x: mx.array, sel: mx.array, largest: bool) -> mx.array:
@@ -71,7 +71,7 @@ def compute_metrics(p: Prepared, config: LossConfig) -> dict[str, mx.array]:
     log_x = delta
     if config.sequence_value:
         rows = lengths > 0
-        mu = mx.sum(delta, axis=-1) / mx.where(rows, lengths, 1.0)
+        mu = accurate_sum(delta) / mx.where(rows, lengths, 1.0)
         s = exp(mu)
         out["seq_ratio/mean"] = _mean(s, rows)
         out["seq_ratio/min"] = _extreme(s, rows, largest=False)

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["exp", "exp_and_expm1", "logistic_and_weight"]
+__all__ = ["exp", "exp_and_expm1", "logistic_and_weight", "accurate_sum", "SUM_BLOCK"]
+
+#: Block length of :func:`accurate_sum` (error per level at most SUM_BLOCK/2 ulps).
+SUM_BLOCK = 16
 
 
 def exp_and_expm1(x: mx.array) -> tuple[mx.array, mx.array]:
@@ -82,3 +85,28 @@ def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
     one_e = 1.0 + e
     p = mx.where(x >= 0, 1.0 / one_e, e / one_e)
     return p, 4.0 * e / (one_e * one_e)
+
+
+def accurate_sum(x: mx.array, axis: int = -1) -> mx.array:
+    r"""Sum over ``axis`` in blocks of :data:`SUM_BLOCK`, then the block sums, and so on.
+
+    MLX's CPU reduction accumulates sequentially: summing :math:`n` equal float32 values has a
+    relative error growing like :math:`n\epsilon` (6e-5 at :math:`n = 8192`, 2% at
+    :math:`2^{21}`), beyond the float32 tolerance. Blocked summation bounds it by
+    :math:`\lceil\log_{16} n\rceil \cdot 8\epsilon`, like NumPy's pairwise sum.
+
+    >>> import mlx.core as mx, numpy as np
+    >>> x = mx.full((8192,), 0.1)
+    >>> exact = 8192 * float(np.float32(0.1))
+    >>> abs(accurate_sum(x).item() - exact) / exact < 1e-6 < abs(mx.sum(x).item() - exact) / exact
+    True
+    """
+    if axis not in (-1, x.ndim - 1):
+        x = mx.moveaxis(x, axis, -1)
+    while x.shape[-1] > SUM_BLOCK:
+        n = x.shape[-1]
+        blocks = -(-n // SUM_BLOCK)
+        if blocks * SUM_BLOCK != n:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * SUM_BLOCK - n)])
+        x = mx.sum(x.reshape(*x.shape[:-1], blocks, SUM_BLOCK), axis=-1)
+    return mx.sum(x, axis=-1)
