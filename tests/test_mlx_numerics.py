@@ -271,3 +271,11 @@ def test_float32_long_rows_meet_the_float32_tolerance(method):
     assert abs(v.item() - ref.loss) <= tol["value"].atol * scale + tol["value"].rtol * abs(ref.loss)
     gs = max(1.0, np.max(np.abs(ref.grad)))
     assert np.all(np.abs(np.array(g) - ref.grad) <= tol["grad"].atol * gs + tol["grad"].rtol * np.abs(ref.grad))
+
+
+def test_float64_numpy_next_to_float32_logp_warns():
+    """Mixed precision: float64 old_logp with float32 logp is computed in float32 (the dtype of
+    logp), and the caller is told so rather than losing the digits silently."""
+    old = np.log(np.full((2, 3), 0.5))
+    with pytest.warns(UserWarning, match="float64"):
+        sapo_mlx.policy_loss(mx.array(old, mx.float32), old, np.ones(2), np.ones((2, 3), bool))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -113,6 +114,13 @@ def policy_loss(
     if normalizer is not None and not isinstance(normalizer, Normalizer):
         raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(normalizer).__name__}")
     dtype = compute_dtype(logp.dtype)
+    if dtype != mx.float64 and mx.float64 in (old_logp.dtype, advantages.dtype):
+        warnings.warn(
+            f"old_logp/advantages are float64 but logp is {str(logp.dtype).split('.')[-1]}: the "
+            "loss is computed in float32 (pass logp as float64, e.g. sapo_mlx.to_mx(numpy_array), "
+            "for a float64 loss)",
+            stacklevel=2,
+        )
     # float64 exists only on the CPU device (Metal has none).
     on_cpu = dtype == mx.float64 and mx.default_device() != mx.cpu
     with mx.stream(mx.cpu) if on_cpu else nullcontext():
