@@ -28,14 +28,14 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
-import sapo_ref
-
 import sapo_mlx
 from sapo_mlx.plain import plain_loss
+
+import sapo_ref
 
 
 def make_inputs(rows: int, cols: int, seed: int = 0):

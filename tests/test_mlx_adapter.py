@@ -12,11 +12,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_mlx
+from sapo_mlx.plain import plain_loss
 
-import sapo_mlx  # noqa: E402
-from sapo_mlx.plain import plain_loss  # noqa: E402
+import sapo_ref
+from sapo_ref import spec
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 OPTIONS = {
@@ -254,7 +254,7 @@ def test_empty_batch_is_zero():
     lp = mx.array(np.full((2, 3), np.nan))
     mask = mx.zeros((2, 3), mx.bool_)
     for method in sapo_ref.METHOD_NAMES:
-        f = lambda x: sapo_mlx.policy_loss(x, x, mx.ones(2), mask, method=method)[0]
+        f = lambda x, m=method: sapo_mlx.policy_loss(x, x, mx.ones(2), mask, method=m)[0]
         v, g = mx.value_and_grad(f)(lp)
         ref = sapo_ref.policy_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.ones(2), np.zeros((2, 3), bool), method=method)
         assert v.item() == ref.loss and np.array_equal(np.array(g), ref.grad)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("mlx.core")
 
-import sapo_mlx  # noqa: E402
+import sapo_mlx
 
 MODULES = ["sapo_mlx"] + [f"sapo_mlx.{m.name}" for m in pkgutil.iter_modules(sapo_mlx.__path__)]
 

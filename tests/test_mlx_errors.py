@@ -14,10 +14,10 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_mlx
 
-import sapo_mlx  # noqa: E402
+import sapo_ref
+from sapo_ref import spec
 
 N, T = 3, 4
 
@@ -81,7 +81,7 @@ CALL_ERRORS = {
        for m, ms in spec.METHODS.items() for p in ms.params},
 }
 
-_MIXED = lambda c: _at("logp", (0, 1), -math.inf)(_at("logp", (0, 0), math.inf)(c))  # noqa: E731
+_MIXED = lambda c: _at("logp", (0, 1), -math.inf)(_at("logp", (0, 0), math.inf)(c))
 DATA_ERRORS = {
     "mask value 2": lambda c: {**c, "mask": c["mask"].astype(np.int64) * 2},
     "mask value 0.5": lambda c: {**c, "mask": c["mask"] * 0.5},

@@ -10,10 +10,10 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 mpmath = pytest.importorskip("mpmath")
 
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_mlx
 
-import sapo_mlx  # noqa: E402
+import sapo_ref
+from sapo_ref import spec
 
 GOLDEN = spec.TOLERANCES["golden"]["value"]  # the reference-vs-mpmath row of the table
 F64 = spec.TOLERANCES["float64"]

@@ -32,17 +32,17 @@ from .numerics import exp, logistic_and_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "policy_loss",
-    "normalizer",
-    "check_inputs",
     "CAPABILITIES",
-    "to_mx",
-    "to_numpy",
+    "__version__",
+    "check_inputs",
+    "clip_parts",
     "compute_dtype",
+    "compute_metrics",
     "exp",
     "logistic_and_weight",
+    "normalizer",
+    "policy_loss",
     "sapo_parts",
-    "clip_parts",
-    "compute_metrics",
-    "__version__",
+    "to_mx",
+    "to_numpy",
 ]

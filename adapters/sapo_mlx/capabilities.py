@@ -25,9 +25,16 @@ CAPABILITIES: dict[str, Any] = {
     "tolerance_deviations": {},
     "notes": (
         "float64 exists on the MLX CPU device only; float64 losses run on the CPU stream.",
-        "mx.exp/mx.sigmoid are float32-accurate in float64 (ml-explore/mlx#3047): the "
-        "adapter builds e^x from expm1 and arithmetic, which are float64-accurate.",
-        "Data checks of clauses 5.5, 8.5, 8.6 and the mask's 0/1 values need a host sync: "
-        "they are in sapo_mlx.check_inputs, not in the lazy policy_loss.",
+        (
+            "mx.exp/mx.sigmoid are float32-accurate in float64 (ml-explore/mlx#3047): the "
+            "adapter builds e^x from expm1 and arithmetic, which are float64-accurate."
+        ),
+        (
+            "MLX's float32 sum accumulates sequentially (~n ulps): the adapter sums in blocks."
+        ),
+        (
+            "Data checks of clauses 5.5, 8.5, 8.6 and the mask's 0/1 values need a host sync: "
+            "they are in sapo_mlx.check_inputs, not in the lazy policy_loss."
+        ),
     ),
 }

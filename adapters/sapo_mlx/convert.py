@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["to_mx", "to_numpy", "compute_dtype", "numpy_dtype", "FLOAT_DTYPES"]
+__all__ = ["FLOAT_DTYPES", "compute_dtype", "numpy_dtype", "to_mx", "to_numpy"]
 
 #: The floating dtypes the adapter accepts, by name (the spec's dtype names).
 FLOAT_DTYPES: dict[str, mx.Dtype] = {

@@ -18,18 +18,20 @@ keeps the closed-form gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable
+from functools import cache
+from typing import Any
 
 import mlx.core as mx
+
 from sapo_ref.aggregation import Normalizer, denominator
 from sapo_ref.config import LossConfig
 
 from .gates import SapoParts, clip_parts, sapo_parts, signed_sapo_parts
 from .numerics import accurate_sum
 
-__all__ = ["Prepared", "prepare", "token_weights", "loss_core", "gate_parts"]
+__all__ = ["Prepared", "gate_parts", "loss_core", "prepare", "token_weights"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _loss_and_grad(
     return loss, grad
 
 
-@lru_cache(maxsize=None)
+@cache
 def loss_core(config: LossConfig) -> Callable[..., tuple[mx.array, mx.array]]:
     """The custom function ``(delta, adv, c, valid) -> (loss, G)`` of ``config``, built once.
 

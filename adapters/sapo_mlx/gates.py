@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+
 from sapo_ref.gates import X_SAT, ClipParts, SapoParts, saturation_log_ratio
 
 from .numerics import exp, exp_and_expm1, logistic_and_weight
 
-__all__ = ["sapo_parts", "signed_sapo_parts", "clip_parts", "SapoParts", "ClipParts"]
+__all__ = ["ClipParts", "SapoParts", "clip_parts", "sapo_parts", "signed_sapo_parts"]
 
 
 def _sapo(delta: mx.array, tau: Any, delta_sat: Any, four_over_tau: Any) -> SapoParts:

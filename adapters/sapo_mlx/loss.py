@@ -8,6 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
 from sapo_ref import spec
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import resolve_config
@@ -17,7 +18,7 @@ from .convert import compute_dtype, numpy_dtype, to_mx, to_numpy
 from .evaluate import loss_core, prepare, token_weights
 from .metrics import compute_metrics
 
-__all__ = ["policy_loss", "normalizer", "check_inputs"]
+__all__ = ["check_inputs", "normalizer", "policy_loss"]
 
 _DEFAULTS = spec.DATA["defaults"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+
 from sapo_ref.config import LossConfig
 from sapo_ref.metrics import metric_keys
 

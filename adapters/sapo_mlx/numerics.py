@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["exp", "exp_and_expm1", "logistic_and_weight", "accurate_sum", "SUM_BLOCK"]
+__all__ = ["SUM_BLOCK", "accurate_sum", "exp", "exp_and_expm1", "logistic_and_weight"]
 
 #: Block length of :func:`accurate_sum` (error per level at most SUM_BLOCK/2 ulps).
 SUM_BLOCK = 16

@@ -16,6 +16,7 @@ inherits MLX's float32-accurate ``exp``/``sigmoid``.
 from __future__ import annotations
 
 import mlx.core as mx
+
 from sapo_ref.config import LossConfig
 
 __all__ = ["plain_loss"]
