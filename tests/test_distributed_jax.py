@@ -1,0 +1,240 @@
+"""Clauses 3.8-3.9 in JAX: a batch sharded over 4 host CPU devices reproduces the unsharded one.
+
+The rows are sharded over a mesh axis ``"data"`` (one device holds empty rows only); inside
+``jax.shard_map`` :func:`sapo_jax.sharding.global_normalizer` ``psum``s the counts and the
+per-device losses are ``psum``med. Checked against the reference on the full batch for every
+method, aggregation and empty-row setting, plus gradient accumulation with ``lax.scan`` inside
+each device and the gradient of a replicated parameter, with and without ``check_vma``.
+
+The device count must be set before JAX initialises and this pytest process already has JAX:
+the 4-device part runs this file as a script in a subprocess with ``XLA_FLAGS`` and x64 set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
+import _distributed_batches as db  # noqa: E402
+
+DEVICES = 4
+TIMEOUT = 400  # seconds; the worker compiles one program per config (about 15 s when idle)
+SCAN_CONFIGS = [("sapo", "seq-mean-token-mean", False), ("gspo", "token-mean", True)]
+BATCH_KEYS = ("logp", "old_logp", "advantages", "mask", "features", "old_logp_model")
+
+
+def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """12 rows, 3 per device: device 0 gets three empty rows, the others ragged rows."""
+    batch = db.ragged_batch(rng, 3 * DEVICES, 8, empty_rows=4)
+    empty = np.flatnonzero(~batch["mask"].any(axis=1))
+    others = rng.permutation(np.setdiff1d(np.arange(3 * DEVICES), empty[:3]))
+    order = np.concatenate([empty[:3], others])
+    batch = {k: v[order] for k, v in batch.items()}
+    weights = rng.normal(size=3)
+    logp_model, _ = db.model_logp(batch["features"], weights)
+    old_model = logp_model + rng.uniform(-0.5, 0.5, size=logp_model.shape)
+    return {**batch, "weights": weights, "old_logp_model": old_model}
+
+
+# --- the worker (runs in a subprocess with 4 host devices) -------------------------------------
+
+
+def _worker(data_file: str, out_file: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import sapo_jax
+    from sapo_jax.sharding import global_normalizer
+
+    assert jax.device_count() == DEVICES and jax.config.jax_enable_x64
+    mesh = jax.make_mesh((DEVICES,), ("data",))
+    rows = P("data")
+    data = dict(np.load(data_file))
+    b = {k: jax.device_put(jnp.asarray(data[k]), NamedSharding(mesh, rows)) for k in BATCH_KEYS}
+    out: dict[str, np.ndarray] = {}
+
+    def shard_map(f, in_specs, out_specs, **kw):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kw))
+
+    # 1. Every config: per-device loss with the psum-ed counts, losses psum-ed.
+    for c, (method, loss_agg, count_empty) in enumerate(db.CONFIGS):
+        opts = db.options(method, loss_agg)
+
+        def step(logp, old, adv, mask):
+            norm = global_normalizer(mask, "data", count_empty_rows=count_empty)
+            loss_fn = lambda lp: sapo_jax.policy_loss(lp, old, adv, mask, normalizer=norm, **opts)[0]
+            loss, grad = jax.value_and_grad(loss_fn)(logp)
+            return jax.lax.psum(loss, "data"), grad, jnp.stack([norm.num_tokens, norm.num_rows])
+
+        f = shard_map(step, (rows,) * 4, (P(), rows, P()))
+        loss, grad, counts = f(b["logp"], b["old_logp"], b["advantages"], b["mask"])
+        out[f"loss{c}"], out[f"grad{c}"], out[f"counts{c}"] = map(np.asarray, (loss, grad, counts))
+
+    for c, (method, loss_agg, count_empty) in enumerate(SCAN_CONFIGS):
+        opts = db.options(method, loss_agg)
+
+        # 2. Gradient accumulation on each device: micro-batches of one row, scanned; the counts
+        #    cover every micro-batch of the step and are reduced before the first loss.
+        def scan_step(logp, old, adv, mask):
+            micro = lambda a: a.reshape(a.shape[0], 1, *a.shape[1:])
+            norm = global_normalizer(micro(mask), "data", count_empty_rows=count_empty)
+
+            def body(total, xs):
+                lp, o, a, m = xs
+                loss_fn = lambda lp: sapo_jax.policy_loss(lp, o, a, m, normalizer=norm, **opts)[0]
+                loss, grad = jax.value_and_grad(loss_fn)(lp)
+                return total + loss, grad  # summed, never averaged (clause 3.10)
+
+            zero = jax.lax.pcast(jnp.zeros((), logp.dtype), "data", to="varying")
+            total, grads = jax.lax.scan(body, zero, tuple(map(micro, (logp, old, adv, mask))))
+            return jax.lax.psum(total, "data"), grads.reshape(logp.shape)
+
+        f = shard_map(scan_step, (rows,) * 4, (P(), rows))
+        loss, grad = f(b["logp"], b["old_logp"], b["advantages"], b["mask"])
+        out[f"scan_loss{c}"], out[f"scan_grad{c}"] = np.asarray(loss), np.asarray(grad)
+
+        # 3. A replicated parameter: with check_vma (the default) its gradient inside shard_map is
+        #    already summed over devices; without it, psum it.
+        def param_step(w, x, old, adv, mask, check_vma):
+            norm = global_normalizer(mask, "data", count_empty_rows=count_empty)
+            loss_fn = lambda w: sapo_jax.policy_loss(
+                jax.nn.log_sigmoid(x @ w), old, adv, mask, normalizer=norm, **opts
+            )[0]
+            grad = jax.grad(loss_fn)(w)
+            return grad if check_vma else jax.lax.psum(grad, "data")
+
+        for check_vma in (True, False):
+            f = shard_map(
+                partial(param_step, check_vma=check_vma), (P(), rows, rows, rows, rows), P(),
+                check_vma=check_vma,
+            )
+            w = jnp.asarray(data["weights"])
+            grad = f(w, b["features"], b["old_logp_model"], b["advantages"], b["mask"])
+            out[f"param_vma{int(check_vma)}_{c}"] = np.asarray(grad)
+
+    np.savez(out_file, **out)
+
+
+# --- the tests (pytest process) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    """Run the 4-device worker once; return the data, its results and the wall time."""
+    sapo_jax = pytest.importorskip("sapo_jax")
+    if not hasattr(sapo_jax, "policy_loss"):
+        pytest.skip("sapo_jax has no policy_loss yet")
+    tmp = tmp_path_factory.mktemp("jax4")
+    data = _data(np.random.default_rng(20251121))
+    np.savez(tmp / "data.npz", **data)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+        "JAX_ENABLE_X64": "1",
+        "JAX_PLATFORMS": "cpu",
+    }
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, str(tmp / "data.npz"), str(tmp / "out.npz")],
+            env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the 4-device JAX worker did not finish within {TIMEOUT} s")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, f"worker failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    print(f"4-device JAX worker: {elapsed:.1f} s")
+    return data, dict(np.load(tmp / "out.npz")), elapsed
+
+
+def _full(data, config, logp_key="logp", old_key="old_logp"):
+    import sapo_ref
+
+    method, loss_agg, count_empty = config
+    return sapo_ref.policy_loss(
+        data[logp_key], data[old_key], data["advantages"], data["mask"],
+        count_empty_rows=count_empty, **db.options(method, loss_agg),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+@pytest.mark.parametrize("c", range(len(db.CONFIGS)), ids=lambda c: "-".join(map(str, db.CONFIGS[c])))
+def test_sharded_batch_equals_unsharded(four_devices, c):
+    import sapo_ref
+
+    data, out, _ = four_devices
+    full = _full(data, db.CONFIGS[c])
+    want = sapo_ref.normalizer(data["mask"], count_empty_rows=db.CONFIGS[c][2])
+    assert out[f"counts{c}"].tolist() == [want.num_tokens, want.num_rows]
+    db.assert_close(out[f"loss{c}"], full.loss, "float64", "value", "loss")
+    db.assert_close(out[f"grad{c}"], full.grad, "float64", "grad", "grad")
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+@pytest.mark.parametrize("c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c])))
+def test_scanned_micro_batches_on_sharded_batch(four_devices, c):
+    data, out, _ = four_devices
+    full = _full(data, SCAN_CONFIGS[c])
+    db.assert_close(out[f"scan_loss{c}"], full.loss, "float64", "value", "loss")
+    db.assert_close(out[f"scan_grad{c}"], full.grad, "float64", "grad", "grad")
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c])))
+def test_replicated_parameter_gradient(four_devices, c, check_vma):
+    data, out, _ = four_devices
+    logp, dlogp_dw = db.model_logp(data["features"], data["weights"])
+    full = _full({**data, "logp_model": logp}, SCAN_CONFIGS[c], "logp_model", "old_logp_model")
+    want = np.einsum("it,itf->f", full.grad, dlogp_dw)  # chain rule through the model
+    db.assert_close(out[f"param_vma{int(check_vma)}_{c}"], want, "float64", "grad", "dL/dw")
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("count_empty", [False, True])
+def test_global_normalizer_on_one_device(count_empty):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import sapo_ref
+    from sapo_jax.sharding import global_normalizer
+
+    data = _data(np.random.default_rng(3))
+    mesh = jax.make_mesh((1,), ("data",))
+
+    def counts(m):
+        norm = global_normalizer(m, "data", count_empty_rows=count_empty)
+        return jnp.stack([norm.num_tokens, norm.num_rows])
+
+    f = jax.shard_map(counts, mesh=mesh, in_specs=P("data"), out_specs=P())
+    want = sapo_ref.normalizer(data["mask"], count_empty_rows=count_empty)
+    for mask in (data["mask"], data["mask"].reshape(4, 3, -1), data["mask"].astype(np.int32)):
+        got = f(jax.device_put(jnp.asarray(mask), NamedSharding(mesh, P("data"))))
+        assert got.dtype == jnp.float64
+        assert got.tolist() == [want.num_tokens, want.num_rows], mask.shape
+
+
+@pytest.mark.jax
+def test_local_counts_rejects_a_vector():
+    jnp = pytest.importorskip("jax.numpy")
+    from sapo_jax.sharding import local_counts
+
+    with pytest.raises(ValueError, match=r"mask must have shape \[..., N, T\]"):
+        local_counts(jnp.ones(3, bool))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
