@@ -222,6 +222,9 @@ def test_vmap_batched_old_logp_and_mask():
     tol = spec.TOLERANCES["float64"]
     assert_close(np.array(v), [r.loss for r in refs], tol["value"], "loss")
     assert_close(np.array(g), np.stack([r.grad for r in refs]), tol["grad"], "grad")
+    metrics = mx.vmap(lambda *a: sapo_mlx.policy_loss(*a, **options)[1])(*stacked)
+    for key in refs[0].metrics:
+        assert_close(np.array(metrics[key]), [r.metrics[key] for r in refs], tol["value"], key)
 
 
 @pytest.mark.parametrize("loss_agg", sapo_ref.LOSS_AGG_NAMES)
