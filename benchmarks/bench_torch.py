@@ -36,11 +36,11 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
-
-import torch
+from collections.abc import Callable
+from typing import Any
 
 import sapo_torch
+import torch
 
 
 def baseline_loss(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05):
@@ -69,7 +69,9 @@ def step_fn(kind: str) -> Callable[..., torch.Tensor]:
     if kind == "baseline":
         return baseline_loss
     if kind == "sapo_torch+metrics":
-        return lambda lp, old, adv, mask: sapo_torch.policy_loss(lp, old, adv, mask, metrics=True)[0]
+        return lambda lp, old, adv, mask: sapo_torch.policy_loss(lp, old, adv, mask, metrics=True)[
+            0
+        ]
 
     def fused(lp, old, adv, mask):
         return sapo_torch.policy_loss(lp, old, adv, mask)[0]
@@ -156,15 +158,24 @@ def report(res: dict[str, Any]) -> None:
     rows, cols = res["shape"]
     v = res["variants"]
     base = v.get("baseline")
-    print(f"\n[{rows}, {cols}] {res['dtype']}   add bandwidth {res['bandwidth_GBps']:.1f} GB/s, "
-          f"floor {res['floor_ms']:.3f} ms (read logp, old_logp, mask; write grad)")
-    print(f"  {'variant':<20}{'median ms':>11}{'min ms':>9}{'cpu ms':>9}{'saved MiB':>11}"
-          f"{'time/base':>11}{'min/base':>10}{'cpu/base':>10}{'saved/base':>12}{'min/floor':>11}")
+    print(
+        f"\n[{rows}, {cols}] {res['dtype']}   add bandwidth {res['bandwidth_GBps']:.1f} GB/s, "
+        f"floor {res['floor_ms']:.3f} ms (read logp, old_logp, mask; write grad)"
+    )
+    print(
+        f"  {'variant':<20}{'median ms':>11}{'min ms':>9}{'cpu ms':>9}{'saved MiB':>11}"
+        f"{'time/base':>11}{'min/base':>10}{'cpu/base':>10}{'saved/base':>12}{'min/floor':>11}"
+    )
     for k, m in v.items():
-        r = (lambda key: m[key] / base[key] if base and base[key] else float("nan"))
-        print(f"  {k:<20}{m['median_ms']:>11.2f}{m['min_ms']:>9.2f}{m['cpu_median_ms']:>9.2f}"
-              f"{m['saved_bytes'] / 2**20:>11.2f}{r('median_ms'):>11.2f}{r('min_ms'):>10.2f}"
-              f"{r('cpu_median_ms'):>10.2f}{r('saved_bytes'):>12.2f}{m['min_ms'] / res['floor_ms']:>11.1f}")
+
+        def r(key: str, m: dict = m) -> float:
+            return m[key] / base[key] if base and base[key] else float("nan")
+
+        print(
+            f"  {k:<20}{m['median_ms']:>11.2f}{m['min_ms']:>9.2f}{m['cpu_median_ms']:>9.2f}"
+            f"{m['saved_bytes'] / 2**20:>11.2f}{r('median_ms'):>11.2f}{r('min_ms'):>10.2f}"
+            f"{r('cpu_median_ms'):>10.2f}{r('saved_bytes'):>12.2f}{m['min_ms'] / res['floor_ms']:>11.1f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
-    p.add_argument("--metrics", action="store_true", help="also time policy_loss(..., metrics=True)")
+    p.add_argument(
+        "--metrics", action="store_true", help="also time policy_loss(..., metrics=True)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
@@ -181,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     kinds = ["baseline", "sapo_torch"] + (["sapo_torch+metrics"] if args.metrics else [])
     kinds += [] if args.no_compile else ["compiled"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
-          f"sapo, seq-mean-token-mean; median of {args.rounds} interleaved rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
+        f"sapo, seq-mean-token-mean; median of {args.rounds} interleaved rounds"
+    )
     results = []
     for shape in args.shapes.split(","):
         rows, cols = (int(s) for s in shape.lower().split("x"))
@@ -190,17 +205,25 @@ def main(argv: list[str] | None = None) -> int:
             res = bench(rows, cols, dt, args.rounds, kinds)
             report(res)
             results.append(res)
-    target = next((r for r in results if r["shape"] == [256, 8192] and r["dtype"] == "float32"), None)
+    target = next(
+        (r for r in results if r["shape"] == [256, 8192] and r["dtype"] == "float32"), None
+    )
     if target:
         v = target["variants"]
         print("\nTargets at [256, 8192] float32 (median wall time; min and CPU time in the table):")
-        print(f"  sapo_torch/baseline time  {v['sapo_torch']['median_ms'] / v['baseline']['median_ms']:.2f}"
-              "  (target <= 0.5)")
-        print(f"  sapo_torch/baseline saved {v['sapo_torch']['saved_bytes'] / v['baseline']['saved_bytes']:.2f}"
-              "  (target <= 0.5)")
+        print(
+            f"  sapo_torch/baseline time  {v['sapo_torch']['median_ms'] / v['baseline']['median_ms']:.2f}"
+            "  (target <= 0.5)"
+        )
+        print(
+            f"  sapo_torch/baseline saved {v['sapo_torch']['saved_bytes'] / v['baseline']['saved_bytes']:.2f}"
+            "  (target <= 0.5)"
+        )
         if "compiled" in v:
-            print(f"  compiled / floor          {v['compiled']['median_ms'] / target['floor_ms']:.2f}"
-                  f" median, {v['compiled']['min_ms'] / target['floor_ms']:.2f} min  (target <= 3)")
+            print(
+                f"  compiled / floor          {v['compiled']['median_ms'] / target['floor_ms']:.2f}"
+                f" median, {v['compiled']['min_ms'] / target['floor_ms']:.2f} min  (target <= 3)"
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -17,9 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import sapo_ref  # noqa: E402
-import sapo_torch  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_torch
+
+import sapo_ref
+from sapo_ref import spec
 
 pytestmark = pytest.mark.torch
 
@@ -42,12 +43,21 @@ def kink_distance(x: np.ndarray, config: sapo_ref.LossConfig) -> float:
     """Smallest relative distance of ratios ``x`` to a clip kink (clause 2.5); inf for SAPO."""
     if config.is_soft or x.size == 0:
         return math.inf
-    kinks = [1.0 + config.eps_high, 1.0 - config.eps_low] + ([config.dual_clip] if config.dual_clip else [])
+    kinks = [1.0 + config.eps_high, 1.0 - config.eps_low] + (
+        [config.dual_clip] if config.dual_clip else []
+    )
     return min(float(np.min(np.abs(x / k - 1.0))) for k in kinks if k > 0)
 
 
-def make_batch(seed: int, config: sapo_ref.LossConfig, *, per_token: bool, n: int = 5, t: int = 7,
-               scale: float = 0.4) -> dict[str, np.ndarray]:
+def make_batch(
+    seed: int,
+    config: sapo_ref.LossConfig,
+    *,
+    per_token: bool,
+    n: int = 5,
+    t: int = 7,
+    scale: float = 0.4,
+) -> dict[str, np.ndarray]:
     """A ragged batch (one empty row, garbage at invalid slots, some A = 0) away from clip kinks."""
     for attempt in range(200):
         rng = np.random.default_rng(seed * 1000 + attempt)
@@ -89,7 +99,9 @@ def to_torch(batch: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
 
 def rounded_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
     """The float64 values the low-precision tensors hold: what the reference is run on."""
-    return {k: (v.detach().double().numpy() if k != "mask" else v.numpy()) for k, v in tensors.items()}
+    return {
+        k: (v.detach().double().numpy() if k != "mask" else v.numpy()) for k, v in tensors.items()
+    }
 
 
 def assert_within(got: Any, want: Any, dtype: str, kind: str, what: str) -> None:
@@ -115,14 +127,18 @@ def assert_within(got: Any, want: Any, dtype: str, kind: str, what: str) -> None
 
 def run_torch(t: dict[str, Any], opts: dict[str, Any], cotangent: float = COTANGENT, **kw: Any):
     logp = t["logp"].clone().requires_grad_(True)
-    loss, metrics = sapo_torch.policy_loss(logp, t["old_logp"], t["advantages"], t["mask"], **opts, **kw)
+    loss, metrics = sapo_torch.policy_loss(
+        logp, t["old_logp"], t["advantages"], t["mask"], **opts, **kw
+    )
     loss.backward(torch.tensor(cotangent, dtype=loss.dtype))
     return loss, logp.grad, metrics
 
 
 GRID = [
     (m, a, pt, dt)
-    for m, a, pt, dt in itertools.product(sapo_ref.METHOD_NAMES, sapo_ref.LOSS_AGG_NAMES, (False, True), DTYPES)
+    for m, a, pt, dt in itertools.product(
+        sapo_ref.METHOD_NAMES, sapo_ref.LOSS_AGG_NAMES, (False, True), DTYPES
+    )
 ]
 
 
@@ -167,8 +183,10 @@ def test_normalizer_shards_sum_to_the_batch(method: str, tensor_counts: bool) ->
     t = to_torch(batch, "float64")
     norm = sapo_ref.normalizer(batch["mask"])
     if tensor_counts:
-        norm = sapo_ref.Normalizer(torch.tensor(norm.num_tokens, dtype=torch.float64),
-                                   torch.tensor(norm.num_rows, dtype=torch.float64))
+        norm = sapo_ref.Normalizer(
+            torch.tensor(norm.num_tokens, dtype=torch.float64),
+            torch.tensor(norm.num_rows, dtype=torch.float64),
+        )
     ref = sapo_ref.policy_loss(**batch, **opts)
     total, grads = 0.0, []
     for rows in (slice(0, 2), slice(2, 6)):
@@ -189,7 +207,9 @@ def test_inputs_are_not_modified() -> None:
         versions = {k: v._version for k, v in t.items()}
         run_torch(t, opts, metrics=True)
         for k in t:
-            assert torch.equal(t[k].nan_to_num(0.0, 1.0, -1.0), before[k].nan_to_num(0.0, 1.0, -1.0)), k
+            assert torch.equal(
+                t[k].nan_to_num(0.0, 1.0, -1.0), before[k].nan_to_num(0.0, 1.0, -1.0)
+            ), k
             assert t[k]._version == versions[k], k
 
 
@@ -207,8 +227,13 @@ def test_gradcheck_against_finite_differences() -> None:
         b = make_batch(11, sapo_ref.resolve_config(**opts), per_token=True, n=3, t=4, scale=0.3)
         b = {k: np.where(b["mask"], v, 0.0) if k != "mask" else v for k, v in b.items()}
         t = to_torch(b, "float64")
-        fn = lambda lp: sapo_torch.policy_loss(lp, t["old_logp"], t["advantages"], t["mask"], **opts)[0]
-        assert torch.autograd.gradcheck(fn, (t["logp"].clone().requires_grad_(),), eps=1e-7, atol=1e-7), method
+
+        def fn(lp, t=t, opts=opts):
+            return sapo_torch.policy_loss(lp, t["old_logp"], t["advantages"], t["mask"], **opts)[0]
+
+        assert torch.autograd.gradcheck(
+            fn, (t["logp"].clone().requires_grad_(),), eps=1e-7, atol=1e-7
+        ), method
 
 
 @pytest.mark.parametrize("method", ("sapo", "gspo"))
@@ -284,8 +309,14 @@ def test_sapo_limits_are_exact_in_float32() -> None:
     """delta = +inf: f = 4/tau, w r = 0; delta = -inf: f = (4/tau) sigma(-tau), w r = 0 (clause 5.3)."""
     tau = 1.0
     logp = torch.tensor([[math.inf], [-math.inf], [1e30], [-1e30]], requires_grad=True)
-    loss, _ = sapo_torch.policy_loss(logp, torch.zeros(4, 1), torch.ones(4), torch.ones(4, 1, dtype=torch.bool),
-                                     loss_agg="seq-mean-token-sum", tau_pos=tau)
+    loss, _ = sapo_torch.policy_loss(
+        logp,
+        torch.zeros(4, 1),
+        torch.ones(4),
+        torch.ones(4, 1, dtype=torch.bool),
+        loss_agg="seq-mean-token-sum",
+        tau_pos=tau,
+    )
     loss.backward()
     sig = 1.0 / (1.0 + math.exp(tau))
     want = -(4 / tau + 4 / tau * sig + 4 / tau + 4 / tau * sig) / 4
@@ -312,7 +343,9 @@ BAD_CALLS = {
     "norm_length missing": lambda c: ({**c}, {"loss_agg": "seq-mean-token-sum-norm"}),
     "norm_length not taken": lambda c: ({**c}, {"norm_length": 4.0}),
     "count_empty_rows with normalizer": lambda c: (
-        {**c}, {"count_empty_rows": True, "normalizer": sapo_ref.Normalizer(9.0, 3.0)}),
+        {**c},
+        {"count_empty_rows": True, "normalizer": sapo_ref.Normalizer(9.0, 3.0)},
+    ),
     "count_empty_rows type": lambda c: ({**c}, {"count_empty_rows": 1}),
     "normalizer type": lambda c: ({**c}, {"normalizer": (9.0, 3.0)}),
     "normalizer negative": lambda c: ({**c}, {"normalizer": sapo_ref.Normalizer(-1.0, 3.0)}),
@@ -369,8 +402,15 @@ def test_saturation_with_far_apart_temperatures(taus: tuple[float, float], metho
     logp = np.array([[v, v] for v in (*EXTREME, 30.0, 60.0, 70.0, 80.0, -30.0)])
     n = len(logp)
     adv = np.where(np.arange(n) % 2 == 0, 1.0, -0.5)
-    t = to_torch({"logp": logp, "old_logp": np.zeros((n, 2)), "advantages": adv,
-                  "mask": np.ones((n, 2), bool)}, "float32")
+    t = to_torch(
+        {
+            "logp": logp,
+            "old_logp": np.zeros((n, 2)),
+            "advantages": adv,
+            "mask": np.ones((n, 2), bool),
+        },
+        "float32",
+    )
     ref = sapo_ref.policy_loss(**rounded_numpy(t), **opts)
     loss, grad, _ = run_torch(t, opts, cotangent=1.0)
     assert_within(loss.detach().numpy(), ref.loss, "float32", "value", "loss")

@@ -13,9 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import sapo_ref  # noqa: E402
-import sapo_torch  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_torch
+
+import sapo_ref
+from sapo_ref import spec
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -42,16 +43,26 @@ def _batch(dtype: torch.dtype, per_token: bool) -> tuple[torch.Tensor, ...]:
 CASES = [
     ("float32", {}, False, False),
     ("float32", {"method": "gspo", "loss_agg": "token-mean"}, True, False),
-    ("bfloat16", {"method": "grpo", "loss_agg": "seq-mean-token-sum", "dual_clip": 3.0}, False, True),
+    (
+        "bfloat16",
+        {"method": "grpo", "loss_agg": "seq-mean-token-sum", "dual_clip": 3.0},
+        False,
+        True,
+    ),
 ]
 
 
 @pytest.mark.parametrize("dtype,opts,per_token,with_normalizer", CASES)
-def test_compiled_matches_eager_and_reference(dtype: str, opts: dict, per_token: bool,
-                                              with_normalizer: bool) -> None:
+def test_compiled_matches_eager_and_reference(
+    dtype: str, opts: dict, per_token: bool, with_normalizer: bool
+) -> None:
     torch._dynamo.reset()
     logp, old, adv, mask = _batch(getattr(torch, dtype), per_token)
-    norm = sapo_ref.Normalizer(mask.sum().double(), (mask.sum(1) > 0).sum().double()) if with_normalizer else None
+    norm = (
+        sapo_ref.Normalizer(mask.sum().double(), (mask.sum(1) > 0).sum().double())
+        if with_normalizer
+        else None
+    )
 
     def step(lp: torch.Tensor) -> torch.Tensor:
         return sapo_torch.policy_loss(lp, old, adv, mask, normalizer=norm, **opts)[0]
@@ -66,8 +77,13 @@ def test_compiled_matches_eager_and_reference(dtype: str, opts: dict, per_token:
     _close(loss_c, loss_e.detach().double().numpy(), dtype, "value")
     _close(lp_c.grad, lp_e.grad.double().numpy(), dtype, "grad")
 
-    ref = sapo_ref.policy_loss(logp.double().numpy(), old.double().numpy(), adv.double().numpy(),
-                               mask.numpy(), normalizer=norm and sapo_ref.Normalizer(
-                                   float(norm.num_tokens), float(norm.num_rows)), **opts)
+    ref = sapo_ref.policy_loss(
+        logp.double().numpy(),
+        old.double().numpy(),
+        adv.double().numpy(),
+        mask.numpy(),
+        normalizer=norm and sapo_ref.Normalizer(float(norm.num_tokens), float(norm.num_rows)),
+        **opts,
+    )
     _close(loss_c, np.asarray(ref.loss), dtype, "value")
     _close(lp_c.grad, 0.5 * ref.grad, dtype, "grad")

@@ -25,18 +25,18 @@ Importing this package imports PyTorch, NumPy and :mod:`sapo_ref`, and no other 
 
 from __future__ import annotations
 
-from .capabilities import CAPABILITIES
 from ._function import FusedPolicyLoss, compute_dtype
+from .capabilities import CAPABILITIES
 from .loss import check_inputs, policy_loss, policy_metrics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAPABILITIES",
+    "FusedPolicyLoss",
+    "__version__",
+    "check_inputs",
+    "compute_dtype",
     "policy_loss",
     "policy_metrics",
-    "check_inputs",
-    "FusedPolicyLoss",
-    "compute_dtype",
-    "CAPABILITIES",
-    "__version__",
 ]

@@ -60,7 +60,9 @@ class FusedPolicyLoss(torch.autograd.Function):
         return loss, grad.to(logp.dtype)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def setup_context(
+        ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         _, grad = output
         ctx.mark_non_differentiable(grad)
         ctx.save_for_backward(grad)

@@ -34,12 +34,14 @@ from sapo_ref.aggregation import Normalizer, denominator
 from sapo_ref.config import LossConfig
 from sapo_ref.gates import saturation_log_ratio
 
-__all__ = ["loss_and_grad", "local_counts"]
+__all__ = ["local_counts", "loss_and_grad"]
 
 Tensor = torch.Tensor
 
 
-def local_counts(valid: Tensor, lengths: Tensor, count_empty_rows: bool, dtype: torch.dtype) -> Normalizer:
+def local_counts(
+    valid: Tensor, lengths: Tensor, count_empty_rows: bool, dtype: torch.dtype
+) -> Normalizer:
     """This batch's counts :math:`(n, R)` (clause 3.6), summed as integers (exact), then cast."""
     n = lengths.sum().to(dtype)
     if count_empty_rows:
@@ -67,7 +69,9 @@ def _tau(adv: Tensor, config: LossConfig) -> tuple[Any, Any]:
         return tp, sp
     pos = adv > 0
     # full_like, not where(pos, 1.0, 1.05): two Python scalars would give a float32 tensor.
-    return torch.where(pos, torch.full_like(adv, tp), tn), torch.where(pos, torch.full_like(adv, sp), sn)
+    return torch.where(pos, torch.full_like(adv, tp), tn), torch.where(
+        pos, torch.full_like(adv, sp), sn
+    )
 
 
 def _sapo_token_fused(
@@ -82,7 +86,8 @@ def _sapo_token_fused(
     # One scalar saturation for both temperatures, in place: past min(dsat_pos, dsat_neg) every
     # token has x >= X_sat * tau_min / tau_max >= 1e18, where sigma(x) = 1 and sigma(-x) = 0
     # exactly as at its own dsat (clause 6.3), so no bit of any output changes.
-    d = delta.clamp_(max=min(saturation_log_ratio(config.tau_pos), saturation_log_ratio(config.tau_neg)))
+    dsat = min(saturation_log_ratio(config.tau_pos), saturation_log_ratio(config.tau_neg))
+    d = delta.clamp_max_(dsat)
     r = torch.exp(d)
     u = d.expm1_()
     q = torch.mul(u, -tau if isinstance(tau, float) else torch.neg(tau)).sigmoid_()  # sigma(-x)
@@ -177,4 +182,3 @@ def loss_and_grad(
     else:
         grad = torch.where(valid, torch.neg(kd), 0.0)
     return loss, grad
-

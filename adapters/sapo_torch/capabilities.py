@@ -24,14 +24,22 @@ CAPABILITIES: dict[str, Any] = {
     # tolerance other than the spec's [tolerances.<dtype>]. Empty: none is needed.
     "tolerance_deviations": {},
     "notes": (
-        "bfloat16/float16 are computed in float32; the gradient is returned in the input dtype "
-        "and the loss is float32 (float64 for float64 inputs).",
-        "Metrics are opt-in (policy_loss(..., metrics=True)) so that the default call is one "
-        "lean pass; they are computed by sapo_ref's own code on the detached inputs.",
-        "Data checks (clauses 5.5, 8.5, 8.6, a normalizer smaller than the shard's own counts) "
-        "are the reference's only; a non-bool mask's 0/1 check runs eagerly (one host sync), "
-        "not under torch.compile.",
-        "First-order only: the fused node saves the closed-form gradient, so second derivatives "
-        "through it are not available.",
+        (
+            "bfloat16/float16 are computed in float32; the gradient is returned in the input "
+            "dtype and the loss is float32 (float64 for float64 inputs)."
+        ),
+        (
+            "Metrics are opt-in (policy_loss(..., metrics=True)) so that the default call is "
+            "one lean pass; they are computed by sapo_ref's own code on the detached inputs."
+        ),
+        (
+            "Data checks (clauses 5.5, 8.5, 8.6, a normalizer smaller than the shard's own "
+            "counts) are the reference's only; a non-bool mask's 0/1 check runs eagerly (one "
+            "host sync), not under torch.compile."
+        ),
+        (
+            "First-order only: the fused node saves the closed-form gradient, so second "
+            "derivatives through it are not available."
+        ),
     ),
 }

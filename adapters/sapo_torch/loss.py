@@ -17,7 +17,7 @@ from sapo_ref.validation import check_arrays
 from ._function import FusedPolicyLoss, compute_dtype
 from ._kernels import local_counts
 
-__all__ = ["policy_loss", "policy_metrics", "check_inputs"]
+__all__ = ["check_inputs", "policy_loss", "policy_metrics"]
 
 _DEFAULTS = spec.DATA["defaults"]
 
@@ -41,7 +41,12 @@ def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
     ...
     ValueError: advantages must have shape [N] = (2,) or [N, T] = (2, 3); got (3,)
     """
-    for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+    for name, x in (
+        ("logp", logp),
+        ("old_logp", old_logp),
+        ("advantages", advantages),
+        ("mask", mask),
+    ):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     check_arrays(logp, old_logp, advantages, mask)
