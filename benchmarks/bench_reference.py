@@ -22,7 +22,7 @@ import argparse
 import statistics
 import time
 import tracemalloc
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -100,16 +100,22 @@ def main() -> None:
     logp, old, adv, mask = make_inputs(args.rows, args.cols)
     unit = logp.nbytes / 2**20
     tokens = int(mask.sum())
-    print(f"sapo_ref {sapo_ref.__version__}, numpy {np.__version__}; [{args.rows}, {args.cols}] "
-          f"float64, {int(mask.sum())} valid tokens; one [N, T] float64 array = {unit:.1f} MiB; "
-          f"median of {args.repeats} (after 1 warm-up)")
+    print(
+        f"sapo_ref {sapo_ref.__version__}, numpy {np.__version__}; [{args.rows}, {args.cols}] "
+        f"float64, {int(mask.sum())} valid tokens; one [N, T] float64 array = {unit:.1f} MiB; "
+        f"median of {args.repeats} (after 1 warm-up)"
+    )
     for method in args.methods:  # sanity: the plain formula computes the same numbers
         ref = sapo_ref.policy_loss(logp, old, adv, mask, method=method)
         loss, grad = plain(method, logp, old, adv, mask)
-        assert np.isclose(loss, ref.loss, rtol=1e-9) and np.allclose(grad, ref.grad, rtol=1e-9, atol=1e-15), method
+        assert np.isclose(loss, ref.loss, rtol=1e-9) and np.allclose(
+            grad, ref.grad, rtol=1e-9, atol=1e-15
+        ), method
 
-    header = (f"{'method':<11} {'candidate':<12} {'median ms':>10} {'min ms':>8} {'Mtok/s':>7} "
-              f"{'x plain':>8} {'peak MiB':>9} {'x [N,T]':>8}")
+    header = (
+        f"{'method':<11} {'candidate':<12} {'median ms':>10} {'min ms':>8} {'Mtok/s':>7} "
+        f"{'x plain':>8} {'peak MiB':>9} {'x [N,T]':>8}"
+    )
     print(header)
     print("-" * len(header))
     for method in args.methods:
@@ -126,8 +132,10 @@ def main() -> None:
         for name, fn in fns.items():
             med = statistics.median(times[name])
             peak = peak_mib(fn)
-            print(f"{method:<11} {name:<12} {med * 1e3:>10.1f} {min(times[name]) * 1e3:>8.1f} "
-                  f"{tokens / med / 1e6:>7.1f} {med / base:>8.2f} {peak:>9.1f} {peak / unit:>8.1f}")
+            print(
+                f"{method:<11} {name:<12} {med * 1e3:>10.1f} {min(times[name]) * 1e3:>8.1f} "
+                f"{tokens / med / 1e6:>7.1f} {med / base:>8.2f} {peak:>9.1f} {peak / unit:>8.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-r"""Render the specification document ``SPEC.md`` from ``clauses.toml`` (module ``sapo_ref.spec.render``).
+r"""Render the specification document ``SPEC.md`` from ``clauses.toml`` (``sapo_ref.spec.render``).
 
 ``python -m sapo_ref.spec.render [OUT]`` writes the document to ``OUT`` (``-`` for stdout;
 default: ``SPEC.md`` next to ``clauses.toml``). The document is generated, never edited: the
@@ -22,7 +22,7 @@ from typing import Any
 
 from . import CLAUSES, DATA, DOMAINS, LOSS_AGGS, METHODS, METRICS, TOLERANCES, VERSION
 
-__all__ = ["render", "render_body", "main", "default_path"]
+__all__ = ["default_path", "main", "render", "render_body"]
 
 #: Section headings by the kind of the section's first clause (presentation only).
 _SECTION_NAMES = {
@@ -72,18 +72,39 @@ def _methods(anchors: bool) -> list[str]:
     rows = []
     for m in METHODS.values():
         defaults = ", ".join(f"`{k}` = {_number(v)}" for k, v in m.defaults.items())
-        rows.append((f"`{m.name}`", _ref(m.clause, anchors), m.ratio, m.gate,
-                     ", ".join(f"`{p}`" for p in m.params), defaults, m.paper_eq, m.summary))
-    return _table(("Method", "Clause", "Ratio", "Gate", "Parameters", "Defaults", "Paper eq.",
-                   "Summary"), rows)
+        rows.append(
+            (
+                f"`{m.name}`",
+                _ref(m.clause, anchors),
+                m.ratio,
+                m.gate,
+                ", ".join(f"`{p}`" for p in m.params),
+                defaults,
+                m.paper_eq,
+                m.summary,
+            )
+        )
+    return _table(
+        ("Method", "Clause", "Ratio", "Gate", "Parameters", "Defaults", "Paper eq.", "Summary"),
+        rows,
+    )
 
 
 def _loss_aggs(anchors: bool) -> list[str]:
-    rows = [(f"`{a.name}`", _ref(a.clause, anchors), a.row_weight, a.denominator,
-             ", ".join(f"`{r}`" for r in a.requires) or "", f"${a.formula}$")
-            for a in LOSS_AGGS.values()]
-    return _table(("Aggregation", "Clause", "Row weight $\\rho$", "Denominator $D$", "Requires",
-                   "Loss"), rows)
+    rows = [
+        (
+            f"`{a.name}`",
+            _ref(a.clause, anchors),
+            a.row_weight,
+            a.denominator,
+            ", ".join(f"`{r}`" for r in a.requires) or "",
+            f"${a.formula}$",
+        )
+        for a in LOSS_AGGS.values()
+    ]
+    return _table(
+        ("Aggregation", "Clause", "Row weight $\\rho$", "Denominator $D$", "Requires", "Loss"), rows
+    )
 
 
 def _domains() -> list[str]:
@@ -92,18 +113,34 @@ def _domains() -> list[str]:
 
 
 def _numerics() -> list[str]:
-    return _table(("Constant", "Value"), ((f"`{k}`", _number(v)) for k, v in DATA["numerics"].items()))
+    return _table(
+        ("Constant", "Value"), ((f"`{k}`", _number(v)) for k, v in DATA["numerics"].items())
+    )
 
 
 def _metrics() -> list[str]:
-    rows = [(f"`{key}`", "all" if m["methods"] == "all" else ", ".join(f"`{x}`" for x in m["methods"]),
-             m["definition"]) for key, m in METRICS.items()]
+    rows = [
+        (
+            f"`{key}`",
+            "all" if m["methods"] == "all" else ", ".join(f"`{x}`" for x in m["methods"]),
+            m["definition"],
+        )
+        for key, m in METRICS.items()
+    ]
     return _table(("Key", "Methods", "Definition"), rows)
 
 
 def _tolerances() -> list[str]:
-    rows = [(f"`{dtype}`", _number(t["value"].rtol), _number(t["value"].atol),
-             _number(t["grad"].rtol), _number(t["grad"].atol)) for dtype, t in TOLERANCES.items()]
+    rows = [
+        (
+            f"`{dtype}`",
+            _number(t["value"].rtol),
+            _number(t["value"].atol),
+            _number(t["grad"].rtol),
+            _number(t["grad"].atol),
+        )
+        for dtype, t in TOLERANCES.items()
+    ]
     return _table(("Configuration", "value rtol", "value atol", "grad rtol", "grad atol"), rows)
 
 
@@ -138,36 +175,62 @@ def render_body(anchors: bool = True) -> str:
     meta = DATA["meta"]
     d = DATA["defaults"]
     out = [
-        f"Specification version **{VERSION}**. Generated from `spec/clauses.toml` by "
-        "`python -m sapo_ref.spec.render`; edit the TOML, not the generated text.",
+        (
+            f"Specification version **{VERSION}**. Generated from `spec/clauses.toml` by "
+            "`python -m sapo_ref.spec.render`; edit the TOML, not the generated text."
+        ),
         "",
         f"Primary source: {meta['paper']}.",
         "",
     ]
     out += [f"- {p}" for p in meta.get("papers", ())] + [""]
     out += [
-        f"Defaults: `method = \"{d['method']}\"`, `loss_agg = \"{d['loss_agg']}\"`, "
-        f"`count_empty_rows = {d['count_empty_rows']}` (clauses {_ref('4.1', anchors)}, "
-        f"{_ref('4.2', anchors)}). Clause ids are stable; tests and conformance cases cite them.",
+        (
+            f'Defaults: `method = "{d["method"]}"`, `loss_agg = "{d["loss_agg"]}"`, '
+            f"`count_empty_rows = {d['count_empty_rows']}` (clauses {_ref('4.1', anchors)}, "
+            f"{_ref('4.2', anchors)}). Clause ids are stable; tests and conformance cases "
+            "cite them."
+        ),
         "",
     ]
     out += _clauses(anchors)
-    out += ["## Data tables", "",
+    out += [
+        "## Data tables",
+        "",
+        (
             "The tables below are the normative data the clauses refer to, as the reference and "
-            "the conformance suite read them.", ""]
+            "the conformance suite read them."
+        ),
+        "",
+    ]
     out += ["### Methods (clauses 2, 4.1)", ""] + _methods(anchors)
-    out += ["### Aggregations (clause 3)", "",
+    out += [
+        "### Aggregations (clause 3)",
+        "",
+        (
             "$\\ell_{it}$ is the per-token term of clause 1.7; $L_i$ the row length, $R$ the row "
-            "count (clause 3.6), $L_\\mathrm{norm}$ = `norm_length`.", ""] + _loss_aggs(anchors)
-    out += ["### Parameter domains (clause 8.4)", "",
-            "Bounds are inclusive unless the interval is written open; values must be finite.",
-            ""] + _domains()
+            "count (clause 3.6), $L_\\mathrm{norm}$ = `norm_length`."
+        ),
+        "",
+    ] + _loss_aggs(anchors)
+    out += [
+        "### Parameter domains (clause 8.4)",
+        "",
+        "Bounds are inclusive unless the interval is written open; values must be finite.",
+        "",
+    ] + _domains()
     out += ["### Numerics constants (clause 6)", ""] + _numerics()
     out += ["### Metrics (clause 7.1)", ""] + _metrics()
-    out += ["### Conformance tolerances (clause C.1)", "",
-            "A result passes when $|got - want| \\le atol\\cdot scale + rtol\\,|want|$ elementwise, "
-            "value and gradient apart, with $scale = \\max(1, \\max|want|)$. `golden` is the "
-            "reference against the independent mpmath implementation.", ""] + _tolerances()
+    out += [
+        "### Conformance tolerances (clause C.1)",
+        "",
+        (
+            "A result passes when $|got - want| \\le atol\\cdot scale + rtol\\,|want|$ "
+            "elementwise, value and gradient apart, with $scale = \\max(1, \\max|want|)$. "
+            "`golden` is the reference against the independent mpmath implementation."
+        ),
+        "",
+    ] + _tolerances()
     return "\n".join(out).rstrip("\n") + "\n"
 
 

@@ -49,14 +49,21 @@ def to_numpy(x) -> np.ndarray:
 def assert_matches(strict_res, numpy_res):
     assert isinstance(strict_res.grad, type(xps.asarray(0.0)))  # stays in the caller's namespace
     got = to_numpy(strict_res.grad)
-    np.testing.assert_allclose(strict_res.loss, numpy_res.loss, rtol=F64["value"].rtol,
-                               atol=F64["value"].atol * max(1.0, abs(numpy_res.loss)))
+    np.testing.assert_allclose(
+        strict_res.loss,
+        numpy_res.loss,
+        rtol=F64["value"].rtol,
+        atol=F64["value"].atol * max(1.0, abs(numpy_res.loss)),
+    )
     scale = max(1.0, float(np.max(np.abs(numpy_res.grad), initial=0.0)))
-    np.testing.assert_allclose(got, numpy_res.grad, rtol=F64["grad"].rtol, atol=F64["grad"].atol * scale)
+    np.testing.assert_allclose(
+        got, numpy_res.grad, rtol=F64["grad"].rtol, atol=F64["grad"].atol * scale
+    )
     assert strict_res.metrics.keys() == numpy_res.metrics.keys()
     for k, v in numpy_res.metrics.items():
-        np.testing.assert_allclose(strict_res.metrics[k], v, rtol=F64["value"].rtol,
-                                   atol=F64["value"].atol, err_msg=k)
+        np.testing.assert_allclose(
+            strict_res.metrics[k], v, rtol=F64["value"].rtol, atol=F64["value"].atol, err_msg=k
+        )
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["moderate", "extreme"])
@@ -80,10 +87,17 @@ def test_policy_loss_on_array_api_strict(method, loss_agg, per_token, extreme):
 def test_shard_with_normalizer_on_array_api_strict(method):
     logp, old, adv, mask = batch(7, False, False)
     norm = sapo_ref.normalizer(xps.asarray(mask), count_empty_rows=True)
-    want = sapo_ref.policy_loss(logp[:2], old[:2], adv[:2], mask[:2], method=method,
-                                normalizer=sapo_ref.normalizer(mask, count_empty_rows=True))
-    got = sapo_ref.policy_loss(*to_strict(logp[:2], old[:2], adv[:2], mask[:2]), method=method,
-                               normalizer=norm)
+    want = sapo_ref.policy_loss(
+        logp[:2],
+        old[:2],
+        adv[:2],
+        mask[:2],
+        method=method,
+        normalizer=sapo_ref.normalizer(mask, count_empty_rows=True),
+    )
+    got = sapo_ref.policy_loss(
+        *to_strict(logp[:2], old[:2], adv[:2], mask[:2]), method=method, normalizer=norm
+    )
     assert_matches(got, want)
 
 
@@ -99,18 +113,30 @@ def test_tools_on_array_api_strict():
     rewards = np.array([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])
     np.testing.assert_allclose(
         to_numpy(sapo_ref.group_advantages(xps.asarray(rewards), 3)),
-        sapo_ref.group_advantages(rewards, 3), rtol=F64["value"].rtol, atol=F64["value"].atol)
+        sapo_ref.group_advantages(rewards, 3),
+        rtol=F64["value"].rtol,
+        atol=F64["value"].atol,
+    )
     logp, old, _, mask = batch(5, False, False)
     logp = np.where(mask, logp, 0.0)
     d_np = sapo_ref.sequence_gate_diagnostics(logp, old, mask, 1.5)
     d_xs = sapo_ref.sequence_gate_diagnostics(*to_strict(logp, old, mask), 1.5)
     for field in ("var", "gap", "bound", "mean_log_ratio"):
-        np.testing.assert_allclose(to_numpy(getattr(d_xs, field)), getattr(d_np, field),
-                                   rtol=F64["value"].rtol, atol=F64["value"].atol, err_msg=field)
+        np.testing.assert_allclose(
+            to_numpy(getattr(d_xs, field)),
+            getattr(d_np, field),
+            rtol=F64["value"].rtol,
+            atol=F64["value"].atol,
+            err_msg=field,
+        )
     r = np.array([0.0, 0.5, 1.0, 3.0, math.inf])
     for fn in (sapo_ref.sapo_gate, sapo_ref.sapo_weight):
-        np.testing.assert_allclose(to_numpy(fn(xps.asarray(r), 1.0)), fn(r, 1.0),
-                                   rtol=F64["value"].rtol, atol=F64["value"].atol)
+        np.testing.assert_allclose(
+            to_numpy(fn(xps.asarray(r), 1.0)),
+            fn(r, 1.0),
+            rtol=F64["value"].rtol,
+            atol=F64["value"].atol,
+        )
 
 
 def test_data_errors_on_array_api_strict():
@@ -131,7 +157,8 @@ def test_no_data_dependent_shapes_and_oldest_standard(method):
     if spec.METHODS[method].gate == "clip":
         kw["dual_clip"] = 3.0
     want = sapo_ref.policy_loss(logp, old, adv, mask, **kw)
-    with xps.ArrayAPIStrictFlags(api_version="2023.12", boolean_indexing=False,
-                                 data_dependent_shapes=False):
+    with xps.ArrayAPIStrictFlags(
+        api_version="2023.12", boolean_indexing=False, data_dependent_shapes=False
+    ):
         got = sapo_ref.policy_loss(*to_strict(logp, old, adv, mask), **kw)
         assert_matches(got, want)

@@ -42,15 +42,17 @@ REQUIRED_EXAMPLES = (
 #: Public functions (in a listed package's ``__all__``) known to lack an example: the rule
 #: "public API has a doctest" is enforced for every other one, and an entry here fails once
 #: the function gains an example, so the list only shrinks.
-KNOWN_GAPS = frozenset({
-    "sapo_ref.token_weights",
-    "sapo_ref.evaluate",
-    "sapo_ref.compute_metrics",
-    "sapo_ref.metric_keys",
-    "sapo_ref.spec.clause",
-    "sapo_ref.spec.vectors_dir",
-    "sapo_ref.spec.method_metrics",
-})
+KNOWN_GAPS = frozenset(
+    {
+        "sapo_ref.token_weights",
+        "sapo_ref.evaluate",
+        "sapo_ref.compute_metrics",
+        "sapo_ref.metric_keys",
+        "sapo_ref.spec.clause",
+        "sapo_ref.spec.vectors_dir",
+        "sapo_ref.spec.method_metrics",
+    }
+)
 
 
 def _missing(frameworks: tuple[str, ...]) -> list[str]:
@@ -62,8 +64,14 @@ def _modules() -> list:
     for package, frameworks in PACKAGES.items():
         missing = _missing(frameworks)
         if missing:
-            params.append(pytest.param(package, marks=pytest.mark.skip(
-                reason=f"{package} needs {', '.join(missing)}, not installed")))
+            params.append(
+                pytest.param(
+                    package,
+                    marks=pytest.mark.skip(
+                        reason=f"{package} needs {', '.join(missing)}, not installed"
+                    ),
+                )
+            )
             continue
         pkg = importlib.import_module(package)
         names = [package]
@@ -87,7 +95,9 @@ def test_doctests(module_name):
     module = _import(module_name)
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testmod(module, optionflags=flags, verbose=False, report=True)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {module_name}"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples failed in {module_name}"
+    )
 
 
 def _has_example(obj) -> bool:

@@ -15,15 +15,35 @@ import sapo_ref
 from sapo_ref import spec
 
 #: Array libraries and frameworks the reference must never import (style.md 3).
-FRAMEWORKS = ("torch", "jax", "jaxlib", "mlx", "tensorflow", "cupy", "array_api_strict", "dask",
-              "sparse", "ndonnx", "paddle", "flax", "optax", "numba")
+FRAMEWORKS = (
+    "torch",
+    "jax",
+    "jaxlib",
+    "mlx",
+    "tensorflow",
+    "cupy",
+    "array_api_strict",
+    "dask",
+    "sparse",
+    "ndonnx",
+    "paddle",
+    "flax",
+    "optax",
+    "numba",
+)
 #: Repository folders mapped onto sapo_ref.spec, sapo_<backend> and sapo_conformance.
 GENERIC_NAMES = ("spec", "adapters", "tests", "conformance_tests", "benchmarks", "tools")
 
 
 def run_python(code: str, cwd) -> str:
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -83,10 +103,13 @@ def test_every_method_parameter_has_a_domain():
 @pytest.mark.parametrize("method", list(spec.METHODS))
 def test_metric_keys_match_the_spec(method):
     """The keys policy_loss reports are exactly the spec's for the method, in spec order."""
-    want = tuple(k for k, m in spec.METRICS.items() if m["methods"] == "all" or method in m["methods"])
+    want = tuple(
+        k for k, m in spec.METRICS.items() if m["methods"] == "all" or method in m["methods"]
+    )
     assert sapo_ref.metric_keys(method) == want
-    res = sapo_ref.policy_loss(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.ones((2, 2), bool),
-                               method=method)
+    res = sapo_ref.policy_loss(
+        np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.ones((2, 2), bool), method=method
+    )
     assert tuple(res.metrics) == want
 
 
@@ -98,7 +121,9 @@ def test_metric_method_lists_name_known_methods():
 def _clause_refs(text: str) -> set[str]:
     """Clause ids cited in prose: 'clause 2.1', 'clauses 3.8-3.11', 'clause C.1'."""
     refs = set()
-    for m in re.finditer(r"[Cc]lauses? ((?:[0-9C]+\.[0-9]+)(?:\s*(?:,|and|-)\s*[0-9C]+\.[0-9]+)*)", text):
+    for m in re.finditer(
+        r"[Cc]lauses? ((?:[0-9C]+\.[0-9]+)(?:\s*(?:,|and|-)\s*[0-9C]+\.[0-9]+)*)", text
+    ):
         refs.update(re.findall(r"[0-9C]+\.[0-9]+", m.group(1)))
     return refs
 
@@ -114,8 +139,19 @@ def test_every_cited_clause_exists():
 
 
 def test_spec_clause_kinds_are_known():
-    kinds = {"definition", "method", "gradient", "aggregation", "default", "special-case",
-             "numerics", "metrics", "error", "tool", "conformance"}
+    kinds = {
+        "definition",
+        "method",
+        "gradient",
+        "aggregation",
+        "default",
+        "special-case",
+        "numerics",
+        "metrics",
+        "error",
+        "tool",
+        "conformance",
+    }
     assert {c.kind for c in spec.CLAUSES} <= kinds
 
 
@@ -127,7 +163,8 @@ def test_committed_spec_document_is_rendered():
 
     committed = Path(__file__).resolve().parents[1] / "spec" / "SPEC.md"
     assert committed.read_text(encoding="utf-8") == render.render(), (
-        "spec/SPEC.md is stale: run `python -m sapo_ref.spec.render` and commit the result")
+        "spec/SPEC.md is stale: run `python -m sapo_ref.spec.render` and commit the result"
+    )
 
 
 def test_rendered_spec_covers_the_data():

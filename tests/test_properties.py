@@ -204,7 +204,9 @@ def test_w_r_unimodal(data):
     tau = data.draw(st.floats(0.05, 20.0), label="tau")
     r_star = _argmax_w_r(tau)
     note(f"tau={tau!r}, Newton argmax r*={r_star!r}")
-    r = np.concatenate([np.linspace(1e-6, r_star, 800), np.linspace(r_star, r_star + 40.0 / tau, 800)[1:]])
+    r = np.concatenate(
+        [np.linspace(1e-6, r_star, 800), np.linspace(r_star, r_star + 40.0 / tau, 800)[1:]]
+    )
     wr = sapo_parts(np.log(r), tau).dlog
     k = 799  # index of r_star
     assert np.all(np.diff(wr[: k - 1]) > 0)
@@ -275,8 +277,12 @@ def unclipped_grad(adv, mask, loss_agg, count_empty_rows=False, norm_length=7.0)
     a = np.broadcast_to(adv[:, None], m.shape) if adv.ndim == 1 else adv
     lengths = m.sum(axis=1)
     rows = m.shape[0] if count_empty_rows else int((lengths > 0).sum())
-    den = {"token-mean": m.sum(), "seq-mean-token-mean": rows, "seq-mean-token-sum": rows,
-           "seq-mean-token-sum-norm": rows * norm_length}[loss_agg]
+    den = {
+        "token-mean": m.sum(),
+        "seq-mean-token-mean": rows,
+        "seq-mean-token-sum": rows,
+        "seq-mean-token-sum-norm": rows * norm_length,
+    }[loss_agg]
     rho = 1.0 / np.maximum(lengths, 1) if loss_agg == "seq-mean-token-mean" else np.ones(len(m))
     out = np.zeros(m.shape)
     if den > 0:
@@ -303,8 +309,16 @@ def test_on_policy_gradient_is_unclipped(method, data):
     logp, _, adv, mask = data.draw(batches(), label="batch")
     agg = data.draw(st.sampled_from(LOSS_AGGS), label="loss_agg")
     cer = data.draw(st.booleans(), label="count_empty_rows")
-    res = call(logp, logp.copy(), adv, mask, method=method, count_empty_rows=cer,
-               **method_params(data, method), **agg_kwargs(agg))
+    res = call(
+        logp,
+        logp.copy(),
+        adv,
+        mask,
+        method=method,
+        count_empty_rows=cer,
+        **method_params(data, method),
+        **agg_kwargs(agg),
+    )
     want = unclipped_grad(adv, mask, agg, cer)
     if spec.METHODS[method].ratio == "sequence" and adv.ndim == 2:  # spread over the row
         lengths = np.maximum(mask.sum(axis=1, keepdims=True), 1)
@@ -333,7 +347,8 @@ def test_sequence_gate_bound(data):
     """Clause 9.2 / eq. 21: D_i <= tau^2 / 4 Var_i, Var_i the population variance of z."""
     logp, old, _, mask = data.draw(batches(max_abs_delta=3.0), label="batch")
     tau = data.draw(st.floats(0.01, 10.0), label="tau")
-    note(f"sapo_ref.sequence_gate_diagnostics({_literal(logp)}, {_literal(old)}, {_literal(mask)}, {tau!r})")
+    args = f"{_literal(logp)}, {_literal(old)}, {_literal(mask)}, {tau!r}"
+    note(f"sapo_ref.sequence_gate_diagnostics({args})")
     d = sapo_ref.sequence_gate_diagnostics(logp, old, mask, tau)
     for i in range(mask.shape[0]):
         z = (logp - old)[i][mask[i]]
@@ -358,7 +373,11 @@ def test_gspo_token_equals_gspo_for_sequence_advantages(loss_agg, data):
 
 def _split_rows(rng: np.random.Generator, n: int, shards: int) -> list[np.ndarray]:
     order = rng.permutation(n)
-    cuts = np.sort(rng.choice(np.arange(1, n), size=min(shards - 1, n - 1), replace=False)) if n > 1 else []
+    cuts = (
+        np.sort(rng.choice(np.arange(1, n), size=min(shards - 1, n - 1), replace=False))
+        if n > 1
+        else []
+    )
     return [p for p in np.split(order, cuts) if p.size]
 
 
@@ -438,11 +457,16 @@ def extreme_batches(draw, sequence: bool):
     seed = draw(st.integers(0, 2**16), label="extreme_seed")
     rng = np.random.default_rng(seed)
     shape = mask.shape
-    delta = np.where(rng.random(shape) < 0.5, rng.choice([-1e3, -750.0, 0.0, 750.0, 1e3], size=shape),
-                     rng.uniform(-1e3, 1e3, size=shape))
+    delta = np.where(
+        rng.random(shape) < 0.5,
+        rng.choice([-1e3, -750.0, 0.0, 750.0, 1e3], size=shape),
+        rng.uniform(-1e3, 1e3, size=shape),
+    )
     logp = old + delta
     inf_at = rng.random(shape) < 0.3
-    sign = np.broadcast_to(rng.choice([-1.0, 1.0], size=(shape[0], 1) if sequence else shape), shape)
+    sign = np.broadcast_to(
+        rng.choice([-1.0, 1.0], size=(shape[0], 1) if sequence else shape), shape
+    )
     # Either side may carry the infinity: logp = s * inf, or old_logp = -s * inf.
     on_old = inf_at & (rng.random(shape) < 0.5)
     on_new = inf_at & ~on_old
@@ -493,8 +517,10 @@ def test_low_precision_inputs_computed_in_float64(data):
     method = data.draw(st.sampled_from(METHODS), label="method")
     agg = data.draw(st.sampled_from(LOSS_AGGS), label="loss_agg")
     logp, old, adv, mask = data.draw(batches(), label="batch")
-    dts = [data.draw(st.sampled_from([np.float16, np.float32, np.float64]), label=f"dtype {n}")
-           for n in ("logp", "old_logp", "advantages")]
+    dts = [
+        data.draw(st.sampled_from([np.float16, np.float32, np.float64]), label=f"dtype {n}")
+        for n in ("logp", "old_logp", "advantages")
+    ]
     low = [x.astype(d) for x, d in zip((logp, old, adv), dts)]
     kw = dict(method=method, **agg_kwargs(agg))
     got = call(*low, mask, **kw)
@@ -502,4 +528,6 @@ def test_low_precision_inputs_computed_in_float64(data):
     assert got.grad.dtype == np.float64
     assert bits(got.loss) == bits(want.loss)
     assert got.grad.tobytes() == want.grad.tobytes()
-    assert {k: bits(v) for k, v in got.metrics.items()} == {k: bits(v) for k, v in want.metrics.items()}
+    assert {k: bits(v) for k, v in got.metrics.items()} == {
+        k: bits(v) for k, v in want.metrics.items()
+    }
