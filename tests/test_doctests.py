@@ -22,6 +22,7 @@ import pytest
 PACKAGES: dict[str, tuple[str, ...]] = {
     "sapo_ref": (),
     "sapo_ref.spec": (),
+    "sapo_torch": ("torch",),
 }
 
 #: Optional dependencies a single module may need (e.g. plotting); the module is skipped

@@ -23,7 +23,12 @@ __all__ = ["FusedPolicyLoss", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32 (clause 6.4)."""
+    """float64 stays float64; every other floating dtype is computed in float32 (clause 6.4).
+
+    >>> import torch
+    >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
