@@ -214,6 +214,28 @@ def test_w_r_unimodal(data):
     assert wr[k] >= wr.max() * (1 - 1e-15)
 
 
+def test_soft_trust_region_width_at_paper_tau():
+    """math.md 9 at tau = 1: w(2) = 0.79, w(3) = 0.42, and the coefficient w r on grad log pi
+    exceeds its on-policy value 1 exactly on (1, r1). math.md puts r1 at about 3.6; the
+    bisection below gives r1 = 3.466, which is what is tested."""
+    assert round(float(sapo_ref.sapo_weight(np.array([2.0]), 1.0)[0]), 2) == 0.79
+    assert round(float(sapo_ref.sapo_weight(np.array([3.0]), 1.0)[0]), 2) == 0.42
+
+    def excess(r):
+        return r * sech2((r - 1.0) / 2.0) - 1.0
+
+    lo, hi = _argmax_w_r(1.0), 10.0  # w r - 1 > 0 at the maximiser, < 0 at 10
+    for _ in range(100):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    r1 = lo
+    assert round(r1, 2) == 3.47
+    r = np.linspace(1.0 + 1e-9, r1 * (1 - 1e-9), 1000)
+    assert np.all(sapo_parts(np.log(r), 1.0).dlog > 1.0)
+    beyond = np.linspace(r1 * (1 + 1e-9), 50.0, 1000)
+    assert np.all(sapo_parts(np.log(beyond), 1.0).dlog < 1.0)
+
+
 @given(data=st.data())
 def test_f_increasing_with_range(data):
     """math.md 4: f strictly increasing on r > 0 with range ((4/tau) sigmoid(-tau), 4/tau)."""
