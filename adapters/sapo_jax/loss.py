@@ -1,0 +1,110 @@
+"""The JAX policy loss: :func:`policy_loss`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sapo_ref import spec
+from sapo_ref.aggregation import Normalizer
+from sapo_ref.config import resolve_config
+
+from .inputs import check_signature, normalizer_counts, to_jax
+from .vjp import run
+
+__all__ = ["policy_loss"]
+
+_DEFAULTS = spec.DATA["defaults"]
+
+
+def policy_loss(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    *,
+    method: str = _DEFAULTS["method"],
+    loss_agg: str = _DEFAULTS["loss_agg"],
+    tau_pos: float | None = None,
+    tau_neg: float | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    norm_length: float | None = None,
+    count_empty_rows: bool | None = None,
+    normalizer: Normalizer | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    r"""SAPO-family policy loss in JAX, differentiable in ``logp`` with the closed-form gradient.
+
+    .. math::
+
+        \mathcal{L} = -\frac{1}{D}\sum_{i,t} m_{it}\,\rho_{it}\,A_{it}\,f_{it}(x_{it}),\qquad
+        f^\text{SAPO}(x) = \frac{4}{\tau_{it}}\sigma\big(\tau_{it}(x-1)\big),\qquad
+        \frac{\partial\mathcal{L}}{\partial\log\pi_\theta} = \text{clause 2 in closed form}
+
+    with :math:`x_{it} = r_{it}` or :math:`s_i`, the gate :math:`f` of the method (clause 2) and
+    the aggregation :math:`\rho/D` (clause 3); the same numbers as :func:`sapo_ref.policy_loss`.
+
+    A pure function: use it under ``jax.jit``, ``jax.grad``, ``jax.value_and_grad``,
+    ``jax.vmap`` (over a leading batch of problems) and ``shard_map``. The options are
+    Python values resolved by :func:`sapo_ref.resolve_config` into a hashable, static
+    configuration: the same options never retrace, the arrays are traced.
+
+    Args:
+        logp: [N, T] log-probabilities under the current policy (the differentiable input).
+        old_logp: [N, T] behaviour-policy log-probabilities (a constant: differentiating in it
+            raises ``TypeError``).
+        advantages: [N] or [N, T] (a constant, like ``old_logp``).
+        mask: [N, T] bool or 0/1; invalid positions may hold anything (NaN, inf).
+        method, loss_agg, tau_pos, tau_neg, eps_low, eps_high, dual_clip, norm_length,
+            count_empty_rows: as :func:`sapo_ref.policy_loss` (same defaults and errors).
+        normalizer: global counts (clause 3.8), a :class:`sapo_ref.Normalizer` whose fields may
+            be Python numbers or 0-d JAX arrays, traced ones included (e.g. from
+            ``jax.lax.psum`` inside ``shard_map``).
+
+    Returns:
+        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays (the keys of
+        ``sapo_ref.metric_keys(method)``; metrics carry no gradient), in the compute dtype:
+        float64 for float64 inputs (``jax_enable_x64`` on), float32 otherwise. The gradient
+        has the dtype of ``logp`` (bfloat16 and float16 are computed in float32).
+
+    Raises:
+        ValueError, TypeError: the reference's messages for options, shapes and dtypes
+            (clause 8.1-8.4); TypeError when differentiating in ``old_logp`` or
+            ``advantages``. Data checks (NaN or inf at valid tokens, mask values) need
+            values and are the reference's only: here garbage in a valid slot gives NaN.
+
+    Warns:
+        Float64TruncationWarning: a float64 host (NumPy) array is truncated to float32
+            because ``jax_enable_x64`` is off.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, sapo_jax
+        >>> f32 = jnp.float32
+        >>> logp = jnp.log(jnp.array([[0.5, 0.25, 0.9], [0.3, 0.6, 0.1]], f32))
+        >>> old = jnp.log(jnp.array([[0.5, 0.20, 0.9], [0.3, 0.5, 0.2]], f32))
+        >>> adv, mask = jnp.array([1.0, -0.5], f32), jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+        >>> loss, metrics = sapo_jax.policy_loss(logp, old, adv, mask)
+        >>> round(float(loss), 5), float(metrics["tokens"])
+        (-0.54035, 5.0)
+        >>> grad = jax.grad(lambda lp: sapo_jax.policy_loss(lp, old, adv, mask)[0])(logp)
+        >>> [round(float(g), 4) for g in grad[1]]
+        [0.125, 0.1484, 0.0]
+    """
+    config = resolve_config(
+        method,
+        loss_agg,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        norm_length=norm_length,
+        count_empty_rows=count_empty_rows,
+        has_normalizer=normalizer is not None,
+    )
+    logp, old_logp, advantages, mask = to_jax(
+        logp=logp, old_logp=old_logp, advantages=advantages, mask=mask
+    )
+    check_signature(logp, old_logp, advantages, mask)
+    counts = None if normalizer is None else normalizer_counts(normalizer)
+    return run(logp, old_logp, advantages, mask, counts, config=config)

@@ -1,0 +1,130 @@
+"""Jitted value_and_grad of sapo_jax.policy_loss vs jax.grad of a straightforward jnp formula.
+
+Both sides are timed in the same run, interleaved, on the same inputs ([256, 8192] float32 by
+default, CPU): the ratio is what matters on a shared machine. Run:
+
+    /work/venv/bin/python benchmarks/bench_jax.py            # sapo, seq-mean-token-mean
+    /work/venv/bin/python benchmarks/bench_jax.py --all      # every method, quick
+    /work/venv/bin/python benchmarks/bench_jax.py --rows 64 --cols 2048 --repeats 50
+
+The baseline is what a porter writes first: the formula in jnp with mask selection, the sigmoid
+gate and the mean, differentiated by ``jax.grad`` (XLA fuses it). It has no exact saturation and
+no metrics; sapo_jax's metrics are returned but unused, so XLA removes them (see --metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import sapo_jax
+
+
+def plain_loss(method: str, tau_pos=1.0, tau_neg=1.05, eps_low=0.2, eps_high=0.2):
+    """The straightforward formula of each method, seq-mean-token-mean, for jax.grad."""
+
+    def loss(logp, old_logp, adv, mask):
+        lengths = jnp.sum(mask, axis=1)
+        a = jnp.broadcast_to(adv[:, None], logp.shape)
+        delta = jnp.where(mask, logp - old_logp, 0.0)
+        if method in ("sapo-seq", "gspo", "gspo-token"):
+            mu = jnp.sum(delta, axis=1) / jnp.maximum(lengths, 1)
+            if method == "gspo-token":
+                mu = jax.lax.stop_gradient(mu)[:, None] + delta - jax.lax.stop_gradient(delta)
+            else:
+                mu = jnp.broadcast_to(mu[:, None], logp.shape)
+            x = jnp.exp(mu)
+        else:
+            x = jnp.exp(delta)
+        if method in ("sapo", "sapo-seq"):
+            tau = jnp.where(a > 0, tau_pos, tau_neg)
+            term = 4.0 / tau * jax.nn.sigmoid(tau * (x - 1.0)) * a
+        else:
+            term = jnp.minimum(x * a, jnp.clip(x, 1 - eps_low, 1 + eps_high) * a)
+        term = jnp.where(mask, term, 0.0)
+        per_row = jnp.sum(term, axis=1) / jnp.maximum(lengths, 1)
+        rows = jnp.sum(lengths > 0)
+        return -jnp.sum(per_row) / jnp.maximum(rows, 1)
+
+    return loss
+
+
+def make_inputs(rows: int, cols: int, seed: int = 0):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    logp = -jnp.abs(jax.random.normal(k1, (rows, cols), jnp.float32)) - 0.1
+    old = logp + 0.05 * jax.random.normal(k2, (rows, cols), jnp.float32)
+    adv = jax.random.normal(k3, (rows,), jnp.float32)
+    lengths = jax.random.randint(k4, (rows, 1), cols // 4, cols + 1)
+    mask = jnp.arange(cols)[None, :] < lengths
+    return logp, old, adv, mask
+
+
+def time_fn(fn, args, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and process CPU seconds per call (CPU time is steadier on a loaded machine)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return wall, cpu
+
+
+def bench(method: str, rows: int, cols: int, repeats: int, metrics: bool) -> dict[str, float]:
+    """Median wall and CPU milliseconds of both sides, timed interleaved in chunks."""
+    logp, old, adv, mask = make_inputs(rows, cols)
+    opts = {"eps_low": 0.2, "eps_high": 0.2} if method in ("gspo", "gspo-token") else {}
+
+    def ours_loss(lp, o, a, m):
+        loss, mets = sapo_jax.policy_loss(lp, o, a, m, method=method, **opts)
+        return (loss, mets) if metrics else loss
+
+    ours = jax.jit(jax.value_and_grad(ours_loss, has_aux=metrics))
+    plain = jax.jit(jax.value_and_grad(plain_loss(method)))
+    args = (logp, old, adv, mask)
+    for fn in (ours, plain):  # compile and warm up
+        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {"ours_wall": [], "ours_cpu": [], "plain_wall": [], "plain_cpu": []}
+    chunk = max(1, repeats // 10)
+    for _ in range(10):  # interleave so both sides see the same machine load
+        for name, fn in (("ours", ours), ("plain", plain)):
+            wall, cpu = time_fn(fn, args, chunk)
+            times[name + "_wall"] += wall
+            times[name + "_cpu"] += cpu
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--cols", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--method", default="sapo", choices=sapo_jax.CAPABILITIES["methods"])
+    p.add_argument("--all", action="store_true", help="every method (a third of the repeats each)")
+    p.add_argument("--metrics", action="store_true", help="also return the metrics (has_aux)")
+    a = p.parse_args()
+    methods = list(sapo_jax.CAPABILITIES["methods"]) if a.all else [a.method]
+    repeats = max(10, a.repeats // 3) if a.all else a.repeats
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, [{a.rows}, {a.cols}] float32, "
+        f"jit(value_and_grad), seq-mean-token-mean, medians of {repeats} interleaved calls"
+        + (", metrics returned" if a.metrics else "")
+    )
+    print(f"{'method':<12}{'sapo_jax ms':>12}{'plain ms':>10}{'ratio':>7}  |"
+          f"{'sapo_jax cpu ms':>16}{'plain cpu ms':>13}{'cpu ratio':>10}")
+    for m in methods:
+        r = bench(m, a.rows, a.cols, repeats, a.metrics)
+        print(
+            f"{m:<12}{r['ours_wall']:>12.2f}{r['plain_wall']:>10.2f}"
+            f"{r['ours_wall'] / r['plain_wall']:>7.2f}  |{r['ours_cpu']:>16.2f}{r['plain_cpu']:>13.2f}"
+            f"{r['ours_cpu'] / r['plain_cpu']:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
