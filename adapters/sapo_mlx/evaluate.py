@@ -66,8 +66,13 @@ def prepare(
 def token_weights(p: Prepared, config: LossConfig, norm: Normalizer) -> mx.array:
     r"""Aggregation weights :math:`c_{it} = m_{it}\rho_{it}/D` (clause 3.1); :math:`0/0 = 0`."""
     dtype = p.delta.dtype
-    den = denominator(norm, config.loss_agg, config.norm_length)
-    den = den.astype(dtype) if isinstance(den, mx.array) else mx.array(den, dtype=dtype)
+
+    def as_dtype(count: Any) -> mx.array:
+        # Before any arithmetic: int32 counts times norm_length would round in float32.
+        return count.astype(dtype) if isinstance(count, mx.array) else mx.array(count, dtype=dtype)
+
+    den = denominator(Normalizer(as_dtype(norm.num_tokens), as_dtype(norm.num_rows)),
+                      config.loss_agg, config.norm_length)
     row = 1.0 / mx.where(den > 0, den, 1.0)
     if config.per_row_mean:
         row = row / mx.where(p.lengths > 0, p.lengths, 1.0)
