@@ -11,7 +11,8 @@ Run:
 Variants (loss and d loss / d logp, both evaluated with ``mx.eval``):
 
 * ``sapo_mlx compiled``: ``mx.compile(mx.value_and_grad(policy_loss))``, the closed-form VJP;
-* ``sapo_mlx eager``: the same without ``mx.compile``;
+* ``sapo_mlx eager``: the same without an outer ``mx.compile`` (the default call; the loss
+  kernel inside is compiled once per configuration);
 * ``plain grad``: ``mx.value_and_grad`` of the straightforward formula
   (:func:`sapo_mlx.plain.plain_loss`: exp, sigmoid, clip, min, masked mean), as a porter
   writes it first; no exact saturation, no metrics;

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 mx = pytest.importorskip("mlx.core")
 
+import sapo_mlx
+
 import sapo_ref
 from sapo_ref import spec
-
-import sapo_mlx
 
 DELTAS = st.one_of(
     st.floats(-3.0, 3.0),
