@@ -16,11 +16,9 @@ Limits are handled from the math, explicitly (clauses 5.1, 5.3, 5.4):
   :math:`+\infty`; with dual clip: term :math:`cA`, no gradient.
 * :math:`A = 0`: term 0 and gradient 0 whatever the ratio.
 
-Two places where the spec text leaves a choice, and what is done here:
+One place where the spec text leaves a choice, and what is done here (``kl/k1`` with both
+:math:`\delta = \pm\infty`, once a second one, is now fixed by its ``[metrics]`` definition: :math:`+\infty`):
 
-* ``kl/k1`` is "the mean of :math:`-\delta`", which is :math:`\infty - \infty` when :math:`\delta = +\infty`
-  and :math:`-\infty` both occur; it is taken as :math:`+\infty` whenever some :math:`\delta = -\infty` (the
-  KL divergence is infinite once the new policy gives a sampled token zero mass).
 * Clause 6.3 lets clipped methods take :math:`r = +\infty` once :math:`e^\delta` overflows float64
   (:math:`\delta > 709.78`). This oracle computes exact values, so the two differ when
   :math:`e^\delta` overflows but :math:`c|A|e^\delta` does not (e.g. :math:`\delta = 710`, :math:`A = -0.5`,
@@ -362,9 +360,8 @@ def _mean(values: list[Any]) -> Any:
 
 
 def _k1(deltas: list[Any]) -> Any:
-    """Mean of -delta. The spec's plain mean is inf - inf when delta = +inf and -inf both occur;
-    KL(old || new) is +inf as soon as the new policy gives a sampled token zero mass
-    (delta = -inf), so that is the value taken (as k3 gives), whatever else occurs."""
+    """Mean of -delta; +inf when some delta = -inf, even if another is +inf (the [metrics]
+    definition: KL(old || new) is infinite once the new policy gives a sampled token zero mass)."""
     if -INF in deltas:
         return INF
     return _mean([-d for d in deltas])
