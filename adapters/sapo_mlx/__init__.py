@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from .capabilities import CAPABILITIES
 from .convert import compute_dtype, to_mx, to_numpy
+from .distributed import global_normalizer
 from .gates import clip_parts, sapo_parts
 from .loss import check_inputs, normalizer, policy_loss
 from .metrics import compute_metrics
@@ -39,6 +40,7 @@ __all__ = [
     "compute_dtype",
     "compute_metrics",
     "exp",
+    "global_normalizer",
     "logistic_and_weight",
     "normalizer",
     "policy_loss",
