@@ -16,13 +16,14 @@ on their own arrays (e.g. inside a custom autograd function) and specialise wher
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ._xp import namespace
 from .aggregation import Normalizer, denominator, row_lengths, token_weights
 from .config import LossConfig
-from .gates import clip_parts, sapo_parts
+from .gates import clip_parts, safe_exp, sapo_parts
 
 __all__ = ["Evaluation", "evaluate", "prepare", "Prepared"]
 
@@ -103,12 +104,25 @@ def evaluate(
         g, dlog = gate.g, gate.dlog
 
     term = xp.where(p.valid, p.adv * g, zero)
-    loss = 0.0 - xp.sum(c * term)  # 0.0 - x keeps an empty batch at +0.0
-    # dJ/d log x per token; c = 0 and adv = 0 at invalid tokens, dlog finite there.
-    coef = xp.where(p.valid, c * p.adv * dlog, zero)
+    ca = c * p.adv  # 0 at invalid tokens
+    inv_len = 1.0 / xp.where(p.lengths > 0, p.lengths, xp.ones_like(p.lengths))
+    inv_len = xp.broadcast_to(xp.expand_dims(inv_len, axis=1), zero.shape)
+    spread = inv_len if config.spreads_gradient else xp.ones_like(zero)
+    weighted = ca * g  # c * term
+    coef = ca * dlog * spread  # dJ/d log x per token, already divided by L_i when spread
+    if not config.is_soft:
+        # Clause 5.4: where r = e^{log x} overflows but c*A*r need not (A < 0, no dual clip:
+        # the only unbounded case), take c*A*r = -exp(log x + log|c A|) so the loss and
+        # gradient are the correctly rounded finite values, +inf only when they truly overflow.
+        big = gate.active & (gate.r == math.inf)
+        log_ca = xp.log(xp.where(big, -ca, xp.ones_like(ca)))
+        huge = xp.where(big, p.log_x, zero)
+        weighted = xp.where(big, -safe_exp(huge + log_ca), weighted)
+        coef = xp.where(big, -safe_exp(huge + log_ca + xp.log(spread)), coef)
+    loss = 0.0 - xp.sum(xp.where(p.valid, weighted, zero))  # 0.0 - x keeps an empty batch +0.0
+    coef = xp.where(p.valid, coef, zero)
     if config.spreads_gradient:
-        one = xp.ones_like(p.lengths)
-        row = xp.sum(coef, axis=1) / xp.where(p.lengths > 0, p.lengths, one)
+        row = xp.sum(coef, axis=1)
         grad = xp.where(p.valid, -xp.broadcast_to(xp.expand_dims(row, axis=1), zero.shape), zero)
     else:
         grad = xp.where(p.valid, -coef, zero)

@@ -137,8 +137,11 @@ def policy_loss(
         norm = local
     else:
         norm = _check_normalizer(normalizer, local)
-    ev = evaluate(lp, olp, adv, valid, config, norm)
-    metrics = {k: float(v) for k, v in compute_metrics(ev, config).items()}
+    # A sum of finite terms may exceed the largest float (clause 5.4): +-inf is then the correctly
+    # rounded answer, not an error, so NumPy's overflow warning is silenced for this call only.
+    with np.errstate(over="ignore"):
+        ev = evaluate(lp, olp, adv, valid, config, norm)
+        metrics = {k: float(v) for k, v in compute_metrics(ev, config).items()}
     grad = ev.grad
     if is_numpy(xp):
         grad = np.asarray(grad)

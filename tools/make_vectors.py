@@ -370,6 +370,13 @@ def group_extreme() -> list[dict[str, Any]]:
         "A < 0 at r = e^300 and e^700: the term r A is huge and finite (no clamp)",
         lp, old, [[-0.5, 1.0, -1.0], [-1e-3, 0.0, 1.0]], mask, method="grpo",
         loss_agg="token-mean"))  # fmt: skip
+    # A < 0 with e^delta past the largest float64 while c * A * r is finite (the overflow band).
+    lp, old, mask = _rows([[710.0, 0.0625], [712.0, -0.125]])
+    cases.append(policy_case(
+        "grpo/overflow-band-finite", ["5.4", "6.3"],
+        "A < 0 at r = e^710 and e^712: r overflows float64 but c A r does not; exact finite values",
+        lp, old, [[-0.5, 1.0], [-1e-3, 1.0]], mask, method="grpo",
+        loss_agg="token-mean"))  # fmt: skip
     # A < 0 and r = inf without dual clip: loss +inf, gradient +inf at that token.
     lp, old, mask = _rows([[INF, 0.0625, -0.125], [-0.25, 0.5, None]])
     for opts in ({}, {"dual_clip": 3.0}):
