@@ -83,6 +83,7 @@ def policy_loss(
     loss and metrics are in that compute dtype, ``mx.grad`` returns ``logp``'s dtype.
     ``advantages`` and ``mask`` are constants (zero gradient). Data checks that need the
     values (NaN at valid tokens, clause 8.5, 8.6) are in :func:`check_inputs`.
+    ``mx.compile(..., shapeless=True)`` is refused by MLX (the blocked sums depend on ``T``).
 
     Returns:
         ``(loss, metrics)``: a 0-d array and the clause 7.1 metrics as 0-d arrays.

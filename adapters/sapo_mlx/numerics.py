@@ -82,9 +82,9 @@ def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
     """
     q = 1.0 / (1.0 + mx.expm1(0.5 * mx.abs(x)))
     e = q * q  # e^{-|x|}, as in exp() for a non-positive argument
-    one_e = 1.0 + e
-    p = mx.where(x >= 0, 1.0 / one_e, e / one_e)
-    return p, 4.0 * e / (one_e * one_e)
+    inv = 1.0 / (1.0 + e)  # one division for p and w
+    p = mx.where(x >= 0, inv, e * inv)
+    return p, (4.0 * e) * (inv * inv)
 
 
 def accurate_sum(x: mx.array, axis: int = -1) -> mx.array:
