@@ -4,7 +4,9 @@ r"""The one comparison helper of the suite (clause C.1).
 
     |got - want| \le atol\cdot scale + rtol\,|want|,\qquad scale = \max(1, \max|want|)
 
-elementwise over the finite entries of ``want``; where ``want`` is non-finite, ``got`` must be
+elementwise over the finite entries of ``want``. The relative error reported is
+:math:`|got - want| / (|want| + atol\cdot scale/rtol)`, which is at most ``rtol`` exactly when
+the element passes (tiny ``want`` values do not blow it up); where ``want`` is non-finite, ``got`` must be
 the same non-finite value; a non-finite ``got`` where ``want`` is finite always fails. Shape is
 checked before values.
 
@@ -63,7 +65,10 @@ def compare(name: str, got: np.ndarray | float, want: np.ndarray | float, tol: T
         bad = bad_fin | bad_nonfin
         err = np.where(fin, err, np.where(bad_nonfin, np.inf, 0.0))
         err = np.where(np.isnan(err), np.inf, err)
-        rel = np.where(fin & (want != 0), err / np.abs(np.where(want == 0, 1.0, want)), np.where(err > 0, np.inf, 0.0))
+        # Relative error with the criterion's absolute floor: passes iff rel <= rtol.
+        floor = tol.atol * scale / tol.rtol if tol.rtol > 0 else 0.0
+        denom = np.abs(want) + floor
+        rel = np.where(fin & (denom > 0), err / np.where(denom > 0, denom, 1.0), np.where(err > 0, np.inf, 0.0))
         excess = np.where(bad, np.where(np.isfinite(err), err / np.maximum(bound, 1e-300), np.inf), 0.0)
     total = int(want.size)
     mismatches = int(bad.sum())

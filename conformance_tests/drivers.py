@@ -187,7 +187,11 @@ class JaxDriver(Driver):
                        _metrics(metrics), str(g.dtype))
 
     def value(self, fn, m, options, logp):
-        loss, _ = _split(fn(*self._arrays(m, logp), **options))
+        import jax
+
+        lp, old, adv, mask = self._arrays(m, logp)
+        # Through jax.vjp like run(): a jitted function compiles once per configuration, not twice.
+        loss, _ = jax.vjp(lambda x: _split(fn(x, old, adv, mask, **options))[0], lp)
         return _scalar(loss)
 
 

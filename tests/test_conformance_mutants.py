@@ -1,0 +1,164 @@
+"""Tests of the tester: the suite rejects single-bug mutants, naming the right clause (and the
+known deviation where the catalogue has one), and accepts correct implementations written
+differently (custom backward, log-sigmoid arrangement, tau_pos for A >= 0, plain autodiff in
+torch, JAX and MLX). The mutants and variants live in ``tests/conformance_mutants.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import conformance_mutants as cm  # noqa: E402
+
+from sapo_conformance import DTYPES, generate_cases, golden_cases, run_suite  # noqa: E402
+from sapo_conformance.cases import materialize  # noqa: E402
+from sapo_conformance.deviations import CATALOGUE, identify  # noqa: E402
+from sapo_conformance.drivers import Outcome  # noqa: E402
+from sapo_conformance.targets import Target  # noqa: E402
+from sapo_ref import spec  # noqa: E402
+
+CASES = generate_cases(seed=0, per_clause=3)
+FEW = generate_cases(seed=1, per_clause=1)
+
+
+def _target(framework: str, fn, name: str = "t", caps=None) -> Target:
+    t = Target(name, framework, fn, f"tests:{name}")
+    t.apply_capabilities(caps if caps is not None else getattr(fn, "sapo_capabilities", None))
+    return t
+
+
+# ----------------------------------------------------------------------------- mutants
+
+
+@pytest.mark.parametrize("bug", sorted(cm.MUTANTS))
+def test_mutant_rejected_with_its_clause_and_deviation(bug):
+    pytest.importorskip("torch")
+    clause, deviation = cm.MUTANTS[bug]
+    res = run_suite([_target("torch", cm.make("torch", bug=bug), bug)], CASES, ("float64", "float32"))
+    assert not res.passed, f"mutant {bug} passed the suite"
+    failed = {cl for r in res.failures for cl in r.failed_clauses}
+    assert clause in failed, f"mutant {bug}: clause {clause} not among the failed clauses {sorted(failed)}"
+    if deviation is not None:
+        found = {d.id for r in res.failures for d in r.deviations}
+        assert deviation in found, f"mutant {bug}: deviation {deviation} not identified (found {sorted(found)})"
+
+
+def test_every_mutant_is_one_bug_not_a_crash():
+    """A mutant fails on numbers, not because it raised (it is a realistic bug, not a broken file)."""
+    pytest.importorskip("torch")
+    for bug in cm.MUTANTS:
+        res = run_suite([_target("torch", cm.make("torch", bug=bug), bug)], FEW, ("float64",))
+        raised = [r.reason for r in res.failures if r.reason.startswith("raised")]
+        assert not raised, (bug, raised[:2])
+
+
+def test_catalogue_models_are_not_the_reference():
+    """Each catalogue model that applies to some case gives numbers the reference does not: a
+    deviation that changes no number could never be identified."""
+    seen: dict[str, bool] = {}
+    for case in CASES:
+        m = materialize(case, "float64")
+        if isinstance(m, str):
+            continue
+        fake = Outcome(m.want_loss, m.want_grad * 1.5, None, "float64")
+        for dev in CATALOGUE:
+            if dev.model is None:
+                continue
+            from sapo_conformance.deviations import MODELS
+
+            out = MODELS[dev.model](m, dict(case.options), fake)
+            if out is None:
+                continue
+            loss, grad = out
+            differs = (loss is not None and not np.isclose(loss, m.want_loss, equal_nan=False)) or (
+                grad is not None and not np.allclose(grad, m.want_grad, equal_nan=False))
+            seen[dev.id] = seen.get(dev.id, False) or bool(differs)
+    modelled = {d.id for d in CATALOGUE if d.model}
+    assert modelled <= set(seen), modelled - set(seen)
+    assert all(seen.values()), [k for k, v in seen.items() if not v]
+
+
+def test_reference_matches_no_deviation():
+    """The reference's own numbers are reproduced by no deviation model (no false diagnosis)."""
+    for case in CASES:
+        m = materialize(case, "float64")
+        if isinstance(m, str):
+            continue
+        out = Outcome(m.want_loss, m.want_grad, None, "float64")
+        tol = spec.TOLERANCES["float64"]
+        hits = [d.id for d in identify(m, dict(case.options), out, tol["value"], tol["grad"])]
+        assert not hits, (case.id, hits)
+
+
+# ----------------------------------------------------------------------------- correct variants
+
+
+def _assert_passes(res):
+    msgs = [f"{r.target} {r.dtype} {r.case.id}: {r.messages}" for r in res.failures[:5]]
+    assert res.passed, "\n".join(msgs)
+    assert sum(r.status == "pass" for r in res.results) > 0
+
+
+def test_torch_plain_autodiff_accepted_every_dtype():
+    pytest.importorskip("torch")
+    _assert_passes(run_suite([_target("torch", cm.make("torch"))], CASES, DTYPES))
+
+
+def test_plain_autodiff_rejected_on_golden_edge_vectors():
+    """The plain formula is right on every random case but not at the golden edges: a float64
+    term r*A whose r overflows (the spec's value is finite, clause 5.4) and gspo-token at infinite
+    log-ratios (its straight-through term loses the infinite gradient). The suite must see both."""
+    pytest.importorskip("torch")
+    res = run_suite([_target("torch", cm.make("torch"))], golden_cases(), ("float64",))
+    failed = {r.case.id for r in res.failures}
+    assert "golden:grpo/overflow-band-finite" in failed
+    assert any(c.startswith("golden:gspo-token/extreme") for c in failed)
+    assert all(("extreme" in c or "overflow" in c) for c in failed), sorted(failed)
+
+
+def test_torch_tau_pos_for_nonnegative_advantages_accepted():
+    """tau_pos chosen for A >= 0 instead of A > 0 changes no number (clause 1.6)."""
+    pytest.importorskip("torch")
+    _assert_passes(run_suite([_target("torch", cm.make("torch", tau_ge=True))], CASES, ("float64", "float32")))
+
+
+def test_torch_custom_backward_with_metrics_accepted():
+    pytest.importorskip("torch")
+    res = run_suite([_target("torch", cm.torch_custom_backward)], CASES, ("float64", "float32", "bfloat16"))
+    # float32 metric sums of ratios near float32's max overflow (a finding of the suite, clause
+    # 7.1); the loss and gradient of the custom backward must pass everywhere.
+    bad = [r for r in res.failures if set(r.failed_clauses) != {"7.1"}]
+    assert not bad, [(r.dtype, r.case.id, r.messages) for r in bad[:3]]
+    assert any(r.metrics_compared for r in res.results)
+
+
+def test_numpy_log_sigmoid_accepted_within_its_declared_methods():
+    res = run_suite([_target("numpy", cm.numpy_log_sigmoid)], CASES, ("float64", "float32", "float16"))
+    _assert_passes(res)
+    assert {r.case.method for r in res.results if r.status == "pass"} == {"sapo", "sapo-seq"}
+
+
+def test_jax_plain_autodiff_accepted():
+    jax = pytest.importorskip("jax")
+    assert jax.config.jax_enable_x64  # tests/conftest.py enables it
+    _assert_passes(run_suite([_target("jax", cm.make("jax"))], FEW, DTYPES))
+
+
+def test_mlx_plain_autodiff_accepted_with_declared_float64_tolerance():
+    """MLX's CPU float64 exp is float32-accurate (ml-explore/mlx#3047): the plain formula passes
+    float64 only under a declared deviation (judged with the float32 row), which the report shows;
+    without the declaration it fails float64."""
+    pytest.importorskip("mlx.core")
+    fn = cm.make("mlx")
+    caps = {"tolerance_deviations": {"float64": {"tolerance": "float32", "reason": "mx.exp float32-accurate"}}}
+    # MLX's autodiff of minimum/where gives NaN at infinite ratios for this plain formula: the
+    # extreme clauses are the adapter's job (sapo_mlx passes them), not this driver test's.
+    finite = [c for c in FEW if c.clauses[0] not in ("5.1", "5.3", "5.4", "6.3")]
+    _assert_passes(run_suite([_target("mlx", fn, caps=caps)], finite, DTYPES))
+    strict = run_suite([_target("mlx", fn)], finite, ("float64",))
+    assert not strict.passed
