@@ -59,9 +59,7 @@ class FusedPolicyLoss(torch.autograd.Function):
                 torch.as_tensor(num_tokens, dtype=cdt, device=device),
                 torch.as_tensor(num_rows, dtype=cdt, device=device),
             )
-        loss, grad = loss_and_grad(
-            logp.to(cdt), old_logp.to(cdt), advantages.to(cdt), valid, config, norm
-        )
+        loss, grad = loss_and_grad(logp, old_logp, advantages, valid, config, norm, cdt)
         return loss, grad.to(logp.dtype)
 
     @staticmethod
@@ -70,10 +68,13 @@ class FusedPolicyLoss(torch.autograd.Function):
     ) -> None:
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no [N, T] zeros for the unused output's gradient
         ctx.save_for_backward(grad)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _unused: Any) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
+        if grad_loss is None:  # grads are not materialised: nothing flows into the loss
+            return None, None, None, None, None, None, None
         # grad_loss is 0-d (per vmapped sample): the product keeps grad's dtype, rounded once.
         return grad * grad_loss, None, None, None, None, None, None

@@ -49,6 +49,30 @@ def local_counts(
     return Normalizer(n, (lengths > 0).sum().to(dtype))
 
 
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _mask_bits(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask as integers of ``dtype``'s width: all bits set (-1) where valid, 0 elsewhere."""
+    return valid.to(_INT_OF[dtype]).neg_()
+
+
+def _select_(x: Tensor, bits: Tensor) -> Tensor:
+    """``x`` where valid, +0.0 elsewhere, in place: a bitwise AND, so exactly a selection
+    (clause 6.1; NaN or inf in x cannot leak) without ``torch.where``'s slow CPU path."""
+    x.view(bits.dtype).bitwise_and_(bits)
+    return x
+
+
+def _log_ratio(logp: Tensor, old_logp: Tensor, dtype: torch.dtype) -> Tensor:
+    """``logp - old_logp`` in ``dtype``, in a fresh buffer, with one conversion copy at most."""
+    if torch.promote_types(old_logp.dtype, dtype) != dtype:
+        old_logp = old_logp.to(dtype)
+    if logp.dtype == dtype:
+        return logp - old_logp
+    return logp.to(dtype, copy=True).sub_(old_logp)  # sub_ computes in dtype: no rounding
+
+
 def _row_weights(lengths_f: Tensor, norm: Normalizer, config: LossConfig, like: Tensor) -> Tensor:
     r""":math:`\rho_i / D` for every row, [N]; :math:`0/0 = 0` (clause 3.7) as in sapo_ref.token_weights."""
     den = denominator(norm, config.loss_agg, config.norm_length)
@@ -75,12 +99,12 @@ def _tau(adv: Tensor, config: LossConfig) -> tuple[Any, Any]:
 
 
 def _sapo_token_fused(
-    delta: Tensor, adv: Tensor, k: Tensor, valid: Tensor, config: LossConfig
+    delta: Tensor, adv: Tensor, k: Tensor, bits: Tensor, config: LossConfig
 ) -> tuple[Tensor, Tensor]:
     """Token SAPO on [N, T] with in-place ops on the pass's own buffers (the hot path).
 
     ``delta`` is the sanitised log-ratio (owned here and overwritten), ``adv`` the sanitised
-    advantage and ``k`` the coefficient, each [N, 1] or [N, T].
+    advantage and ``k`` the coefficient, each [N, 1] or [N, T]; ``bits`` the mask as bits.
     """
     tau, _ = _tau(adv, config)
     # One scalar saturation for both temperatures, in place: past min(dsat_pos, dsat_neg) every
@@ -88,13 +112,12 @@ def _sapo_token_fused(
     # exactly as at its own dsat (clause 6.3), so no bit of any output changes.
     dsat = min(saturation_log_ratio(config.tau_pos), saturation_log_ratio(config.tau_neg))
     d = delta.clamp_max_(dsat)
-    r = torch.exp(d)
+    r = torch.exp(d)  # e^d, not u + 1: exact for tiny r as in sapo_ref.sapo_parts
     u = d.expm1_()
     q = torch.mul(u, -tau if isinstance(tau, float) else torch.neg(tau)).sigmoid_()  # sigma(-x)
     p = u.mul_(tau).sigmoid_()  # sigma(x); q = 1 - p to full relative precision
     # c = -m k 4/tau: loss = sum c p; grad = -m k 4 p q r = (c p) q r tau (+0 where invalid).
-    c = torch.where(valid, k * (-4.0 / tau), 0.0)
-    cp = p.mul_(c)
+    cp = _select_(p.mul_(k * (-4.0 / tau)), bits)
     loss = cp.sum()
     grad = cp.mul_(q).mul_(r).mul_(tau)
     return loss, grad
@@ -138,27 +161,29 @@ def loss_and_grad(
     valid: Tensor,
     config: LossConfig,
     norm: Normalizer | None,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Loss (0-d) and d loss / d logp ([N, T]) in the dtype of ``logp`` (float32 or float64).
+    """Loss (0-d) and d loss / d logp ([N, T]), both in the compute dtype ``dtype``.
 
-    ``valid`` is the boolean mask; ``norm`` the global counts or ``None`` for this batch's own.
-    Inputs are read, never written (clause 6.5).
+    ``valid`` is the boolean mask; ``norm`` the global counts (in ``dtype``) or ``None`` for this
+    batch's own. Inputs are read, never written (clause 6.5).
     """
-    lengths = valid.sum(-1)
-    lengths_f = lengths.to(logp.dtype)
+    bits = _mask_bits(valid, dtype)
+    lengths = torch.neg(bits.sum(-1, dtype=bits.dtype))  # L_i, exact; no int64 copy of bits
+    lengths_f = lengths.to(dtype)
     if norm is None:
-        norm = local_counts(valid, lengths, config.count_empty_rows, logp.dtype)
-    row_w = _row_weights(lengths_f, norm, config, logp)
+        norm = local_counts(valid, lengths, config.count_empty_rows, dtype)
+    row_w = _row_weights(lengths_f, norm, config, lengths_f)
     if advantages.dim() == 1:
         # A per row: an empty row's advantage may be garbage (it is masked), select it away.
-        adv = torch.where(lengths > 0, advantages, 0.0).unsqueeze(-1)
+        adv = torch.where(lengths > 0, advantages.to(dtype), 0.0).unsqueeze(-1)
     else:
-        adv = torch.where(valid, advantages, 0.0)
+        adv = _select_(advantages.to(dtype, copy=True), bits)
     k = row_w.unsqueeze(-1) * adv  # [N, 1] or [N, T]
-    delta = torch.where(valid, logp - old_logp, 0.0)
+    delta = _select_(_log_ratio(logp, old_logp, dtype), bits)
 
     if config.method == "sapo":
-        return _sapo_token_fused(delta, adv, k, valid, config)
+        return _sapo_token_fused(delta, adv, k, bits, config)
 
     if config.sequence_value:
         mu = delta.sum(-1, keepdim=True) / torch.where(lengths_f > 0, lengths_f, 1.0).unsqueeze(-1)
