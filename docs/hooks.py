@@ -55,6 +55,7 @@ def _api_page(name: str, folder: str, title: str) -> str:
         f"    options:\n"
         f"      heading: {name}\n"
         f"      show_submodules: true\n"
+        f'      filters: ["!^_", "!^test_"]\n'
     )
 
 
