@@ -162,7 +162,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _draw_gates(path: Path) -> None:
-    fig, axes = _figure(2, 2, size=(9.0, 6.4))
+    fig, axes = _figure(2, 2, size=(9.0, 6.8))
     r = _ratio_grid()
     styles = {"GRPO": dict(color="tab:orange", lw=1.8), "GSPO": dict(color="tab:green", lw=1.8)}
     sapo_colors = ["#9ecae1", "#4292c6", "#08519c", "#08306b"]
@@ -187,8 +187,8 @@ def _draw_gates(path: Path) -> None:
         for ax in (ax_v, ax_w):
             ax.axvline(1.0, color="black", lw=0.5)
             ax.set_xlabel("ratio r = π_θ / π_old")
-    axes[0][1].legend(loc="upper right", fontsize=7)
-    axes[0][0].legend(loc="upper left", fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle("Per-token term and gradient weight of SAPO, GRPO and GSPO (unified surrogate, eq. 10)")
     _save(fig, path)
 
