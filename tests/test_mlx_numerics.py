@@ -53,6 +53,37 @@ def test_float64_exp_reaches_float64_accuracy():
     assert np.all(np.abs(got - want)[~normal] <= 4 * np.finfo(np.float64).smallest_subnormal)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_exp_and_expm1_against_mpmath(dtype):
+    """Both outputs of the branch-free selection, including the sign boundary (+-0, tiny and
+    subnormal x) and overflow, in float64 and float32 (there at the float32 tolerance's rtol)."""
+    from sapo_mlx.numerics import exp_and_expm1
+
+    xs = np.concatenate([_grid(), [5e-324, -5e-324, 1e-320, -1e-320, 1e-45, -1e-45, 3e-38, -3e-38,
+                                   1e-290, -1e-290, 700.0, 709.7, 88.5, -88.5, 177.0, -177.0]])
+    if dtype == "float32":
+        xs = xs.astype(np.float32).astype(np.float64)
+        xs = xs[np.abs(xs) < 88.7]
+        rtol, tiny = spec.TOLERANCES["float32"]["value"].rtol, np.finfo(np.float32).tiny
+    else:
+        rtol, tiny = GOLDEN.rtol, TINY
+    r, u = exp_and_expm1(sapo_mlx.to_mx(xs, dtype))
+    r, u = sapo_mlx.to_numpy(r).astype(np.float64), sapo_mlx.to_numpy(u).astype(np.float64)
+    for got, want in ((r, _mp(mpmath.exp, xs)), (u, _mp(mpmath.expm1, xs))):
+        normal = np.abs(want) >= tiny
+        assert np.all(np.isfinite(got[np.isfinite(want)]))
+        assert np.all(_rel_err(got, want)[normal] <= rtol)
+        assert np.all(np.abs(got - want)[~normal] <= 4 * tiny * np.finfo(np.float64 if dtype == "float64" else np.float32).eps)
+
+
+def test_exp_low_precision_goes_through_float32():
+    x = mx.array([0.5, -3.0, 12.0], mx.bfloat16)
+    got = sapo_mlx.exp(x)
+    assert got.dtype == mx.bfloat16
+    want = np.exp(sapo_mlx.to_numpy(x).astype(np.float64))
+    assert np.allclose(sapo_mlx.to_numpy(got), want, rtol=2.0 ** -8, atol=0)
+
+
 def test_float64_exp_limits():
     x = sapo_mlx.to_mx(np.array([np.inf, -np.inf, 709.79, 1e30, -746.0, -1e30, np.nan]))
     got = np.array(sapo_mlx.exp(x))
