@@ -87,3 +87,29 @@ def test_compiled_matches_eager_and_reference(
     )
     _close(loss_c, np.asarray(ref.loss), dtype, "value")
     _close(lp_c.grad, 0.5 * ref.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("method", ("sapo", "sapo-seq"))
+def test_compiled_keeps_expm1_precision_at_large_tau(method: str) -> None:
+    """tau = 1e6 and log-ratios ~1e-7: x = tau expm1(delta) needs expm1's relative precision,
+    which a compiled exp(delta) - 1 would lose (float32, judged against sapo_ref)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    n, t = 4, 16
+    old = -torch.rand(n, t, generator=g) - 0.5
+    logp = old + 1e-7 * torch.randn(n, t, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    mask = torch.ones(n, t, dtype=torch.bool)
+    opts = {"method": method, "tau_pos": 1e6, "tau_neg": 1e6}
+
+    def step(lp: torch.Tensor) -> torch.Tensor:
+        return sapo_torch.policy_loss(lp, old, adv, mask, **opts)[0]
+
+    lp = logp.clone().requires_grad_(True)
+    loss = torch.compile(step, fullgraph=True)(lp)
+    loss.backward()
+    ref = sapo_ref.policy_loss(
+        logp.double().numpy(), old.double().numpy(), adv.double().numpy(), mask.numpy(), **opts
+    )
+    _close(loss, np.asarray(ref.loss), "float32", "value")
+    _close(lp.grad, ref.grad, "float32", "grad")

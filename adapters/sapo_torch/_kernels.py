@@ -19,9 +19,11 @@ gives both factors to full relative precision); the hard clip of clause 2.4-2.6 
 :func:`sapo_ref.clip_parts`. Invalid tokens are removed by selection (clause 6.1); nothing is clamped
 except the saturation of clause 6.3, which changes no bit of any result.
 
-Every function takes tensors already in the compute dtype (float32 or float64) and is written
-with out-of-place ops on inputs and in-place ops only on tensors it created, so it traces under
-``torch.compile`` and runs under ``torch.func`` transforms.
+Inputs are only read; in-place ops touch only buffers the pass created, so the code traces under
+``torch.compile`` and runs under ``torch.func`` transforms. Eager CPU cost is dominated by fresh
+[N, T] allocations (page faults) and by ``torch.where``'s broadcast-scalar path, hence the in-place
+chain and the bitwise selection of :func:`_select_` on the hot path (token SAPO); the other
+methods use plain ops.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _sapo_token_fused(
     dsat = min(saturation_log_ratio(config.tau_pos), saturation_log_ratio(config.tau_neg))
     d = delta.clamp_max_(dsat)
     r = torch.exp(d)  # e^d, not u + 1: exact for tiny r as in sapo_ref.sapo_parts
-    u = d.expm1_()
+    u = _expm1_(d, r)
     q = torch.mul(u, -tau if isinstance(tau, float) else torch.neg(tau)).sigmoid_()  # sigma(-x)
     p = u.mul_(tau).sigmoid_()  # sigma(x); q = 1 - p to full relative precision
     # c = -m k 4/tau: loss = sum c p; grad = -m k 4 p q r = (c p) q r tau (+0 where invalid).
@@ -123,11 +125,25 @@ def _sapo_token_fused(
     return loss, grad
 
 
+def _expm1_(d: Tensor, r: Tensor) -> Tensor:
+    r""":math:`e^d - 1` to full relative precision, in place in ``d``, given :math:`r = e^d`.
+
+    Eager: ``expm1``. Under ``torch.compile`` the CPU code generator emits ``exp(d) - 1``, which
+    cancels near :math:`d = 0` (and :math:`\tau\,(r - 1)` with a large :math:`\tau` would lose every
+    digit), so the exact identity :math:`e^d - 1 = \tanh(d/2)\,(1 + e^d)` is traced instead.
+    """
+    if torch.compiler.is_compiling():
+        t = d.mul_(0.5).tanh_()
+        return t.addcmul_(t, r)
+    return d.expm1_()
+
+
 def _sapo_parts(log_x: Tensor, tau: Any, dsat: Any) -> tuple[Tensor, Tensor]:
     r"""SAPO value factor :math:`g = \frac{4}{\tau}\sigma(x)` and :math:`\partial_{\log x} g` (clause 2.1, 2.2, 6.3)."""
     d = torch.minimum(log_x, torch.as_tensor(dsat, dtype=log_x.dtype, device=log_x.device))
-    x = tau * torch.expm1(d)
-    return (4.0 / tau) * torch.sigmoid(x), 4.0 * torch.sigmoid(x) * torch.sigmoid(-x) * torch.exp(d)
+    r = torch.exp(d)
+    x = tau * _expm1_(d.clone(), r)
+    return (4.0 / tau) * torch.sigmoid(x), 4.0 * torch.sigmoid(x) * torch.sigmoid(-x) * r
 
 
 def _clip_terms(log_x: Tensor, adv: Tensor, k: Tensor, config: LossConfig) -> tuple[Tensor, Tensor]:
