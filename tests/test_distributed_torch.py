@@ -3,9 +3,10 @@
 Each rank holds a different set of rows (ragged masks, empty rows, a micro-batch of empty rows
 only), split into micro-batches padded to their own lengths. With one ``all_reduce`` of the
 counts (:func:`sapo_torch.distributed.global_normalizer`) the summed losses and gradients equal
-the reference on the unsplit batch, for every method, aggregation and empty-row setting; and a
-DDP training step with gradient accumulation (``no_sync``) gives the full batch's parameter
-gradient, with the sum hook and with the loss scaled by the world size.
+the reference on the unsplit batch, for every method, aggregation and empty-row setting; and the
+training step of docs/distributed.md (gradient accumulation, then one optimizer step) gives the
+full batch's parameter gradient and loss under DDP and FSDP2, both with a summing reduction and
+with the default average undone by scaling the loss by the world size.
 
 The workers are this file run as a script (``python test_distributed_torch.py RANK ...``): two
 subprocesses rendezvous through a file store in a temporary folder (no port to race for) and are
@@ -24,12 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+import sapo_torch  # noqa: E402
+from sapo_torch.distributed import allreduce_sum_hook, global_normalizer  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
 import _distributed_batches as db  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 300  # seconds for both workers together; they take a few seconds on an idle machine
 DDP_CONFIGS = [("sapo", "seq-mean-token-mean", False), ("gspo", "token-mean", True)]
+# How the step sums gradients over ranks: a sum reduction, or the default average and loss x W.
+VARIANTS = ("ddp_sum_hook", "ddp_scale_loss", "fsdp2_sum", "fsdp2_scale_loss")
 BATCH_KEYS = ("logp", "old_logp", "advantages", "mask", "features", "old_logp_model")
 
 
@@ -56,16 +65,82 @@ def _micro_keys(data, rank: int) -> list[str]:
 
 # --- the worker (runs in a subprocess) ---------------------------------------------------------
 
+# The training step docs/distributed.md shows (included from here, so the page shows tested code).
+# --8<-- [start:train_step]
+def train_step(model, optimizer, micro_batches, *, scale_loss=False, count_empty_rows=False,
+               **loss_options):
+    """One exact optimizer step over this rank's micro-batches (clauses 3.8-3.10).
+
+    ``model`` is wrapped in DDP or FSDP2 and either sums gradients over ranks (DDP with
+    ``allreduce_sum_hook``, FSDP2 with ``set_gradient_divide_factor(1.0)``) or averages them, the
+    default; then ``scale_loss=True`` multiplies each loss by the world size to undo the average.
+    """
+    # 1. The counts of the whole step (every micro-batch, every rank): one all_reduce, first.
+    norm = global_normalizer([mb["mask"] for mb in micro_batches], count_empty_rows=count_empty_rows)
+    scale = dist.get_world_size() if scale_loss else 1
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64)
+    for k, mb in enumerate(micro_batches):
+        # 2. Gradients stay local until the last micro-batch; .grad sums the micro-batches.
+        with accumulating(model, k < len(micro_batches) - 1):
+            logp = model(mb["features"])  # [N_k, T_k] log-probs of the response tokens
+            loss, metrics = sapo_torch.policy_loss(
+                logp, mb["old_logp"], mb["advantages"], mb["mask"],
+                normalizer=norm, **loss_options,
+            )
+            (loss * scale).backward()  # never divided by the number of micro-batches
+        step_loss += loss.detach()
+    # 3. The last backward all-reduced the accumulated gradients across ranks: a sum.
+    optimizer.step()
+    dist.all_reduce(step_loss)  # the step's loss, for logging: also a sum over ranks
+    return step_loss
+
+
+@contextlib.contextmanager
+def accumulating(model, active: bool):
+    """While ``active``, backward passes keep gradients local: DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync(False)``. The last micro-batch's backward reduces the sum."""
+    if not active:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def pad_micro_batches(micro_batches):
+    """FSDP runs collectives in every forward and backward, so every rank must run the same
+    number of micro-batches: pad with fully masked copies, which add exactly 0 (clause 3.7)."""
+    count = torch.tensor([len(micro_batches)])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    blank = {k: v[:1].clone() for k, v in micro_batches[0].items()}
+    blank["mask"] = torch.zeros_like(blank["mask"])
+    return list(micro_batches) + [blank] * (int(count) - len(micro_batches))
+# --8<-- [end:train_step]
+
+
+class Model(torch.nn.Module):
+    """The test policy: logp = log sigmoid(x . w), one parameter vector."""
+
+    def __init__(self, weights: np.ndarray):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.from_numpy(weights).clone())
+
+    def forward(self, features):
+        return torch.nn.functional.logsigmoid(features @ self.w)
+
 
 def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
     from datetime import timedelta
 
-    import torch
-    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import sapo_torch
-    from sapo_torch.distributed import allreduce_sum_hook, global_normalizer
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -98,33 +173,33 @@ def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
         out[f"counts{c}"] = torch.stack([norm.num_tokens, norm.num_rows]).numpy()
         out[f"loss{c}"], out[f"grad{c}"] = loss_sum.numpy(), grad.numpy()
 
-    # 2. A DDP step with gradient accumulation over micro-batches (docs/distributed.md).
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.from_numpy(data["weights"]).clone())
-
-        def forward(self, features):  # logp = log sigmoid(x . w)
-            return torch.nn.functional.logsigmoid(features @ self.w)
-
+    # 2. The training step with gradient accumulation; SGD with lr 1: w_old - w_new = grad.
+    mesh = init_device_mesh("cpu", (WORLD,))
     for c, (method, loss_agg, count_empty) in enumerate(DDP_CONFIGS):
-        for variant in ("sum_hook", "scale_loss"):
-            model = DDP(Model())
-            if variant == "sum_hook":
-                model.register_comm_hook(None, allreduce_sum_hook)
-            scale = 1.0 if variant == "sum_hook" else dist.get_world_size()
-            shards = [{k: torch.from_numpy(v) for k, v in db.shard(batch, r).items()} for r in micro]
-            norm = global_normalizer([s["mask"] for s in shards], count_empty_rows=count_empty)
-            for k, s in enumerate(shards):
-                last = k == len(shards) - 1
-                with model.no_sync() if not last else contextlib.nullcontext():
-                    logp = model(s["features"])
-                    loss, _ = sapo_torch.policy_loss(
-                        logp, s["old_logp_model"], s["advantages"], s["mask"],
-                        normalizer=norm, **db.options(method, loss_agg),
-                    )
-                    (loss * scale).backward()
-            out[f"ddp_{variant}{c}"] = model.module.w.grad.numpy()
+        for variant in VARIANTS:
+            if variant.startswith("ddp"):
+                model = DDP(Model(data["weights"]))
+                if variant == "ddp_sum_hook":
+                    model.register_comm_hook(None, allreduce_sum_hook)
+            else:
+                model = fully_shard(Model(data["weights"]), mesh=mesh)
+                if variant == "fsdp2_sum":
+                    model.set_gradient_divide_factor(1.0)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            micro_batches = [
+                {k: torch.from_numpy(v) for k, v in db.shard(batch, r).items()} for r in micro
+            ]
+            for mb in micro_batches:
+                mb["old_logp"] = mb.pop("old_logp_model")
+            if variant.startswith("fsdp2"):
+                micro_batches = pad_micro_batches(micro_batches)
+            step_loss = train_step(
+                model, optimizer, micro_batches, scale_loss=variant.endswith("scale_loss"),
+                count_empty_rows=count_empty, **db.options(method, loss_agg),
+            )
+            w_new = model.module.w if variant.startswith("ddp") else model.w.full_tensor()
+            out[f"{variant}{c}"] = data["weights"] - w_new.detach().numpy()
+            out[f"{variant}_loss{c}"] = step_loss.numpy()
 
     np.savez(Path(out_dir) / f"rank{rank}.npz", **out)
     dist.barrier()
@@ -137,9 +212,6 @@ def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def gloo_run(tmp_path_factory):
     """Run both workers once; return the data, each rank's results and the wall time."""
-    pytest.importorskip("torch.distributed")
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("gloo")
@@ -162,7 +234,8 @@ def gloo_run(tmp_path_factory):
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"gloo workers did not finish within {TIMEOUT} s")
+        logs = "\n".join(f"rank {r}:\n{p.communicate()[0]}" for r, p in enumerate(procs))
+        pytest.fail(f"gloo workers did not finish within {TIMEOUT} s\n{logs}")
     elapsed = time.perf_counter() - start
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} failed (exit {p.returncode}):\n{log}"
@@ -192,9 +265,9 @@ def test_two_ranks_sum_to_the_full_batch(gloo_run, c):
 
 @pytest.mark.slow
 @pytest.mark.torch
-@pytest.mark.parametrize("variant", ["sum_hook", "scale_loss"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", range(len(DDP_CONFIGS)), ids=lambda c: "-".join(map(str, DDP_CONFIGS[c])))
-def test_ddp_accumulation_gives_the_full_batch_parameter_gradient(gloo_run, c, variant):
+def test_training_step_gives_the_full_batch_parameter_gradient(gloo_run, c, variant):
     import sapo_ref
 
     data, results, _ = gloo_run
@@ -206,14 +279,13 @@ def test_ddp_accumulation_gives_the_full_batch_parameter_gradient(gloo_run, c, v
     )
     want = np.einsum("it,itf->f", full.grad, dlogp_dw)  # chain rule through the model
     for rank, res in enumerate(results):
-        db.assert_close(res[f"ddp_{variant}{c}"], want, "float64", "grad", f"rank {rank} dL/dw")
+        db.assert_close(res[f"{variant}{c}"], want, "float64", "grad", f"rank {rank} dL/dw")
+        db.assert_close(res[f"{variant}_loss{c}"], full.loss, "float64", "value", "step loss")
 
 
 @pytest.mark.torch
 def test_global_normalizer_without_process_group_counts_all_micro_batches():
-    torch = pytest.importorskip("torch")
     import sapo_ref
-    from sapo_torch.distributed import global_normalizer
 
     data = _data(np.random.default_rng(7))
     keys = _micro_keys(data, 0) + _micro_keys(data, 1)
@@ -227,8 +299,6 @@ def test_global_normalizer_without_process_group_counts_all_micro_batches():
 
 @pytest.mark.torch
 def test_global_normalizer_rejects_bad_masks():
-    torch = pytest.importorskip("torch")
-    from sapo_torch.distributed import global_normalizer
 
     with pytest.raises(ValueError, match="non-empty sequence"):
         global_normalizer([])
