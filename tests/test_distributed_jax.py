@@ -22,6 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+sapo_jax = pytest.importorskip("sapo_jax")
+from sapo_jax.sharding import global_normalizer  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
 import _distributed_batches as db  # noqa: E402
 
@@ -46,15 +53,31 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 # --- the worker (runs in a subprocess with 4 host devices) -------------------------------------
 
+# The functions docs/distributed.md shows (included from here, so the page shows tested code).
+# --8<-- [start:jax_step]
+def device_loss(logp, old_logp, advantages, mask, *, count_empty_rows=False, **options):
+    """Inside ``shard_map`` over ``"data"``: this device's exact share of the batch loss."""
+    norm = global_normalizer(mask, "data", count_empty_rows=count_empty_rows)  # psum of counts
+    loss, metrics = sapo_jax.policy_loss(
+        logp, old_logp, advantages, mask, normalizer=norm, **options
+    )
+    return loss
+
+
+def loss_and_grads(params, features, old_logp, advantages, mask, *, check_vma=True, **options):
+    """Inside ``shard_map``: the batch loss and the gradient of replicated ``params``."""
+    def local_loss(params):
+        logp = jax.nn.log_sigmoid(features @ params)  # the policy's log-probs, [N_d, T]
+        return device_loss(logp, old_logp, advantages, mask, **options)
+
+    loss, grads = jax.value_and_grad(local_loss)(params)
+    if not check_vma:  # with check_vma=True JAX has already summed them over "data"
+        grads = jax.lax.psum(grads, "data")
+    return jax.lax.psum(loss, "data"), grads  # sums, never pmean (clause 3.10)
+# --8<-- [end:jax_step]
+
 
 def _worker(data_file: str, out_file: str) -> None:
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    import sapo_jax
-    from sapo_jax.sharding import global_normalizer
-
     assert jax.device_count() == DEVICES and jax.config.jax_enable_x64
     mesh = jax.make_mesh((DEVICES,), ("data",))
     rows = P("data")
@@ -67,12 +90,11 @@ def _worker(data_file: str, out_file: str) -> None:
 
     # 1. Every config: per-device loss with the psum-ed counts, losses psum-ed.
     for c, (method, loss_agg, count_empty) in enumerate(db.CONFIGS):
-        opts = db.options(method, loss_agg)
+        opts = {"count_empty_rows": count_empty, **db.options(method, loss_agg)}
 
         def step(logp, old, adv, mask):
+            loss, grad = jax.value_and_grad(partial(device_loss, **opts))(logp, old, adv, mask)
             norm = global_normalizer(mask, "data", count_empty_rows=count_empty)
-            loss_fn = lambda lp: sapo_jax.policy_loss(lp, old, adv, mask, normalizer=norm, **opts)[0]
-            loss, grad = jax.value_and_grad(loss_fn)(logp)
             return jax.lax.psum(loss, "data"), grad, jnp.stack([norm.num_tokens, norm.num_rows])
 
         f = shard_map(step, (rows,) * 4, (P(), rows, P()))
@@ -102,24 +124,16 @@ def _worker(data_file: str, out_file: str) -> None:
         loss, grad = f(b["logp"], b["old_logp"], b["advantages"], b["mask"])
         out[f"scan_loss{c}"], out[f"scan_grad{c}"] = np.asarray(loss), np.asarray(grad)
 
-        # 3. A replicated parameter: with check_vma (the default) its gradient inside shard_map is
-        #    already summed over devices; without it, psum it.
-        def param_step(w, x, old, adv, mask, check_vma):
-            norm = global_normalizer(mask, "data", count_empty_rows=count_empty)
-            loss_fn = lambda w: sapo_jax.policy_loss(
-                jax.nn.log_sigmoid(x @ w), old, adv, mask, normalizer=norm, **opts
-            )[0]
-            grad = jax.grad(loss_fn)(w)
-            return grad if check_vma else jax.lax.psum(grad, "data")
-
+        # 3. A replicated parameter, with and without check_vma.
         for check_vma in (True, False):
             f = shard_map(
-                partial(param_step, check_vma=check_vma), (P(), rows, rows, rows, rows), P(),
-                check_vma=check_vma,
+                partial(loss_and_grads, check_vma=check_vma, count_empty_rows=count_empty, **opts),
+                (P(), rows, rows, rows, rows), (P(), P()), check_vma=check_vma,
             )
             w = jnp.asarray(data["weights"])
-            grad = f(w, b["features"], b["old_logp_model"], b["advantages"], b["mask"])
+            loss, grad = f(w, b["features"], b["old_logp_model"], b["advantages"], b["mask"])
             out[f"param_vma{int(check_vma)}_{c}"] = np.asarray(grad)
+            out[f"param_loss_vma{int(check_vma)}_{c}"] = np.asarray(loss)
 
     np.savez(out_file, **out)
 
@@ -130,7 +144,6 @@ def _worker(data_file: str, out_file: str) -> None:
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
     """Run the 4-device worker once; return the data, its results and the wall time."""
-    sapo_jax = pytest.importorskip("sapo_jax")
     if not hasattr(sapo_jax, "policy_loss"):
         pytest.skip("sapo_jax has no policy_loss yet")
     tmp = tmp_path_factory.mktemp("jax4")
@@ -200,17 +213,13 @@ def test_replicated_parameter_gradient(four_devices, c, check_vma):
     full = _full({**data, "logp_model": logp}, SCAN_CONFIGS[c], "logp_model", "old_logp_model")
     want = np.einsum("it,itf->f", full.grad, dlogp_dw)  # chain rule through the model
     db.assert_close(out[f"param_vma{int(check_vma)}_{c}"], want, "float64", "grad", "dL/dw")
+    db.assert_close(out[f"param_loss_vma{int(check_vma)}_{c}"], full.loss, "float64", "value", "loss")
 
 
 @pytest.mark.jax
 @pytest.mark.parametrize("count_empty", [False, True])
 def test_global_normalizer_on_one_device(count_empty):
-    jax = pytest.importorskip("jax")
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     import sapo_ref
-    from sapo_jax.sharding import global_normalizer
 
     data = _data(np.random.default_rng(3))
     mesh = jax.make_mesh((1,), ("data",))
@@ -229,7 +238,6 @@ def test_global_normalizer_on_one_device(count_empty):
 
 @pytest.mark.jax
 def test_local_counts_rejects_a_vector():
-    jnp = pytest.importorskip("jax.numpy")
     from sapo_jax.sharding import local_counts
 
     with pytest.raises(ValueError, match=r"mask must have shape \[..., N, T\]"):
