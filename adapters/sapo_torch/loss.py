@@ -32,8 +32,9 @@ def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
 
     Besides shapes and dtypes, a mask that is not boolean has its values checked (0/1, clause 8.2):
     that reads data, one host sync on an accelerator, so pass a ``bool`` mask on the hot path.
-    Under ``torch.compile`` nothing here runs (a traced graph cannot raise on data, and the
-    array-API plumbing of the checks would only slow tracing down): validate in eager mode once.
+    :func:`policy_loss` skips this call under ``torch.compile`` (a traced graph cannot raise on
+    data, and tracing the array-API plumbing of the checks only slows compilation): call it
+    once eagerly, or run the step eagerly once, to validate a compiled training step's inputs.
 
     >>> import torch
     >>> check_inputs(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
@@ -111,8 +112,13 @@ def policy_loss(
         normalizer: global counts (``sapo_ref.Normalizer`` of Python numbers or 0-d tensors, e.g.
             from ``sapo_torch.distributed.global_normalizer``) for a micro-batch or a rank's shard
             (clause 3.8): the shard's loss and gradient are then its exact share of the global ones.
+            Python-number counts are checked as the reference does (finite, >= 0); tensor counts
+            stay on the device unchecked, and no count is compared with the shard's own (both
+            would need a host sync).
         metrics: also compute the clause 7.1 metrics (opt-in, so the default call stays one lean
-            pass; see :func:`policy_metrics`).
+            pass). They come from :func:`policy_metrics`, a second pass of the reference's own
+            array-API code: several times the cost of the loss in eager mode (log them every k
+            steps), fused by ``torch.compile`` when the step is compiled.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d tensor (float64 for float64 inputs, float32 otherwise:
