@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from sapo_ref.aggregation import Normalizer
 
+from .counts import local_normalizer
+
 __all__ = ["global_normalizer", "local_counts"]
 
 
@@ -39,12 +41,9 @@ def local_counts(mask: jax.Array, *, count_empty_rows: bool = False) -> jax.Arra
     if mask.ndim < 2:
         raise ValueError(f"mask must have shape [..., N, T]; got shape {tuple(mask.shape)}")
     valid = mask if mask.dtype == jnp.bool_ else mask != 0
-    n = jnp.sum(valid, dtype=int)
-    if count_empty_rows:
-        rows = jnp.asarray(valid[..., 0].size, dtype=n.dtype)
-    else:
-        rows = jnp.sum(jnp.any(valid, axis=-1), dtype=int)
-    return jnp.stack([n, rows])
+    lengths = jnp.sum(valid.reshape(-1, valid.shape[-1]), axis=-1, dtype=jnp.int32)  # all rows
+    counts = local_normalizer(lengths, count_empty_rows)
+    return jnp.stack([counts.num_tokens, counts.num_rows])
 
 
 def global_normalizer(
