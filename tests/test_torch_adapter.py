@@ -201,7 +201,7 @@ def test_normalizer_shards_sum_to_the_batch(method: str, tensor_counts: bool) ->
 def test_inputs_are_not_modified() -> None:
     """Clause 6.5, including float64 inputs that the forward pass does not need to copy."""
     opts = options("sapo", "token-mean")
-    for dtype in ("float64", "float32"):
+    for dtype in ("float64", "float32", "bfloat16"):
         t = to_torch(make_batch(1, sapo_ref.resolve_config(**opts), per_token=True), dtype)
         before = {k: v.clone() for k, v in t.items()}
         versions = {k: v._version for k, v in t.items()}
@@ -415,3 +415,21 @@ def test_saturation_with_far_apart_temperatures(taus: tuple[float, float], metho
     loss, grad, _ = run_torch(t, opts, cotangent=1.0)
     assert_within(loss.detach().numpy(), ref.loss, "float32", "value", "loss")
     assert_within(grad.double().numpy(), ref.grad, "float32", "grad", "grad")
+
+
+def test_mixed_input_dtypes() -> None:
+    """logp float32 with float64 old_logp and float16 advantages: computed in float32."""
+    opts = options("grpo", "token-mean")
+    b = make_batch(9, sapo_ref.resolve_config(**opts), per_token=True)
+    lp = torch.from_numpy(b["logp"]).float().requires_grad_(True)
+    old = torch.from_numpy(b["old_logp"])
+    adv = torch.from_numpy(b["advantages"]).half()
+    mask = torch.from_numpy(b["mask"])
+    ref = sapo_ref.policy_loss(
+        lp.detach().double().numpy(), old.numpy(), adv.double().numpy(), b["mask"], **opts
+    )
+    loss, _ = sapo_torch.policy_loss(lp, old, adv, mask, **opts)
+    loss.backward()
+    assert loss.dtype == torch.float32 and lp.grad.dtype == torch.float32
+    assert_within(loss.detach().numpy(), ref.loss, "float32", "value", "loss")
+    assert_within(lp.grad.double().numpy(), ref.grad, "float32", "grad", "grad")
