@@ -8,6 +8,7 @@ micro-batch losses and the scattered micro-batch gradients must equal the unspli
 
 from __future__ import annotations
 
+import doctest
 import sys
 import zlib
 from pathlib import Path
@@ -111,6 +112,13 @@ def test_mean_of_micro_batch_means_is_another_loss():
     full = _full(batch, config).loss
     mean_of_means = sum(res.loss for res in local) / len(local)
     assert abs(mean_of_means - full) > 1e-3 * abs(full)
+
+
+def test_docs_page_examples():
+    """The single-process example of docs/distributed.md runs and says what it claims."""
+    page = Path(__file__).parents[1] / "docs" / "distributed.md"
+    result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_global_normalizer_needs_a_mask():
