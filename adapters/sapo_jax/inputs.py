@@ -70,8 +70,7 @@ def _check_cached(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
     # zeros of the same shape and dtype (concrete even inside a trace) pass that data check,
     # which only the reference can do. Failures raise, and lru_cache does not keep them.
     with jax.ensure_compile_time_eval():
-        stand_ins = [jnp.zeros(shape, dtype) for shape, dtype in signature]
-    check_arrays(*stand_ins)
+        check_arrays(*(jnp.zeros(shape, dtype) for shape, dtype in signature))
 
 
 def check_signature(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from sapo_ref import spec
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import resolve_config
+from sapo_ref.metrics import metric_keys
 
 from .inputs import check_signature, normalizer_counts, to_jax
 from .vjp import run
@@ -107,4 +108,6 @@ def policy_loss(
     )
     check_signature(logp, old_logp, advantages, mask)
     counts = None if normalizer is None else normalizer_counts(normalizer)
-    return run(logp, old_logp, advantages, mask, counts, config=config)
+    loss, metrics = run(logp, old_logp, advantages, mask, counts, config=config)
+    # JAX returns dicts with sorted keys; give them back in the spec's order.
+    return loss, {key: metrics[key] for key in metric_keys(method)}
