@@ -200,3 +200,34 @@ def test_jax_micro_batches_sum_to_full_batch(config):
         total += float(loss)
         parts.append((rows, np.asarray(grad)))
     _check_sum(config, total, parts, batch, _full(batch, config))
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("config", db.CONFIGS, ids=_config_id)
+def test_mlx_micro_batches_sum_to_full_batch(config):
+    sapo_mlx = _adapter("sapo_mlx")
+    import mlx.core as mx
+
+    batch, micro = _case(config, per_token=True)
+    method, loss_agg, count_empty = config
+    norm = global_normalizer([batch["mask"][rows] for rows in micro], count_empty_rows=count_empty)
+
+    def to_mx(v):  # mx.array(float64 ndarray) alone would give float32
+        return mx.array(v) if v.dtype == bool else mx.array(v, dtype=mx.float64)
+
+    total, parts = 0.0, []
+    with mx.stream(mx.cpu):  # float64 exists on the CPU device only
+        for rows in micro:
+            s = {k: to_mx(v) for k, v in db.shard(batch, rows).items()}
+
+            def loss_fn(logp):
+                return sapo_mlx.policy_loss(
+                    logp, s["old_logp"], s["advantages"], s["mask"],
+                    normalizer=norm, **db.options(method, loss_agg),
+                )[0]
+
+            loss, grad = mx.value_and_grad(loss_fn)(s["logp"])
+            assert grad.dtype == mx.float64
+            total += loss.item()
+            parts.append((rows, np.array(grad)))
+    _check_sum(config, total, parts, batch, _full(batch, config))
