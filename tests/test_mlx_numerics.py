@@ -310,3 +310,25 @@ def test_float64_numpy_next_to_float32_logp_warns():
     old = np.log(np.full((2, 3), 0.5))
     with pytest.warns(UserWarning, match="float64"):
         sapo_mlx.policy_loss(mx.array(old, mx.float32), old, np.ones(2), np.ones((2, 3), bool))
+
+
+@pytest.mark.parametrize("dtype,delta", [("float64", 710.0), ("float64", 709.9), ("float32", 89.0)])
+@pytest.mark.parametrize("method", ["grpo", "gspo", "gspo-token"])
+def test_clip_overflow_band_is_finite(method, dtype, delta):
+    """Clause 5.4/6.3: r = e^delta overflows the dtype but c*A*r does not (A < 0, no dual
+    clip): loss and gradient are the finite values, as the reference computes them."""
+    old = np.array([[-0.25 - delta, -0.3], [-0.3, -0.2]])
+    lp = np.array([[-0.25, -0.25], [-0.25, -0.35]])
+    adv = np.array([[-0.5, 1.0], [-0.01, 1.0]])
+    mask = np.ones((2, 2), bool)
+    opts = {"method": method, "loss_agg": "token-mean"}
+    x, o, a = (sapo_mlx.to_mx(v, dtype) for v in (lp, old, adv))
+    ref = sapo_ref.policy_loss(*(sapo_mlx.to_numpy(v).astype(np.float64) for v in (x, o, a)), mask, **opts)
+    v, g = mx.value_and_grad(lambda x: sapo_mlx.policy_loss(x, o, a, mx.array(mask), **opts)[0])(x)
+    tol = spec.TOLERANCES[dtype]
+    assert np.isfinite(ref.loss) and np.isfinite(v.item())
+    assert abs(v.item() - ref.loss) <= tol["value"].rtol * abs(ref.loss)
+    got = np.array(g).astype(np.float64)
+    assert np.all(np.isfinite(got))
+    scale = np.max(np.abs(ref.grad))
+    assert np.all(np.abs(got - ref.grad) <= tol["grad"].atol * scale + tol["grad"].rtol * np.abs(ref.grad))

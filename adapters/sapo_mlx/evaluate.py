@@ -18,6 +18,7 @@ keeps the closed-form gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
@@ -29,7 +30,7 @@ from sapo_ref.aggregation import Normalizer, denominator
 from sapo_ref.config import LossConfig
 
 from .gates import SapoParts, clip_parts, sapo_parts, signed_sapo_parts
-from .numerics import accurate_sum
+from .numerics import accurate_sum, exp
 
 __all__ = ["Prepared", "gate_parts", "loss_core", "prepare", "token_weights"]
 
@@ -110,13 +111,25 @@ def _loss_and_grad(
     log_x, safe = _log_x(delta, valid, config)
     gate = gate_parts(log_x, adv, config)
     g, dlog = (gate.f, gate.dlog) if config.is_soft else (gate.g, gate.dlog)
-    term = mx.where(valid, adv * g, 0.0)
+    ca = c * adv  # 0 at invalid tokens
+    spread = mx.expand_dims(1.0 / safe, -1) if config.spreads_gradient else None
+    weighted = ca * g  # c * term
+    coef = ca * dlog if spread is None else ca * dlog * spread  # dJ/d log x, / L_i when spread
+    if not config.is_soft:
+        # Clause 5.4: where r = e^{log x} overflows but c*A*r need not (A < 0, no dual clip:
+        # the only unbounded case), c*A*r = -exp(log x + log|c A|): the correctly rounded
+        # finite value, +inf only when it truly overflows (as sapo_ref.evaluate).
+        big = gate.active & (gate.r == math.inf)
+        log_ca = mx.log(mx.where(big, -ca, 1.0))
+        huge = mx.where(big, log_x, 0.0)
+        weighted = mx.where(big, -exp(huge + log_ca), weighted)
+        log_coef = huge + log_ca if spread is None else huge + log_ca + mx.log(spread)
+        coef = mx.where(big, -exp(log_coef), coef)
     # Blocked sums: MLX's own sum loses ~n ulps (sapo_mlx.numerics.accurate_sum).
-    loss = 0.0 - accurate_sum(accurate_sum(c * term))  # 0.0 - x: an empty batch is +0.0
-    coef = mx.where(valid, c * adv * dlog, 0.0)
-    if config.spreads_gradient:
-        row = accurate_sum(coef) / safe
-        grad = mx.where(valid, -mx.expand_dims(row, -1), 0.0)
+    loss = 0.0 - accurate_sum(accurate_sum(mx.where(valid, weighted, 0.0)))  # empty batch: +0.0
+    coef = mx.where(valid, coef, 0.0)
+    if spread is not None:
+        grad = mx.where(valid, -mx.expand_dims(accurate_sum(coef), -1), 0.0)
     else:
         grad = mx.where(valid, -coef, 0.0)
     return loss, grad
