@@ -1,0 +1,279 @@
+"""sapo_jax under JAX transformations: jit, grad, value_and_grad, vjp, vmap, shard_map; no
+retrace for the same options; the custom_vjp gradient against ``jax.grad`` of a plain jnp
+formula written here independently of sapo_ref; unused metrics removed under jit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import sapo_jax  # noqa: E402
+import sapo_jax.vjp  # noqa: E402
+import sapo_ref  # noqa: E402
+from sapo_ref import spec  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+F64 = spec.TOLERANCES["float64"]
+METHODS = sapo_ref.METHOD_NAMES
+LOSS_AGGS = sapo_ref.LOSS_AGG_NAMES
+CLIP_OPTS = {"eps_low": 0.2, "eps_high": 0.28}
+
+
+def opts(method: str, loss_agg: str = "seq-mean-token-mean") -> dict:
+    kw = {"method": method, "loss_agg": loss_agg}
+    if loss_agg == "seq-mean-token-sum-norm":
+        kw["norm_length"] = 6.0
+    if spec.METHODS[method].gate == "clip":
+        kw.update(CLIP_OPTS)
+    return kw
+
+
+def batch(seed: int, n: int = 4, t: int = 6, per_token: bool = False, spread: float = 0.3):
+    rng = np.random.default_rng(seed)
+    logp = -np.abs(rng.normal(1.0, 0.6, (n, t)))
+    old = logp - rng.normal(0.0, spread, (n, t))
+    mask = np.arange(t)[None, :] < rng.integers(1, t + 1, (n, 1))
+    adv = rng.normal(size=(n, t) if per_token else n)
+    return tuple(jnp.asarray(x) for x in (logp, old, adv, mask))
+
+
+def close(got, want, tol=F64["grad"]):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * scale)
+
+
+# ------------------------------------------------------------------ plain formulas (autodiff)
+def plain_loss(logp, old, adv, mask, *, method, loss_agg, tau_pos=1.0, tau_neg=1.05,
+               eps_low=0.2, eps_high=0.2, norm_length=None):
+    """Each method and aggregation written directly in jnp (paper eq. 1-11), for jax.grad.
+
+    Finite only where every intermediate is (moderate log-ratios, no masked garbage)."""
+    m = mask.astype(logp.dtype)
+    lengths = m.sum(1)
+    a = jnp.broadcast_to(adv[:, None], logp.shape) if adv.ndim == 1 else adv
+    delta = (logp - old) * m
+    mu = delta.sum(1) / jnp.maximum(lengths, 1.0)
+    if method == "gspo-token":  # s_it = sg[s_i] * pi / sg[pi]  (GSPO eq. 13)
+        x = jax.lax.stop_gradient(jnp.exp(mu))[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
+    elif method in ("sapo-seq", "gspo"):
+        x = jnp.broadcast_to(jnp.exp(mu)[:, None], logp.shape)
+    else:
+        x = jnp.exp(delta)
+    if method in ("sapo", "sapo-seq"):
+        tau = jnp.where(a > 0, tau_pos, tau_neg)
+        term = 4.0 / tau * jax.nn.sigmoid(tau * (x - 1.0)) * a
+    else:
+        term = jnp.minimum(x * a, jnp.clip(x, 1.0 - eps_low, 1.0 + eps_high) * a)
+    rows = (lengths > 0).sum()
+    if loss_agg == "token-mean":
+        return -(term * m).sum() / m.sum()
+    if loss_agg == "seq-mean-token-mean":
+        return -((term * m).sum(1) / jnp.maximum(lengths, 1.0)).sum() / rows
+    den = rows if loss_agg == "seq-mean-token-sum" else rows * norm_length
+    return -(term * m).sum() / den
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_vjp_equals_autodiff_of_plain_formula(method, loss_agg):
+    kw = opts(method, loss_agg)
+    for seed, per_token in ((1, False), (2, True)):
+        lp, o, a, m = batch(seed, per_token=per_token)
+        want_loss, want_grad = jax.value_and_grad(lambda x: plain_loss(x, o, a, m, **kw))(lp)
+        assert np.all(np.isfinite(np.asarray(want_grad)))
+        loss, grad = jax.jit(jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, **kw)[0]))(lp)
+        close(loss, want_loss, F64["value"])
+        close(grad, want_grad)
+
+
+def test_jit_grad_vjp_agree():
+    lp, o, a, m = batch(3)
+    f = lambda x: sapo_jax.policy_loss(x, o, a, m)[0]  # noqa: E731
+    g_eager = jax.grad(f)(lp)
+    g_jit = jax.jit(jax.grad(f))(lp)
+    loss, g_vg = jax.jit(jax.value_and_grad(f))(lp)
+    _, vjp = jax.vjp(f, lp)
+    (g_vjp,) = vjp(jnp.asarray(2.5))
+    ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)))
+    close(loss, ref.loss, F64["value"])
+    for g in (g_eager, g_jit, g_vg):
+        close(g, ref.grad)
+    close(g_vjp, 2.5 * ref.grad)
+
+
+def test_value_and_grad_has_aux_metrics():
+    lp, o, a, m = batch(4)
+    (loss, metrics), grad = jax.jit(
+        jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, method="grpo"), has_aux=True)
+    )(lp)
+    ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)), method="grpo")
+    assert set(metrics) == set(ref.metrics)
+    for k, v in metrics.items():
+        close(v, ref.metrics[k], F64["value"])
+    close(grad, ref.grad)
+
+
+def test_metrics_carry_no_gradient():
+    lp, o, a, m = batch(5)
+    g = jax.grad(lambda x: sapo_jax.policy_loss(x, o, a, m)[1]["ratio/mean"])(lp)
+    assert np.all(np.asarray(g) == 0.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vmap_over_problems(method):
+    """vmap over a leading batch of B problems equals B separate reference calls."""
+    kw = opts(method)
+    problems = [batch(10 + b, per_token=b % 2 == 1) for b in range(3)]
+    for per_token in (False, True):
+        chosen = [p for b, p in enumerate(problems) if (b % 2 == 1) == per_token] * 2
+        stacked = [jnp.stack(xs) for xs in zip(*chosen)]
+        f = lambda lp, o, a, m: jax.value_and_grad(  # noqa: E731
+            lambda x: sapo_jax.policy_loss(x, o, a, m, **kw), has_aux=True
+        )(lp)
+        (loss, metrics), grad = jax.jit(jax.vmap(f))(*stacked)
+        for b, p in enumerate(chosen):
+            ref = sapo_ref.policy_loss(*(np.asarray(x) for x in p), **kw)
+            close(loss[b], ref.loss, F64["value"])
+            close(grad[b], ref.grad)
+            close(metrics["tokens"][b], ref.metrics["tokens"], F64["value"])
+
+
+def test_vmap_with_batched_normalizer():
+    """Traced normalizer counts under vmap (each problem its own counts, doubled)."""
+    problems = [batch(20 + b) for b in range(3)]
+    stacked = [jnp.stack(xs) for xs in zip(*problems)]
+
+    def f(lp, o, a, m):
+        local = sapo_jax.normalizer(m)
+        norm = sapo_ref.Normalizer(2 * local.num_tokens, 2 * local.num_rows)
+        return sapo_jax.policy_loss(lp, o, a, m, loss_agg="token-mean", normalizer=norm)[0]
+
+    losses = jax.jit(jax.vmap(f))(*stacked)
+    for b, p in enumerate(problems):
+        ref = sapo_ref.policy_loss(*(np.asarray(x) for x in p), loss_agg="token-mean")
+        close(losses[b], ref.loss / 2, F64["value"])
+
+
+def test_no_retrace_for_same_options(monkeypatch):
+    """Equal options (however spelled) and new array values reuse the compiled computation."""
+    traces = []
+    real = sapo_jax.vjp.evaluate_jax
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sapo_jax.vjp, "evaluate_jax", counting)
+    shape = (3, 13)  # a shape no other test uses, so the first call must trace
+    for i, tau in enumerate((1, 1.0, np.float64(1.0))):
+        lp, o, a, m = batch(30 + i, *shape)
+        sapo_jax.policy_loss(lp, o, a, m, tau_pos=tau, tau_neg=1.05)
+    assert len(traces) == 1
+    step = jax.jit(jax.value_and_grad(lambda x, o, a, m: sapo_jax.policy_loss(x, o, a, m, tau_pos=1)[0]))
+    for i in range(3):
+        step(*batch(40 + i, *shape))
+    assert len(traces) == 2  # one more trace: the differentiated (forward) rule, once
+
+
+def test_user_jit_traces_once():
+    count = []
+
+    @jax.jit
+    def step(lp, o, a, m):
+        count.append(1)
+        return jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, method="gspo")[0])(lp)
+
+    for i in range(3):
+        step(*batch(50 + i))
+    assert len(count) == 1
+
+
+def test_unused_metrics_are_removed_under_jit():
+    """XLA removes the metrics when only the loss is used: the compiled value_and_grad of the
+    loss alone has no max/min reductions (ratio/max, ratio/min) and fewer reductions than the
+    same call that returns the metrics."""
+    lp, o, a, m = batch(60, 8, 64)
+
+    def compiled(has_aux):
+        f = lambda x: sapo_jax.policy_loss(x, o, a, m) if has_aux else sapo_jax.policy_loss(x, o, a, m)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=has_aux)).lower(lp).compile().as_text()
+
+    lean, full = compiled(False), compiled(True)
+    assert lean.count(" reduce(") < full.count(" reduce(")
+    assert " maximum(" in full and " minimum(" in full
+    reducers = [blk for blk in lean.split("\n\n") if "reduce" in blk]
+    assert not any("ROOT" in blk and "maximum(" in blk.split("ROOT")[1].split("\n")[0] for blk in reducers)
+
+
+def test_inside_shard_map_single_process():
+    """policy_loss inside jax.shard_map with psum'ed counts equals the whole batch."""
+    devices = np.array(jax.devices()[:1])
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    P = jax.sharding.PartitionSpec
+    lp, o, a, m = batch(70, n=4)
+
+    def shard_loss(lp, o, a, m):
+        local = sapo_jax.normalizer(m)
+        norm = sapo_ref.Normalizer(
+            jax.lax.psum(local.num_tokens, "data"), jax.lax.psum(local.num_rows, "data")
+        )
+        loss, grad = jax.value_and_grad(
+            lambda x: sapo_jax.policy_loss(x, o, a, m, normalizer=norm)[0]
+        )(lp)
+        return jax.lax.psum(loss, "data"), grad
+
+    f = jax.jit(
+        jax.shard_map(
+            shard_loss, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P(), P("data"))
+        )
+    )
+    loss, grad = f(lp, o, a, m)
+    ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)))
+    close(loss, ref.loss, F64["value"])
+    close(grad, ref.grad)
+
+
+def test_shard_map_two_devices_subprocess():
+    """Two host devices, rows split across them: losses and gradients sum to the batch's."""
+    code = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import sapo_jax, sapo_ref
+        P = jax.sharding.PartitionSpec
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        rng = np.random.default_rng(0)
+        n, t = 6, 5
+        lp = -np.abs(rng.normal(1, .5, (n, t))); old = lp - rng.normal(0, .3, (n, t))
+        mask = np.arange(t)[None] < np.array([[5], [0], [2], [5], [1], [3]])
+        adv = rng.normal(size=n)
+        def shard_loss(lp, o, a, m):
+            local = sapo_jax.normalizer(m)
+            norm = sapo_ref.Normalizer(*(jax.lax.psum(c, "data") for c in (local.num_tokens, local.num_rows)))
+            loss, g = jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, method=M, normalizer=norm)[0])(lp)
+            return jax.lax.psum(loss, "data"), g
+        for M in sapo_ref.METHOD_NAMES:
+            f = jax.jit(jax.shard_map(shard_loss, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P(), P("data"))))
+            loss, g = f(*(jnp.asarray(x) for x in (lp, old, adv, mask)))
+            ref = sapo_ref.policy_loss(lp, old, adv, mask, method=M)
+            assert abs(float(loss) - ref.loss) <= 1e-12 + 1e-10 * abs(ref.loss), (M, float(loss), ref.loss)
+            assert np.allclose(np.asarray(g), ref.grad, rtol=1e-9, atol=1e-12), M
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
