@@ -409,3 +409,14 @@ def test_conformance_page_lists_every_known_deviation():
     table = _load_hooks().render_deviations()
     for d in tomllib.loads(path.read_text(encoding="utf-8"))["deviation"]:
         assert f"| `{d['id']}` |" in table, d["id"]
+
+
+def test_api_reference_covers_every_public_module():
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "api").glob("*.md"))
+    for path in sorted((ROOT / "sapo_ref").glob("*.py")):
+        if path.stem.startswith("_") and path.stem != "__main__":
+            continue
+        assert f"::: sapo_ref.{path.stem}\n" in pages, f"sapo_ref.{path.stem} has no API section"
+    for path in sorted((ROOT / "spec").glob("*.py")):
+        name = "spec" if path.stem == "__init__" else f"spec.{path.stem}"
+        assert f"::: {name}\n" in pages, f"sapo_ref.{name} has no API section"
