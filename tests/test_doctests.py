@@ -23,6 +23,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "sapo_ref": (),
     "sapo_ref.spec": (),
     "sapo_torch": ("torch",),
+    "sapo_jax": ("jax",),
 }
 
 #: Optional dependencies a single module may need (e.g. plotting); the module is skipped
