@@ -132,7 +132,7 @@ _EXPM1_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(1, 12))
 
 
 def _expm1_(d: Tensor, r: Tensor) -> Tensor:
-    r""":math:`e^d - 1` to full relative precision, in place in ``d``, given :math:`r = e^d`.
+    r""":math:`e^d - 1` to full relative precision given :math:`r = e^d` (``d`` may be overwritten).
 
     Eager: ``expm1``. Under ``torch.compile`` the CPU code generator emits ``exp(d) - 1``, which
     cancels near :math:`d = 0` (and :math:`\tau\,(r - 1)` with a large :math:`\tau` would lose every
