@@ -151,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # CI logs and pipes: wide enough for the tables
+        console = Console(width=max(console.width, 130))
     result = _run(targets, cases, dtypes, args.seed, console, show=not args.no_progress)
 
     from .report import render, to_json, to_markdown

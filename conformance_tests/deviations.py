@@ -281,7 +281,8 @@ def identify(m: Materialized, options: dict, got: Outcome, value_tol: spec.Toler
         if dev.model is None:
             continue
         try:
-            out = MODELS[dev.model](m, options, got)
+            with np.errstate(all="ignore"):
+                out = MODELS[dev.model](m, options, got)
         except Exception:  # a model that cannot run on this case does not match it
             continue
         if out is None:

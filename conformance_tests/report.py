@@ -323,7 +323,7 @@ def render(result: SuiteResult, settings: dict[str, Any], console: Any = None) -
         mine = [r for r in rows if r.target == t.name]
         table = Table(title=f"{t.name} ({t.framework}: {t.origin}): cases passed, worst relative "
                       "error (C.1)", title_justify="left", show_lines=False)
-        table.add_column("clause", no_wrap=True)
+        table.add_column("clause", no_wrap=True, min_width=6)
         wide = console.width >= 110
         if wide:
             table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=max(20, console.width - 95))
