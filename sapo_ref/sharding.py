@@ -17,6 +17,7 @@ padded lengths); ``sapo_torch.distributed`` and ``sapo_jax.sharding`` add them a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -86,4 +87,4 @@ def split_rows(
         )
     order = np.arange(num_rows) if rng is None else rng.permutation(num_rows)
     bounds = np.cumsum([0, *sizes])
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [order[a:b] for a, b in pairwise(bounds)]

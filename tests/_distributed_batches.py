@@ -30,7 +30,12 @@ def options(method: str, loss_agg: str) -> dict:
 
 
 def ragged_batch(
-    rng: np.random.Generator, n_rows: int, t_max: int, *, empty_rows: int = 2, per_token: bool = False
+    rng: np.random.Generator,
+    n_rows: int,
+    t_max: int,
+    *,
+    empty_rows: int = 2,
+    per_token: bool = False,
 ) -> dict[str, np.ndarray]:
     """A batch with prefix masks of random lengths, ``empty_rows`` empty rows and garbage padding.
 
@@ -48,10 +53,18 @@ def ragged_batch(
     if per_token:
         adv = np.where(mask, adv, np.nan)
     features = rng.normal(size=(n_rows, t_max, 3))
-    return {"logp": logp, "old_logp": old_logp, "advantages": adv, "mask": mask, "features": features}
+    return {
+        "logp": logp,
+        "old_logp": old_logp,
+        "advantages": adv,
+        "mask": mask,
+        "features": features,
+    }
 
 
-def shard(batch: dict[str, np.ndarray], rows: np.ndarray, *, trim: bool = True) -> dict[str, np.ndarray]:
+def shard(
+    batch: dict[str, np.ndarray], rows: np.ndarray, *, trim: bool = True
+) -> dict[str, np.ndarray]:
     """The rows ``rows`` of a batch, padded to their own longest row (at least one column), or
     to the batch's width with ``trim=False`` (static shapes, as JAX trainers use)."""
     t = max(1, int(batch["mask"][rows].sum(axis=1).max())) if trim else batch["mask"].shape[1]
@@ -79,7 +92,9 @@ def assert_close(got, want, dtype: str, kind: str, what: str = "") -> None:
     bound = tol.atol * scale + tol.rtol * np.abs(want)
     err = np.abs(got - want)
     assert np.all(np.isfinite(got)), f"{what}: non-finite result"
-    assert np.all(err <= bound), f"{what}: max error {err.max():.3e} exceeds {dtype} {kind} tolerance"
+    assert np.all(err <= bound), (
+        f"{what}: max error {err.max():.3e} exceeds {dtype} {kind} tolerance"
+    )
 
 
 def model_logp(features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,4 +103,3 @@ def model_logp(features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, n
     logp = -np.logaddexp(0.0, -z)
     dlogp_dw = (1.0 / (1.0 + np.exp(z)))[..., None] * features
     return logp, dlogp_dw
-

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sapo_ref
 from sapo_ref.sharding import global_normalizer, split_rows
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
-import _distributed_batches as db  # noqa: E402
+import _distributed_batches as db
 
 N_ROWS, T_MAX = 11, 8
 
@@ -43,8 +44,12 @@ def _case(config, per_token: bool):
 def _full(batch, config):
     method, loss_agg, count_empty = config
     return sapo_ref.policy_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"],
-        count_empty_rows=count_empty, **db.options(method, loss_agg),
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        batch["mask"],
+        count_empty_rows=count_empty,
+        **db.options(method, loss_agg),
     )
 
 
@@ -64,8 +69,12 @@ def test_reference_micro_batches_sum_to_full_batch(config, per_token):
     for rows in micro:
         s = db.shard(batch, rows)
         res = sapo_ref.policy_loss(
-            s["logp"], s["old_logp"], s["advantages"], s["mask"],
-            normalizer=norm, **db.options(method, loss_agg),
+            s["logp"],
+            s["old_logp"],
+            s["advantages"],
+            s["mask"],
+            normalizer=norm,
+            **db.options(method, loss_agg),
         )
         total += res.loss
         parts.append((rows, res.grad))
@@ -92,8 +101,12 @@ def test_any_row_partition_and_its_counts(seed, n_rows, data):
     for rows in micro:
         s = db.shard(batch, rows)
         res = sapo_ref.policy_loss(
-            s["logp"], s["old_logp"], s["advantages"], s["mask"],
-            normalizer=norm, **db.options(method, loss_agg),
+            s["logp"],
+            s["old_logp"],
+            s["advantages"],
+            s["mask"],
+            normalizer=norm,
+            **db.options(method, loss_agg),
         )
         total += res.loss
         parts.append((rows, res.grad))
@@ -106,7 +119,9 @@ def test_mean_of_micro_batch_means_is_another_loss():
     batch, micro = _case(config, False)
     micro = micro[1:]  # non-empty micro-batches only: their local means are defined
     local = [
-        sapo_ref.policy_loss(*(db.shard(batch, r)[k] for k in ("logp", "old_logp", "advantages", "mask")))
+        sapo_ref.policy_loss(
+            *(db.shard(batch, r)[k] for k in ("logp", "old_logp", "advantages", "mask"))
+        )
         for r in micro
     ]
     full = _full(batch, config).loss
@@ -147,7 +162,6 @@ def _adapter(name: str):
 def test_torch_micro_batches_sum_to_full_batch(config):
     sapo_torch = _adapter("sapo_torch")
     import torch
-
     from sapo_torch.distributed import global_normalizer as torch_global_normalizer
 
     batch, micro = _case(config, per_token=True)
@@ -158,8 +172,12 @@ def test_torch_micro_batches_sum_to_full_batch(config):
     for rows, s in zip(micro, shards):
         logp = s["logp"].clone().requires_grad_(True)
         loss, _ = sapo_torch.policy_loss(
-            logp, s["old_logp"], s["advantages"], s["mask"],
-            normalizer=norm, **db.options(method, loss_agg),
+            logp,
+            s["old_logp"],
+            s["advantages"],
+            s["mask"],
+            normalizer=norm,
+            **db.options(method, loss_agg),
         )
         loss.backward()
         total = total + loss.detach()
@@ -187,8 +205,12 @@ def test_jax_micro_batches_sum_to_full_batch(config):
 
     def loss_fn(logp, s, counts):
         loss, _ = sapo_jax.policy_loss(
-            logp, s["old_logp"], s["advantages"], s["mask"],
-            normalizer=sapo_ref.Normalizer(*counts), **db.options(method, loss_agg),
+            logp,
+            s["old_logp"],
+            s["advantages"],
+            s["mask"],
+            normalizer=sapo_ref.Normalizer(*counts),
+            **db.options(method, loss_agg),
         )
         return loss
 
@@ -220,10 +242,14 @@ def test_mlx_micro_batches_sum_to_full_batch(config):
         for rows in micro:
             s = {k: to_mx(v) for k, v in db.shard(batch, rows).items()}
 
-            def loss_fn(logp):
+            def loss_fn(logp, s=s):
                 return sapo_mlx.policy_loss(
-                    logp, s["old_logp"], s["advantages"], s["mask"],
-                    normalizer=norm, **db.options(method, loss_agg),
+                    logp,
+                    s["old_logp"],
+                    s["advantages"],
+                    s["mask"],
+                    normalizer=norm,
+                    **db.options(method, loss_agg),
                 )[0]
 
             loss, grad = mx.value_and_grad(loss_fn)(s["logp"])

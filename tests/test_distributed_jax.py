@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sapo_jax = pytest.importorskip("sapo_jax")
-from sapo_jax.sharding import global_normalizer  # noqa: E402
+from sapo_jax.sharding import global_normalizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
-import _distributed_batches as db  # noqa: E402
+import _distributed_batches as db
 
 DEVICES = 4
 TIMEOUT = 400  # seconds; the worker compiles one program per config (about 15 s when idle)
@@ -53,12 +54,13 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 # --- the worker (runs in a subprocess with 4 host devices) -------------------------------------
 
+
 # The functions docs/distributed.md shows (included from here, so the page shows tested code).
 # --8<-- [start:jax_step]
 def device_loss(logp, old_logp, advantages, mask, *, count_empty_rows=False, **options):
     """Inside ``shard_map`` over ``"data"``: this device's exact share of the batch loss."""
     norm = global_normalizer(mask, "data", count_empty_rows=count_empty_rows)  # psum of counts
-    loss, metrics = sapo_jax.policy_loss(
+    loss, _metrics = sapo_jax.policy_loss(
         logp, old_logp, advantages, mask, normalizer=norm, **options
     )
     return loss
@@ -66,6 +68,7 @@ def device_loss(logp, old_logp, advantages, mask, *, count_empty_rows=False, **o
 
 def loss_and_grads(params, features, old_logp, advantages, mask, *, check_vma=True, **options):
     """Inside ``shard_map``: the batch loss and the gradient of replicated ``params``."""
+
     def local_loss(params):
         logp = jax.nn.log_sigmoid(features @ params)  # the policy's log-probs, [N_d, T]
         return device_loss(logp, old_logp, advantages, mask, **options)
@@ -74,7 +77,34 @@ def loss_and_grads(params, features, old_logp, advantages, mask, *, check_vma=Tr
     if not check_vma:  # with check_vma=True JAX has already summed them over "data"
         grads = jax.lax.psum(grads, "data")
     return jax.lax.psum(loss, "data"), grads  # sums, never pmean (clause 3.10)
+
+
 # --8<-- [end:jax_step]
+
+
+def _config_step(logp, old, adv, mask, *, count_empty_rows, **options):
+    """Loss (psum), logp-gradient and counts of one config, inside shard_map."""
+    device = partial(device_loss, count_empty_rows=count_empty_rows, **options)
+    loss, grad = jax.value_and_grad(device)(logp, old, adv, mask)
+    norm = global_normalizer(mask, "data", count_empty_rows=count_empty_rows)
+    return jax.lax.psum(loss, "data"), grad, jnp.stack([norm.num_tokens, norm.num_rows])
+
+
+def _scan_step(logp, old, adv, mask, *, count_empty_rows, **options):
+    """Micro-batches of one row scanned on each device; the counts cover every micro-batch of
+    the step and are reduced before the first loss; losses and gradients are summed."""
+    micro = lambda a: a.reshape(a.shape[0], 1, *a.shape[1:])
+    norm = global_normalizer(micro(mask), "data", count_empty_rows=count_empty_rows)
+
+    def body(total, xs):
+        lp, o, a, m = xs
+        loss_fn = lambda lp: sapo_jax.policy_loss(lp, o, a, m, normalizer=norm, **options)[0]
+        loss, grad = jax.value_and_grad(loss_fn)(lp)
+        return total + loss, grad  # summed, never averaged (clause 3.10)
+
+    zero = jax.lax.pcast(jnp.zeros((), logp.dtype), "data", to="varying")
+    total, grads = jax.lax.scan(body, zero, tuple(map(micro, (logp, old, adv, mask))))
+    return jax.lax.psum(total, "data"), grads.reshape(logp.shape)
 
 
 def _worker(data_file: str, out_file: str) -> None:
@@ -91,44 +121,24 @@ def _worker(data_file: str, out_file: str) -> None:
     # 1. Every config: per-device loss with the psum-ed counts, losses psum-ed.
     for c, (method, loss_agg, count_empty) in enumerate(db.CONFIGS):
         opts = {"count_empty_rows": count_empty, **db.options(method, loss_agg)}
-
-        def step(logp, old, adv, mask):
-            loss, grad = jax.value_and_grad(partial(device_loss, **opts))(logp, old, adv, mask)
-            norm = global_normalizer(mask, "data", count_empty_rows=count_empty)
-            return jax.lax.psum(loss, "data"), grad, jnp.stack([norm.num_tokens, norm.num_rows])
-
-        f = shard_map(step, (rows,) * 4, (P(), rows, P()))
+        f = shard_map(partial(_config_step, **opts), (rows,) * 4, (P(), rows, P()))
         loss, grad, counts = f(b["logp"], b["old_logp"], b["advantages"], b["mask"])
         out[f"loss{c}"], out[f"grad{c}"], out[f"counts{c}"] = map(np.asarray, (loss, grad, counts))
 
     for c, (method, loss_agg, count_empty) in enumerate(SCAN_CONFIGS):
-        opts = db.options(method, loss_agg)
-
-        # 2. Gradient accumulation on each device: micro-batches of one row, scanned; the counts
-        #    cover every micro-batch of the step and are reduced before the first loss.
-        def scan_step(logp, old, adv, mask):
-            micro = lambda a: a.reshape(a.shape[0], 1, *a.shape[1:])
-            norm = global_normalizer(micro(mask), "data", count_empty_rows=count_empty)
-
-            def body(total, xs):
-                lp, o, a, m = xs
-                loss_fn = lambda lp: sapo_jax.policy_loss(lp, o, a, m, normalizer=norm, **opts)[0]
-                loss, grad = jax.value_and_grad(loss_fn)(lp)
-                return total + loss, grad  # summed, never averaged (clause 3.10)
-
-            zero = jax.lax.pcast(jnp.zeros((), logp.dtype), "data", to="varying")
-            total, grads = jax.lax.scan(body, zero, tuple(map(micro, (logp, old, adv, mask))))
-            return jax.lax.psum(total, "data"), grads.reshape(logp.shape)
-
-        f = shard_map(scan_step, (rows,) * 4, (P(), rows))
+        opts = {"count_empty_rows": count_empty, **db.options(method, loss_agg)}
+        # 2. Gradient accumulation on each device, micro-batches scanned.
+        f = shard_map(partial(_scan_step, **opts), (rows,) * 4, (P(), rows))
         loss, grad = f(b["logp"], b["old_logp"], b["advantages"], b["mask"])
         out[f"scan_loss{c}"], out[f"scan_grad{c}"] = np.asarray(loss), np.asarray(grad)
 
         # 3. A replicated parameter, with and without check_vma.
         for check_vma in (True, False):
             f = shard_map(
-                partial(loss_and_grads, check_vma=check_vma, count_empty_rows=count_empty, **opts),
-                (P(), rows, rows, rows, rows), (P(), P()), check_vma=check_vma,
+                partial(loss_and_grads, check_vma=check_vma, **opts),
+                (P(), rows, rows, rows, rows),
+                (P(), P()),
+                check_vma=check_vma,
             )
             w = jnp.asarray(data["weights"])
             loss, grad = f(w, b["features"], b["old_logp_model"], b["advantages"], b["mask"])
@@ -159,12 +169,18 @@ def four_devices(tmp_path_factory):
     try:
         proc = subprocess.run(
             [sys.executable, __file__, str(tmp / "data.npz"), str(tmp / "out.npz")],
-            env=env, capture_output=True, text=True, timeout=TIMEOUT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the 4-device JAX worker did not finish within {TIMEOUT} s")
     elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, f"worker failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"worker failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
     print(f"4-device JAX worker: {elapsed:.1f} s")
     return data, dict(np.load(tmp / "out.npz")), elapsed
 
@@ -174,14 +190,20 @@ def _full(data, config, logp_key="logp", old_key="old_logp"):
 
     method, loss_agg, count_empty = config
     return sapo_ref.policy_loss(
-        data[logp_key], data[old_key], data["advantages"], data["mask"],
-        count_empty_rows=count_empty, **db.options(method, loss_agg),
+        data[logp_key],
+        data[old_key],
+        data["advantages"],
+        data["mask"],
+        count_empty_rows=count_empty,
+        **db.options(method, loss_agg),
     )
 
 
 @pytest.mark.slow
 @pytest.mark.jax
-@pytest.mark.parametrize("c", range(len(db.CONFIGS)), ids=lambda c: "-".join(map(str, db.CONFIGS[c])))
+@pytest.mark.parametrize(
+    "c", range(len(db.CONFIGS)), ids=lambda c: "-".join(map(str, db.CONFIGS[c]))
+)
 def test_sharded_batch_equals_unsharded(four_devices, c):
     import sapo_ref
 
@@ -195,7 +217,9 @@ def test_sharded_batch_equals_unsharded(four_devices, c):
 
 @pytest.mark.slow
 @pytest.mark.jax
-@pytest.mark.parametrize("c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c])))
+@pytest.mark.parametrize(
+    "c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c]))
+)
 def test_scanned_micro_batches_on_sharded_batch(four_devices, c):
     data, out, _ = four_devices
     full = _full(data, SCAN_CONFIGS[c])
@@ -206,14 +230,18 @@ def test_scanned_micro_batches_on_sharded_batch(four_devices, c):
 @pytest.mark.slow
 @pytest.mark.jax
 @pytest.mark.parametrize("check_vma", [True, False])
-@pytest.mark.parametrize("c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c])))
+@pytest.mark.parametrize(
+    "c", range(len(SCAN_CONFIGS)), ids=lambda c: "-".join(map(str, SCAN_CONFIGS[c]))
+)
 def test_replicated_parameter_gradient(four_devices, c, check_vma):
     data, out, _ = four_devices
     logp, dlogp_dw = db.model_logp(data["features"], data["weights"])
     full = _full({**data, "logp_model": logp}, SCAN_CONFIGS[c], "logp_model", "old_logp_model")
     want = np.einsum("it,itf->f", full.grad, dlogp_dw)  # chain rule through the model
     db.assert_close(out[f"param_vma{int(check_vma)}_{c}"], want, "float64", "grad", "dL/dw")
-    db.assert_close(out[f"param_loss_vma{int(check_vma)}_{c}"], full.loss, "float64", "value", "loss")
+    db.assert_close(
+        out[f"param_loss_vma{int(check_vma)}_{c}"], full.loss, "float64", "value", "loss"
+    )
 
 
 @pytest.mark.jax

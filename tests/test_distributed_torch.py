@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
-
-import sapo_torch  # noqa: E402
-from sapo_torch.distributed import allreduce_sum_hook, global_normalizer  # noqa: E402
+import sapo_torch
+import torch.distributed as dist
+from sapo_torch.distributed import allreduce_sum_hook, global_normalizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
-import _distributed_batches as db  # noqa: E402
+import _distributed_batches as db
 
 WORLD = 2
 TIMEOUT = 300  # seconds for both workers together; they take a few seconds on an idle machine
@@ -49,8 +48,11 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
     full = rng.permutation(np.flatnonzero(batch["mask"].any(axis=1)))
     micro = {
         # rank 0: a micro-batch of two empty rows, then 3 rows; rank 1: 1 + 4 + 4 rows (one empty)
-        "r0m0": empty[:2], "r0m1": full[:3],
-        "r1m0": full[3:4], "r1m1": np.concatenate([full[4:7], empty[2:]]), "r1m2": full[7:],
+        "r0m0": empty[:2],
+        "r0m1": full[:3],
+        "r1m0": full[3:4],
+        "r1m1": np.concatenate([full[4:7], empty[2:]]),
+        "r1m2": full[7:],
     }
     weights = rng.normal(size=3)
     logp_model, _ = db.model_logp(batch["features"], weights)
@@ -65,10 +67,12 @@ def _micro_keys(data, rank: int) -> list[str]:
 
 # --- the worker (runs in a subprocess) ---------------------------------------------------------
 
+
 # The training step docs/distributed.md shows (included from here, so the page shows tested code).
 # --8<-- [start:train_step]
-def train_step(model, optimizer, micro_batches, *, scale_loss=False, count_empty_rows=False,
-               **loss_options):
+def train_step(
+    model, optimizer, micro_batches, *, scale_loss=False, count_empty_rows=False, **loss_options
+):
     """One exact optimizer step over this rank's micro-batches (clauses 3.8-3.10).
 
     ``model`` is wrapped in DDP or FSDP2 and either sums gradients over ranks (DDP with
@@ -76,7 +80,9 @@ def train_step(model, optimizer, micro_batches, *, scale_loss=False, count_empty
     default; then ``scale_loss=True`` multiplies each loss by the world size to undo the average.
     """
     # 1. The counts of the whole step (every micro-batch, every rank): one all_reduce, first.
-    norm = global_normalizer([mb["mask"] for mb in micro_batches], count_empty_rows=count_empty_rows)
+    norm = global_normalizer(
+        [mb["mask"] for mb in micro_batches], count_empty_rows=count_empty_rows
+    )
     scale = dist.get_world_size() if scale_loss else 1
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), dtype=torch.float64)
@@ -84,9 +90,13 @@ def train_step(model, optimizer, micro_batches, *, scale_loss=False, count_empty
         # 2. Gradients stay local until the last micro-batch; .grad sums the micro-batches.
         with accumulating(model, k < len(micro_batches) - 1):
             logp = model(mb["features"])  # [N_k, T_k] log-probs of the response tokens
-            loss, metrics = sapo_torch.policy_loss(
-                logp, mb["old_logp"], mb["advantages"], mb["mask"],
-                normalizer=norm, **loss_options,
+            loss, _metrics = sapo_torch.policy_loss(
+                logp,
+                mb["old_logp"],
+                mb["advantages"],
+                mb["mask"],
+                normalizer=norm,
+                **loss_options,
             )
             (loss * scale).backward()  # never divided by the number of micro-batches
         step_loss += loss.detach()
@@ -121,6 +131,8 @@ def pad_micro_batches(micro_batches):
     blank = {k: v[:1].clone() for k, v in micro_batches[0].items()}
     blank["mask"] = torch.zeros_like(blank["mask"])
     return list(micro_batches) + [blank] * (int(count) - len(micro_batches))
+
+
 # --8<-- [end:train_step]
 
 
@@ -144,7 +156,10 @@ def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=TIMEOUT),
     )
     data = dict(np.load(data_file))
@@ -155,15 +170,21 @@ def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
 
     # 1. Loss and logp-gradient of every config: counts all-reduced, shard results summed.
     for c, (method, loss_agg, count_empty) in enumerate(db.CONFIGS):
-        shards = [{k: torch.from_numpy(v) for k, v in db.shard(batch, rows).items()} for rows in micro]
+        shards = [
+            {k: torch.from_numpy(v) for k, v in db.shard(batch, rows).items()} for rows in micro
+        ]
         norm = global_normalizer([s["mask"] for s in shards], count_empty_rows=count_empty)
         loss_sum = torch.zeros((), dtype=torch.float64)
         grad = torch.zeros(shape, dtype=torch.float64)
         for rows, s in zip(micro, shards):
             logp = s["logp"].clone().requires_grad_(True)
             loss, _ = sapo_torch.policy_loss(
-                logp, s["old_logp"], s["advantages"], s["mask"],
-                normalizer=norm, **db.options(method, loss_agg),
+                logp,
+                s["old_logp"],
+                s["advantages"],
+                s["mask"],
+                normalizer=norm,
+                **db.options(method, loss_agg),
             )
             loss.backward()
             loss_sum += loss.detach()
@@ -194,8 +215,12 @@ def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
             if variant.startswith("fsdp2"):
                 micro_batches = pad_micro_batches(micro_batches)
             step_loss = train_step(
-                model, optimizer, micro_batches, scale_loss=variant.endswith("scale_loss"),
-                count_empty_rows=count_empty, **db.options(method, loss_agg),
+                model,
+                optimizer,
+                micro_batches,
+                scale_loss=variant.endswith("scale_loss"),
+                count_empty_rows=count_empty,
+                **db.options(method, loss_agg),
             )
             w_new = model.module.w if variant.startswith("ddp") else model.w.full_tensor()
             out[f"{variant}{c}"] = data["weights"] - w_new.detach().numpy()
@@ -221,8 +246,18 @@ def gloo_run(tmp_path_factory):
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(tmp / "store"), str(tmp / "data.npz"), str(tmp)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                __file__,
+                str(rank),
+                str(tmp / "store"),
+                str(tmp / "data.npz"),
+                str(tmp),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in range(WORLD)
     ]
@@ -246,15 +281,21 @@ def gloo_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.torch
-@pytest.mark.parametrize("c", range(len(db.CONFIGS)), ids=lambda c: "-".join(map(str, db.CONFIGS[c])))
+@pytest.mark.parametrize(
+    "c", range(len(db.CONFIGS)), ids=lambda c: "-".join(map(str, db.CONFIGS[c]))
+)
 def test_two_ranks_sum_to_the_full_batch(gloo_run, c):
     import sapo_ref
 
     data, results, _ = gloo_run
     method, loss_agg, count_empty = db.CONFIGS[c]
     full = sapo_ref.policy_loss(
-        data["logp"], data["old_logp"], data["advantages"], data["mask"],
-        count_empty_rows=count_empty, **db.options(method, loss_agg),
+        data["logp"],
+        data["old_logp"],
+        data["advantages"],
+        data["mask"],
+        count_empty_rows=count_empty,
+        **db.options(method, loss_agg),
     )
     want_counts = sapo_ref.normalizer(data["mask"], count_empty_rows=count_empty)
     for rank, res in enumerate(results):
@@ -266,7 +307,9 @@ def test_two_ranks_sum_to_the_full_batch(gloo_run, c):
 @pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("c", range(len(DDP_CONFIGS)), ids=lambda c: "-".join(map(str, DDP_CONFIGS[c])))
+@pytest.mark.parametrize(
+    "c", range(len(DDP_CONFIGS)), ids=lambda c: "-".join(map(str, DDP_CONFIGS[c]))
+)
 def test_training_step_gives_the_full_batch_parameter_gradient(gloo_run, c, variant):
     import sapo_ref
 
@@ -274,8 +317,12 @@ def test_training_step_gives_the_full_batch_parameter_gradient(gloo_run, c, vari
     method, loss_agg, count_empty = DDP_CONFIGS[c]
     logp, dlogp_dw = db.model_logp(data["features"], data["weights"])
     full = sapo_ref.policy_loss(
-        logp, data["old_logp_model"], data["advantages"], data["mask"],
-        count_empty_rows=count_empty, **db.options(method, loss_agg),
+        logp,
+        data["old_logp_model"],
+        data["advantages"],
+        data["mask"],
+        count_empty_rows=count_empty,
+        **db.options(method, loss_agg),
     )
     want = np.einsum("it,itf->f", full.grad, dlogp_dw)  # chain rule through the model
     for rank, res in enumerate(results):

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sapo_ref.aggregation import Normalizer, normalizer as _local_normalizer
+from sapo_ref.aggregation import Normalizer
+from sapo_ref.aggregation import normalizer as _local_normalizer
 
-__all__ = ["global_normalizer", "local_counts", "allreduce_sum_hook"]
+__all__ = ["allreduce_sum_hook", "global_normalizer", "local_counts"]
 
 
 def local_counts(
@@ -44,7 +45,9 @@ def local_counts(
     """
     masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
     if not masks:
-        raise ValueError("mask must be a tensor or a non-empty sequence of tensors; got an empty sequence")
+        raise ValueError(
+            "mask must be a tensor or a non-empty sequence of tensors; got an empty sequence"
+        )
     for k, m in enumerate(masks):
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"mask[{k}] must be a torch.Tensor; got {type(m).__name__}")
@@ -53,7 +56,12 @@ def local_counts(
     for m in masks:
         c = _local_normalizer(m.detach(), count_empty_rows=count_empty_rows)
         parts.append(
-            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in (c.num_tokens, c.num_rows)])
+            torch.stack(
+                [
+                    torch.as_tensor(v, dtype=torch.float64, device=device)
+                    for v in (c.num_tokens, c.num_rows)
+                ]
+            )
         )
     return torch.stack(parts).sum(dim=0)
 
