@@ -11,12 +11,13 @@ and gradient, so the shards' losses and gradients are **summed**, never averaged
 
 :func:`global_normalizer` adds the counts of the shards one process holds (micro-batches of any
 padded lengths); ``sapo_torch.distributed`` and ``sapo_jax.sharding`` add them across ranks.
+:func:`combine_metrics` gives a batch's metrics from its shards' (clause 3.11);
 :func:`split_rows` makes the arbitrary row partitions the tests and examples use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -24,7 +25,18 @@ import numpy as np
 
 from .aggregation import Normalizer, normalizer
 
-__all__ = ["global_normalizer", "split_rows"]
+__all__ = ["combine_metrics", "global_normalizer", "split_rows"]
+
+#: Count metrics: they add over shards (clause 3.11).
+COUNT_KEYS: tuple[str, ...] = ("tokens", "rows", "tokens_pos", "tokens_neg")
+#: The count a metric's mean, fraction or extreme is taken over; ``tokens`` for the others.
+_COMPANION = {
+    "seq_ratio/mean": "rows",
+    "seq_ratio/min": "rows",
+    "seq_ratio/max": "rows",
+    "gate/mean_pos": "tokens_pos",
+    "gate/mean_neg": "tokens_neg",
+}
 
 
 def global_normalizer(masks: Iterable[Any], *, count_empty_rows: bool = False) -> Normalizer:
@@ -53,6 +65,46 @@ def global_normalizer(masks: Iterable[Any], *, count_empty_rows: bool = False) -
     if total is None:
         raise ValueError("masks must hold at least one shard mask; got none")
     return total
+
+
+def combine_metrics(shards: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    r"""The metrics of a batch from the metrics of its shards (clause 3.11).
+
+    Counts add; a mean or fraction is the shards' values weighted by their companion count
+    (``tokens``; ``rows`` for ``seq_ratio/*``; ``tokens_pos``/``tokens_neg`` for
+    ``gate/mean_pos``/``gate/mean_neg``); a minimum or maximum is taken over the shards whose
+    companion count is non-zero, and is 0 when there is none, as clause 7.1 defines it.
+
+    Args:
+        shards: one metrics dict per shard (``PolicyLossResult.metrics``, or floats of an
+            adapter's metrics), all of the same method.
+
+    >>> combine_metrics([{"tokens": 3.0, "ratio/mean": 1.0, "ratio/max": 1.5},
+    ...                  {"tokens": 1.0, "ratio/mean": 2.0, "ratio/max": 2.0}])
+    {'tokens': 4.0, 'ratio/mean': 1.25, 'ratio/max': 2.0}
+    """
+    if not shards:
+        raise ValueError("shards must hold at least one metrics dict; got none")
+    keys = list(shards[0])
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [float(m[key]) for m in shards]
+        if key in COUNT_KEYS:
+            out[key] = float(sum(values))
+            continue
+        weights = [float(m[_COMPANION.get(key, "tokens")]) for m in shards]
+        present = [v for v, w in zip(values, weights) if w > 0]
+        if key.endswith("/min"):
+            out[key] = min(present, default=0.0)
+        elif key.endswith("/max"):
+            out[key] = max(present, default=0.0)
+        else:
+            total = sum(weights)
+            # an empty set's mean is 0 (clause 7.1); skip weight-0 shards so inf * 0 never occurs
+            out[key] = (
+                sum(v * w for v, w in zip(values, weights) if w > 0) / total if total else 0.0
+            )
+    return out
 
 
 def split_rows(

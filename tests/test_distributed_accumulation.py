@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sapo_ref
-from sapo_ref.sharding import global_normalizer, split_rows
+from sapo_ref.sharding import combine_metrics, global_normalizer, split_rows
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
 import _distributed_batches as db
@@ -111,6 +111,32 @@ def test_any_row_partition_and_its_counts(seed, n_rows, data):
         total += res.loss
         parts.append((rows, res.grad))
     _check_sum(config, total, parts, batch, _full(batch, config))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["seq_adv", "token_adv"])
+@pytest.mark.parametrize("method", list(sapo_ref.spec.METHODS))
+def test_shard_metrics_combine_to_the_batch_metrics(method, per_token):
+    """Clause 3.11: counts add, means weight by their companion count, extremes skip empties."""
+    config = (method, "token-mean", False)
+    batch, micro = _case(config, per_token)
+    norm = global_normalizer([batch["mask"][rows] for rows in micro])
+    shards = []
+    for rows in micro:  # the first micro-batch holds only empty rows
+        s = db.shard(batch, rows)
+        res = sapo_ref.policy_loss(
+            s["logp"], s["old_logp"], s["advantages"], s["mask"], method=method, normalizer=norm
+        )
+        shards.append(res.metrics)
+    got = combine_metrics(shards)
+    want = _full(batch, config).metrics
+    assert list(got) == list(want)
+    for key in want:
+        db.assert_close(got[key], want[key], "float64", "value", key)
+
+
+def test_combine_metrics_needs_a_shard():
+    with pytest.raises(ValueError, match="at least one metrics dict"):
+        combine_metrics([])
 
 
 def test_mean_of_micro_batch_means_is_another_loss():
