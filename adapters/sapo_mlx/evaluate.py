@@ -30,7 +30,7 @@ from sapo_ref.aggregation import Normalizer, denominator
 from sapo_ref.config import LossConfig
 
 from .gates import SapoParts, clip_parts, sapo_parts, signed_sapo_parts
-from .numerics import accurate_sum, exp
+from .numerics import accurate_sum
 
 __all__ = ["Prepared", "gate_parts", "loss_core", "prepare", "token_weights"]
 
@@ -117,14 +117,12 @@ def _loss_and_grad(
     coef = ca * dlog if spread is None else ca * dlog * spread  # dJ/d log x, / L_i when spread
     if not config.is_soft:
         # Clause 5.4: where r = e^{log x} overflows but c*A*r need not (A < 0, no dual clip:
-        # the only unbounded case), c*A*r = -exp(log x + log|c A|): the correctly rounded
-        # finite value, +inf only when it truly overflows (as sapo_ref.evaluate).
+        # the only unbounded case), c*A*r = (c*A*e^{log x/2})*e^{log x/2}: the finite value,
+        # +inf only when it truly overflows (sapo_ref.evaluate takes -exp(log x + log|c A|)).
         big = gate.active & (gate.r == math.inf)
-        log_ca = mx.log(mx.where(big, -ca, 1.0))
-        huge = mx.where(big, log_x, 0.0)
-        weighted = mx.where(big, -exp(huge + log_ca), weighted)
-        log_coef = huge + log_ca if spread is None else huge + log_ca + mx.log(spread)
-        coef = mx.where(big, -exp(log_coef), coef)
+        weighted = mx.where(big, (ca * gate.half) * gate.half, weighted)
+        scaled = ca if spread is None else ca * spread
+        coef = mx.where(big, (scaled * gate.half) * gate.half, coef)
     # Blocked sums: MLX's own sum loses ~n ulps (sapo_mlx.numerics.accurate_sum).
     loss = 0.0 - accurate_sum(accurate_sum(mx.where(valid, weighted, 0.0)))  # empty batch: +0.0
     coef = mx.where(valid, coef, 0.0)

@@ -14,15 +14,31 @@ r"""The SAPO and hard-clip gates in MLX: the twins of :mod:`sapo_ref.gates`, sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
 from sapo_ref.gates import X_SAT, ClipParts, SapoParts, saturation_log_ratio
 
-from .numerics import exp, exp_and_expm1, logistic_and_weight
+from .numerics import exp_and_expm1, half_exp_and_expm1, logistic_and_weight
 
-__all__ = ["ClipParts", "SapoParts", "clip_parts", "sapo_parts", "signed_sapo_parts"]
+__all__ = [
+    "ClipParts",
+    "HalfClipParts",
+    "SapoParts",
+    "clip_parts",
+    "sapo_parts",
+    "signed_sapo_parts",
+]
+
+
+@dataclass(frozen=True)
+class HalfClipParts(ClipParts):
+    r""":class:`sapo_ref.ClipParts` plus ``half`` :math:`= e^{\delta/2}`, finite up to twice the
+    largest exponent: :math:`cAr = (cA\,e^{\delta/2})\,e^{\delta/2}` where ``r`` overflows (5.4)."""
+
+    half: Any = None
 
 
 def _sapo(delta: mx.array, tau: Any, delta_sat: Any, four_over_tau: Any) -> SapoParts:
@@ -90,7 +106,8 @@ def clip_parts(
     >>> c.active.tolist()
     [True, True, False]
     """
-    r = exp(delta)  # +inf past the largest finite exponent (clause 6.3)
+    half = half_exp_and_expm1(delta)[0]
+    r = half * half  # +inf past the largest finite exponent (clause 6.3)
     hi = 1.0 + eps_high
     lo = 1.0 - eps_low
     pos = adv > 0
@@ -107,5 +124,8 @@ def clip_parts(
     # g = 0 at A = 0 so that A * g never meets 0 * inf (clause 5.1).
     g = mx.where(pos, g_pos, mx.where(neg, g_neg, 0.0))
     active = (pos | neg) & ~high & ~low & ~dual
-    return ClipParts(g=g, dlog=mx.where(active, r, 0.0), active=active, r=r, low=low, high=high, dual=dual)
+    return HalfClipParts(
+        g=g, dlog=mx.where(active, r, 0.0), active=active, r=r, low=low, high=high, dual=dual,
+        half=half,
+    )
 

@@ -21,9 +21,20 @@ transcendental evaluation. The two cases are selected with ``minimum``/``maximum
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
 import mlx.core as mx
 
-__all__ = ["SUM_BLOCK", "accurate_sum", "exp", "exp_and_expm1", "logistic_and_weight"]
+__all__ = [
+    "SUM_BLOCK",
+    "accurate_sum",
+    "exp",
+    "exp_and_expm1",
+    "half_exp_and_expm1",
+    "logistic_and_weight",
+]
 
 #: Block length of :func:`accurate_sum` (error per level at most SUM_BLOCK/2 ulps).
 SUM_BLOCK = 16
@@ -40,38 +51,63 @@ def _sign_select(x: mx.array) -> mx.array:
     return (x * big) * big
 
 
-def exp_and_expm1(x: mx.array) -> tuple[mx.array, mx.array]:
-    r""":math:`(e^x, e^x - 1)`, both accurate to a few ulps in the dtype of ``x`` (one ``expm1``).
+def _via_float32(fn: Callable[[mx.array], tuple[mx.array, ...]]) -> Callable[..., Any]:
+    # bfloat16 and float16 are computed in float32 and rounded once at the end.
+    @wraps(fn)
+    def wrapped(x: mx.array) -> Any:
+        if x.dtype in (mx.float32, mx.float64):
+            return fn(x)
+        out = fn(x.astype(mx.float32))
+        return tuple(o.astype(x.dtype) for o in out) if isinstance(out, tuple) else out.astype(x.dtype)
+
+    return wrapped
+
+
+@_via_float32
+def half_exp_and_expm1(x: mx.array) -> tuple[mx.array, mx.array]:
+    r""":math:`(e^{x/2}, e^x - 1)`, both accurate to a few ulps in the dtype of ``x`` (one ``expm1``).
 
     With :math:`v = \operatorname{expm1}(|x|/2)`, :math:`a = 1 + v = e^{|x|/2}` and :math:`b = 1/a`:
-    :math:`e^x = a^2` and :math:`e^x - 1 = v(2 + v)` for :math:`x \ge 0`; :math:`e^x = b^2` and
+    :math:`e^{x/2} = a` and :math:`e^x - 1 = v(2 + v)` for :math:`x \ge 0`; :math:`e^{x/2} = b` and
     :math:`e^x - 1 = -(vb)(1 + b)` for :math:`x < 0` (:math:`b - 1 = -vb`: no digit cancels).
-    :math:`e^x` is :math:`+\infty` past the largest finite exponent and 0 at :math:`-\infty`, where
-    :math:`e^x - 1 = -1`.
+    :math:`e^x - 1 = -1` at :math:`-\infty`. The half exponential lets a caller form
+    :math:`c\,e^x = (c\,e^{x/2})\,e^{x/2}` where :math:`e^x` alone would overflow.
 
     >>> import math, mlx.core as mx
-    >>> r, u = exp_and_expm1(mx.array([-1e-12, -30.0, -float("inf")], dtype=mx.float64))
-    >>> [abs(a / math.exp(x) - 1) < 1e-15 for a, x in zip(r.tolist(), [-1e-12, -30.0])]
-    [True, True]
-    >>> abs(u.tolist()[0] / math.expm1(-1e-12) - 1) < 1e-15, u.tolist()[2]
+    >>> h, u = half_exp_and_expm1(mx.array([-1e-12, 1000.0, -float("inf")], dtype=mx.float64))
+    >>> abs(h.tolist()[1] / math.exp(500.0) - 1) < 1e-15, u.tolist()[2]
     (True, -1.0)
+    >>> abs(u.tolist()[0] / math.expm1(-1e-12) - 1) < 1e-15
+    True
     """
-    if x.dtype not in (mx.float32, mx.float64):  # bfloat16, float16: through float32
-        r, u = exp_and_expm1(x.astype(mx.float32))
-        return r.astype(x.dtype), u.astype(x.dtype)
     z = _sign_select(x)
     v = mx.expm1(0.5 * mx.abs(x))
     a = 1.0 + v
     b = 1.0 / a
     # v b = v / (1 + v) -> 1 when v overflows (b = 0), where the product would be inf * 0.
     vb = mx.where(b > 0, v * b, 1.0)
-    root = mx.minimum(a, mx.maximum(b, z))  # e^{x/2}: a for x >= 0, b for x < 0
-    return root * root, mx.minimum(v * (2.0 + v), mx.maximum(-vb * (1.0 + b), z))
+    half = mx.minimum(a, mx.maximum(b, z))  # a for x >= 0, b for x < 0
+    return half, mx.minimum(v * (2.0 + v), mx.maximum(-vb * (1.0 + b), z))
 
 
+@_via_float32
+def exp_and_expm1(x: mx.array) -> tuple[mx.array, mx.array]:
+    r""":math:`(e^x, e^x - 1)` from :func:`half_exp_and_expm1`: :math:`e^x = (e^{x/2})^2`,
+    :math:`+\infty` past the largest finite exponent, 0 at :math:`-\infty`.
+
+    >>> import math, mlx.core as mx
+    >>> r, u = exp_and_expm1(mx.array([-1e-12, -30.0], dtype=mx.float64))
+    >>> [abs(a / math.exp(x) - 1) < 1e-15 for a, x in zip(r.tolist(), [-1e-12, -30.0])]
+    [True, True]
+    """
+    half, u = half_exp_and_expm1(x)
+    return half * half, u
+
+
+@_via_float32
 def exp(x: mx.array) -> mx.array:
     r""":math:`e^x` accurate in the dtype of ``x``, :math:`+\infty` past the largest finite exponent,
-    without the float32 approximation MLX uses for ``mx.exp`` (see :func:`exp_and_expm1`).
+    without the float32 approximation MLX uses for ``mx.exp`` (see :func:`half_exp_and_expm1`).
 
     >>> import math, mlx.core as mx
     >>> xs = [1e-10, 88.5, -700.0, -740.0]
@@ -81,9 +117,11 @@ def exp(x: mx.array) -> mx.array:
     >>> exp(mx.array([88.5, 100.0])).tolist()[1]  # float32: finite below 88.72, inf above
     inf
     """
-    return exp_and_expm1(x)[0]  # the unused e^x - 1 is never evaluated (lazy graph)
+    half = half_exp_and_expm1(x)[0]  # the unused e^x - 1 is never evaluated (lazy graph)
+    return half * half
 
 
+@_via_float32
 def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
     r""":math:`\sigma(x)` and :math:`w = 4\sigma(x)(1-\sigma(x)) = \frac{4e^{-|x|}}{(1+e^{-|x|})^2}`
     from :math:`e^{-|x|}` only (clause 6.3), exact and finite for :math:`x \in [-\infty, \infty]`.
@@ -96,9 +134,6 @@ def logistic_and_weight(x: mx.array) -> tuple[mx.array, mx.array]:
     >>> p.tolist(), w.tolist()
     ([0.5, 1.0, 0.0], [1.0, 0.0, 0.0])
     """
-    if x.dtype not in (mx.float32, mx.float64):  # bfloat16, float16: through float32
-        p, w = logistic_and_weight(x.astype(mx.float32))
-        return p.astype(x.dtype), w.astype(x.dtype)
     q = 1.0 / (1.0 + mx.expm1(0.5 * mx.abs(x)))
     e = q * q  # e^{-|x|}, as in exp_and_expm1
     inv = 1.0 / (1.0 + e)  # one division for p and w
