@@ -26,3 +26,12 @@ def test_public_api_is_documented_with_examples():
         obj = getattr(sapo_mlx, name)
         if callable(obj):
             assert obj.__doc__ and ">>>" in obj.__doc__, name
+
+
+def test_imports_no_other_framework():
+    import subprocess
+    import sys
+
+    code = "import sys, sapo_mlx; print(sorted(m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
