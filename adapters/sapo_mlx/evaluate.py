@@ -100,9 +100,12 @@ def gate_parts(log_x: mx.array, adv: mx.array, config: LossConfig) -> Any:
         return clip_parts(log_x, adv, config.eps_low, config.eps_high, config.dual_clip)
     if log_x.shape[-1] == adv.shape[-1]:
         return signed_sapo_parts(log_x, pos, config.tau_pos, config.tau_neg)
-    # One row ratio, two temperatures: evaluate both per row, then select per token.
+    # One row ratio, two temperatures: evaluate both per row, then select per token. The parts
+    # are finite, so hi*1 + lo*0 selects exactly, without a `where` branch per token.
     hi, lo = sapo_parts(log_x, config.tau_pos), sapo_parts(log_x, config.tau_neg)
-    return SapoParts(*(mx.where(pos, getattr(hi, k), getattr(lo, k)) for k in ("f", "w", "dlog")))
+    s = pos.astype(log_x.dtype)
+    not_s = 1.0 - s
+    return SapoParts(*(getattr(hi, k) * s + getattr(lo, k) * not_s for k in ("f", "w", "dlog")))
 
 
 def _loss_and_grad(
