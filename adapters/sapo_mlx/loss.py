@@ -47,6 +47,9 @@ def normalizer(mask: Any, *, count_empty_rows: bool = False) -> Normalizer:
     return Normalizer(mx.sum(lengths), rows)
 
 
+_mask_counts = normalizer  # policy_loss's keyword `normalizer` shadows the function
+
+
 def policy_loss(
     logp: mx.array,
     old_logp: mx.array,
@@ -128,17 +131,11 @@ def policy_loss(
     with mx.stream(mx.cpu) if on_cpu else nullcontext():
         p = prepare(logp, old_logp, advantages, mask, dtype)
         if normalizer is None:
-            normalizer = _local_normalizer(p.valid, config.count_empty_rows)
+            normalizer = _mask_counts(p.valid, count_empty_rows=config.count_empty_rows)
         c = token_weights(p, config, normalizer)
         loss, _ = loss_core(config)(p.delta, p.adv, c, p.valid)
         metrics = compute_metrics(p, config)
     return loss, metrics
-
-
-def _local_normalizer(valid: mx.array, count_empty_rows: bool) -> Normalizer:
-    lengths = mx.sum(valid.astype(mx.int32), axis=-1)
-    rows = valid.shape[-2] if count_empty_rows else mx.sum(lengths > 0)
-    return Normalizer(mx.sum(lengths), rows)
 
 
 def check_inputs(
