@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from sapo_ref.config import LOSS_AGG_NAMES, METHOD_NAMES
 
 __all__ = ["CAPABILITIES"]
 
-CAPABILITIES: Mapping[str, Any] = MappingProxyType(
-    {
-        "package": "sapo_jax",
-        "framework": "jax",
-        "api": "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options) -> (loss, metrics)",
-        "methods": METHOD_NAMES,
-        "loss_aggs": LOSS_AGG_NAMES,
-        # Every dtype is checked at its own [tolerances.<dtype>] row of the spec.
-        "dtypes": ("float64", "float32", "bfloat16", "float16"),
-        # float64 needs jax_enable_x64, which sapo_jax never turns on itself: without it JAX
-        # truncates float64 to float32 (sapo_jax warns with Float64TruncationWarning).
-        "requires": MappingProxyType({"float64": "jax_enable_x64"}),
-        "compute_dtype": MappingProxyType(
-            {"float64": "float64", "float32": "float32", "bfloat16": "float32", "float16": "float32"}
-        ),
-        "grad_dtype": "input",
-        "metrics": True,
-        "normalizer": True,
-        # NaN/inf at valid tokens and non-0/1 mask values are not detected (values are traced).
-        "data_checks": False,
-        "differentiable": ("logp",),
-        "transforms": ("jit", "grad", "value_and_grad", "vjp", "vmap", "shard_map"),
-        # Declared tolerance deviations from spec [tolerances], by dtype, with the reason: none.
-        "deviations": MappingProxyType({}),
-    }
-)
+#: A plain dict, the form ``sapo_conformance`` reads (its keys ``methods``, ``loss_aggs``,
+#: ``dtypes``, ``metrics``, ``tolerance_deviations``; the others document the adapter).
+CAPABILITIES: dict[str, Any] = {
+    "package": "sapo_jax",
+    "framework": "jax",
+    "api": "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options) -> (loss, metrics)",
+    "methods": METHOD_NAMES,
+    "loss_aggs": LOSS_AGG_NAMES,
+    # Every dtype is checked at its own [tolerances.<dtype>] row of the spec.
+    "dtypes": ("float64", "float32", "bfloat16", "float16"),
+    # float64 needs jax_enable_x64, which sapo_jax never turns on itself: without it JAX
+    # truncates float64 to float32 (sapo_jax warns with Float64TruncationWarning).
+    "requires": {"float64": "jax_enable_x64"},
+    "compute_dtype": {
+        "float64": "float64", "float32": "float32", "bfloat16": "float32", "float16": "float32"
+    },
+    "grad_dtype": "input",
+    "metrics": True,
+    "normalizer": True,
+    # NaN/inf at valid tokens and non-0/1 mask values are not detected (values are traced).
+    "data_checks": False,
+    "differentiable": ("logp",),
+    "transforms": ("jit", "grad", "value_and_grad", "vjp", "vmap", "shard_map"),
+    # Declared tolerance deviations from spec [tolerances], by dtype, with the reason: none.
+    "tolerance_deviations": {},
+}

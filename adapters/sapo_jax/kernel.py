@@ -10,13 +10,15 @@ aggregation weights and hard clip. Three arrangements differ, for speed only:
   token, and :math:`\sigma`, :math:`w` share one reciprocal :math:`1/(1+e^{-|x|})`;
 - a sequence method with per-sequence advantages evaluates its gate once per row ([N]) and
   broadcasts, instead of at every token;
-- the loss sums each row before weighting it, :math:`-\sum_i c_i \sum_t m_{it}\ell_{it}` with the
+- SAPO's loss sums each row before weighting it, :math:`-\sum_i c_i \sum_t m_{it}\ell_{it}` with the
   row factor :math:`c_i = \rho_i/D`: XLA on CPU turns :math:`\sum_{it} c_{it}\ell_{it}` over two
-  [N, T] arrays into a dot product that runs several times slower.
+  [N, T] arrays into a dot product that runs several times slower. (The clipped methods keep
+  the reference's per-token :math:`c_{it}A_{it}r_{it}`, exact in the overflow band, clause 6.3.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from sapo_ref.aggregation import Normalizer, denominator, token_weights
 from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import Evaluation, prepare
-from sapo_ref.gates import ClipParts, SapoParts, clip_parts, saturation_log_ratio
+from sapo_ref.gates import ClipParts, SapoParts, clip_parts, safe_exp, saturation_log_ratio
 
 from .counts import local_normalizer
 
@@ -108,11 +110,23 @@ def evaluate_jax(
         g, dlog, gate = _gate(p.log_x, p.adv, config)
 
     term = jnp.where(p.valid, p.adv * g, zero)
-    loss = 0.0 - jnp.sum(c_row[:, 0] * jnp.sum(term, axis=1))  # 0.0 - x: an empty batch gives +0.0
-    coef = jnp.where(p.valid, c * p.adv * dlog, zero)
+    ca = c * p.adv  # 0 at invalid tokens
+    spread = (1.0 / jnp.where(p.lengths > 0, p.lengths, 1.0))[:, None] if config.spreads_gradient else 1.0
+    coef = ca * dlog * spread  # dJ/d log x per token, already divided by L_i when spread
+    if config.is_soft:
+        loss = 0.0 - jnp.sum(c_row[:, 0] * jnp.sum(term, axis=1))  # 0.0 - x: empty batch +0.0
+    else:
+        # Clause 6.3: where r overflows but c*A*r need not (A < 0, no dual clip), take
+        # c*A*r = -exp(log x + log|cA|): finite whenever the true value is.
+        big = gate.active & (gate.r == math.inf)
+        log_ca = jnp.log(jnp.where(big, -ca, 1.0))
+        huge = jnp.where(big, p.log_x, zero)
+        weighted = jnp.where(big, -safe_exp(huge + log_ca), ca * g)
+        coef = jnp.where(big, -safe_exp(huge + log_ca + jnp.log(spread)), coef)
+        loss = 0.0 - jnp.sum(jnp.sum(jnp.where(p.valid, weighted, zero), axis=1))
+    coef = jnp.where(p.valid, coef, zero)
     if config.spreads_gradient:
-        row = jnp.sum(coef, axis=1) / jnp.where(p.lengths > 0, p.lengths, 1.0)
-        grad = jnp.where(p.valid, -row[:, None], zero)
+        grad = jnp.where(p.valid, -jnp.sum(coef, axis=1)[:, None], zero)
     else:
         grad = jnp.where(p.valid, -coef, zero)
     return Evaluation(loss=loss, grad=grad, prepared=p, term=term, gate=gate, weights=c)
