@@ -332,3 +332,27 @@ def test_clip_overflow_band_is_finite(method, dtype, delta):
     assert np.all(np.isfinite(got))
     scale = np.max(np.abs(ref.grad))
     assert np.all(np.abs(got - ref.grad) <= tol["grad"].atol * scale + tol["grad"].rtol * np.abs(ref.grad))
+
+
+def test_float32_metrics_are_the_references():
+    """Metrics of float32 inputs equal the float64 reference's on the same inputs: ratios near
+    3e38 whose float32 sum overflows, and log-ratios of 1e4 that cancel in the mean (k1)."""
+    cases = {
+        "ratio sum overflows float32": (
+            [[-0.1, -0.1, -0.5], [-0.25, -2.0, -3.5]], [[-88.6, -88.4, -0.5], [-0.25, -1.0, -3.0]]),
+        "log-ratios cancel": (
+            [[-0.1, -9999.7, -0.5], [-9997.9, -0.25, -3.5]], [[-9999.7, -0.1, -0.5], [-0.25, -9999.7, -3.0]]),
+    }
+    adv, mask = np.array([1.0, -1.0], np.float32), np.ones((2, 3), bool)
+    for name, (lp, old) in cases.items():
+        lp, old = np.array(lp, np.float32), np.array(old, np.float32)
+        for method in ("sapo", "grpo"):
+            ref = sapo_ref.policy_loss(*(a.astype(np.float64) for a in (lp, old, adv)), mask, method=method)
+            _, m = sapo_mlx.policy_loss(mx.array(lp), mx.array(old), mx.array(adv), mx.array(mask), method=method)
+            for key, want in ref.metrics.items():
+                got = float(np.array(m[key]))
+                if not np.isfinite(want):
+                    assert got == want, (name, key)
+                    continue
+                bound = F64["value"].atol * max(1.0, abs(want)) + F64["value"].rtol * abs(want)
+                assert abs(got - want) <= bound, (name, key, got, want)

@@ -83,7 +83,8 @@ def policy_loss(
 
     Inputs are ``mx.array`` s (NumPy data is converted with :func:`sapo_mlx.to_mx`, float64
     kept). float64 and float32 are computed as given, bfloat16 and float16 in float32; the
-    loss and metrics are in that compute dtype, ``mx.grad`` returns ``logp``'s dtype.
+    loss is in that compute dtype, ``mx.grad`` returns ``logp``'s dtype. The metrics are
+    float64 (computed on the CPU stream from the inputs as given, whatever their dtype).
     ``advantages`` and ``mask`` are constants (zero gradient). Data checks that need the
     values (NaN at valid tokens, clause 8.5, 8.6) are in :func:`check_inputs`.
     ``mx.compile(..., shapeless=True)`` is refused by MLX (the blocked sums depend on ``T``).
@@ -127,14 +128,20 @@ def policy_loss(
             stacklevel=2,
         )
     # float64 exists only on the CPU device (Metal has none).
-    on_cpu = dtype == mx.float64 and mx.default_device() != mx.cpu
-    with mx.stream(mx.cpu) if on_cpu else nullcontext():
+    cpu = mx.default_device() != mx.cpu
+    with mx.stream(mx.cpu) if cpu and dtype == mx.float64 else nullcontext():
         p = prepare(logp, old_logp, advantages, mask, dtype)
         if normalizer is None:
             normalizer = _mask_counts(p.valid, count_empty_rows=config.count_empty_rows)
         c = token_weights(p, config, normalizer)
         loss, _ = loss_core(config)(p.delta, p.adv, c, p.valid)
-        metrics = compute_metrics(p, config)
+    # Metrics are diagnostics, computed only if evaluated: in float64 (on the CPU stream, which
+    # shares memory on Apple silicon) they are the reference's own numbers for every input
+    # dtype; float32 would overflow sums of ratios near 3e38 and lose the mean of cancelling
+    # log-ratios of magnitude 1e4.
+    with mx.stream(mx.cpu) if cpu else nullcontext():
+        inputs = (mx.stop_gradient(a) for a in (logp, old_logp, advantages))
+        metrics = compute_metrics(prepare(*inputs, mask, mx.float64), config)
     return loss, metrics
 
 
