@@ -32,6 +32,7 @@ CAPABILITIES: dict[str, Any] = {
         (
             "MLX's float32 sum accumulates sequentially (~n ulps): the adapter sums in blocks."
         ),
+        "Metrics are computed in float64 on the CPU stream, from the inputs as given.",
         (
             "Data checks of clauses 5.5, 8.5, 8.6 and the mask's 0/1 values need a host sync: "
             "they are in sapo_mlx.check_inputs, not in the lazy policy_loss."
