@@ -433,7 +433,13 @@ GENERATORS: dict[str, Gen] = {
 
 
 def generate_cases(seed: int = 0, per_clause: int = 6, clauses: tuple[str, ...] | None = None) -> list[Case]:
-    """``per_clause`` seeded cases for every clause with a generator (deterministic)."""
+    """``per_clause`` seeded cases for every clause with a generator (deterministic).
+
+    >>> [c.id for c in generate_cases(seed=3, per_clause=2, clauses=("2.1",))]
+    ['2.1-00', '2.1-01']
+    >>> generate_cases(3, 1)[5].options == generate_cases(3, 4)[20].options  # stable ids
+    True
+    """
     out: list[Case] = []
     for index, (cid, gen) in enumerate(GENERATORS.items()):
         if clauses is not None and cid not in clauses:
@@ -475,6 +481,9 @@ def golden_cases() -> list[Case]:
     Vectors whose options fall outside the third-party contract (``count_empty_rows``,
     ``normalizer``) are left out: the contract cannot pass them. They are float64 goldens and
     apply in float64 only (the random cases cover low precision).
+
+    >>> all(c.id.startswith("golden:") and c.dtypes == ("float64",) for c in golden_cases())
+    True
     """
     import json
 
@@ -557,7 +566,15 @@ def _reference(lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarra
 
 
 def materialize(case: Case, dtype: str) -> Materialized | str:
-    """The case in ``dtype`` with the reference on the rounded inputs, or why it does not apply."""
+    """The case in ``dtype`` with the reference on the rounded inputs, or why it does not apply.
+
+    >>> one = np.ones((1, 2))
+    >>> case = Case("x", ("5.3",), 1e6 * one, 0 * one, one[0, :1], one > 0)
+    >>> materialize(case, "float16")
+    'logp is out of the range of float16'
+    >>> materialize(case, "float32").want_loss  # f -> 4/tau_pos at delta = 1e6 (clause 5.3)
+    -4.0
+    """
     if dtype not in case.dtypes:
         return f"the case is checked in {', '.join(case.dtypes)} only"
     lp, old, adv = (round_to(a, dtype) for a in (case.logp, case.old_logp, case.advantages))

@@ -154,6 +154,11 @@ def _row_json(row: ClauseRow) -> dict[str, Any]:
     }
 
 
+def _clause_order(rows: list[ClauseRow]) -> list[str]:
+    order = {c.id: i for i, c in enumerate(spec.CLAUSES)}
+    return sorted({r.clause for r in rows}, key=lambda c: order.get(c, 999))
+
+
 def _title(cid: str) -> str:
     try:
         return spec.clause(cid).title
@@ -186,6 +191,7 @@ def to_json(result: SuiteResult, settings: dict[str, Any]) -> dict[str, Any]:
             "status": "skipped" if run.skipped else "ran",
             "reason": run.skipped or "",
             "dtype_skips": dict(run.dtype_skips),
+            "wall_time_s": round(run.seconds, 3),
             "methods": list(t.methods),
             "loss_aggs": list(t.loss_aggs),
             "dtypes": list(t.dtypes),
@@ -239,7 +245,8 @@ def to_markdown(result: SuiteResult, settings: dict[str, Any]) -> str:
         notes = tg["reason"] or "; ".join(f"{k}: {v}" for k, v in tg["dtype_skips"].items())
         for dt, dev in tg["tolerance_deviations"].items():
             notes += f"; declared {dt} tolerance deviation: {dev.get('reason', '')}"
-        lines.append(f"| {tg['name']} | {tg['framework']} | {tg['status']} | {notes.strip('; ')} |")
+        lines.append(f"| {tg['name']} | {tg['framework']} | {tg['status']} ({tg['wall_time_s']:.1f} s) | "
+                     f"{notes.strip('; ')} |")
     lines.append("")
     rows = result.rows()
     dtypes = [d for d in DTYPES if any(r.dtype == d for r in rows)]
@@ -249,7 +256,7 @@ def to_markdown(result: SuiteResult, settings: dict[str, Any]) -> str:
             continue
         lines += [f"## {run.target.name}", "", "| clause | title | " + " | ".join(dtypes) + " |",
                   "|---|---|" + "---|" * len(dtypes)]
-        for cid in dict.fromkeys(r.clause for r in mine):
+        for cid in _clause_order(mine):
             cells = []
             for d in dtypes:
                 row = next((r for r in mine if r.clause == cid and r.dtype == d), None)
@@ -321,15 +328,15 @@ def render(result: SuiteResult, settings: dict[str, Any], console: Any = None) -
             console.print(f"[magenta]target {t.name}: declared tolerance deviation for {dt}[/]: "
                           f"{ {k: v for k, v in dev.items() if k != 'reason'} } - {dev.get('reason', 'no reason given')}")
         mine = [r for r in rows if r.target == t.name]
-        table = Table(title=f"{t.name} ({t.framework}: {t.origin}): cases passed, worst relative "
-                      "error (C.1)", title_justify="left", show_lines=False)
+        table = Table(title=f"{t.name} ({t.framework}: {t.origin}, {run.seconds:.1f} s): cases passed, "
+                      "worst relative error (C.1)", title_justify="left", show_lines=False)
         table.add_column("clause", no_wrap=True, min_width=6)
         wide = console.width >= 110
         if wide:
             table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=max(20, console.width - 95))
         for d in dtypes:
             table.add_column(_SHORT[d], no_wrap=True)
-        for cid in dict.fromkeys(r.clause for r in mine):
+        for cid in _clause_order(mine):
             table.add_row(cid, *([_title(cid)] if wide else []), *[_cell(next((r for r in mine if r.clause == cid and r.dtype == d), None))
                                               for d in dtypes])
         console.print(table)

@@ -123,7 +123,11 @@ def _adapter(name: str, module: str) -> Target:
 
 
 def builtin_target(name: str) -> Target:
-    """A built-in target by name; :class:`UsageError` for an unknown name."""
+    """A built-in target by name; :class:`UsageError` for an unknown name.
+
+    >>> builtin_target("reference-strict").dtypes
+    ('float64', 'float32')
+    """
     if name == "reference":
         return Target("reference", "numpy", _reference_numpy, "sapo_ref.policy_loss",
                       dtypes=("float64", "float32", "float16"))
@@ -141,7 +145,15 @@ def builtin_target(name: str) -> Target:
 
 
 def impl_target(spec_str: str, framework: str) -> Target:
-    """A third-party ``MODULE:ATTR`` run by ``framework``'s driver; :class:`UsageError` if bad."""
+    """A third-party ``MODULE:ATTR`` run by ``framework``'s driver; :class:`UsageError` if bad.
+
+    >>> impl_target("sapo_ref:policy_loss", "numpy").name
+    'sapo_ref:policy_loss'
+    >>> impl_target("sapo_ref:nope", "numpy")
+    Traceback (most recent call last):
+    ...
+    sapo_conformance.targets.UsageError: --impl: module 'sapo_ref' has no attribute 'nope'
+    """
     from .drivers import DRIVERS
 
     if framework not in DRIVERS:

@@ -162,3 +162,13 @@ def test_pytest_fixture_check(third_party):
     assert res.passed
     with pytest.raises(pytest.fail.Exception, match="conformance failures"):
         ConformanceFixture().check("thirdparty_sapo:flipped", "numpy", dtypes=["float64"], cases_per_clause=1)
+
+
+def test_import_and_plugin_pull_in_no_framework(tmp_path):
+    """The plugin loads in every pytest run: importing the package must import no framework."""
+    code = ("import sys, json, sapo_conformance, sapo_conformance.pytest_plugin, sapo_conformance.cli; "
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    leaked = sorted(m for m in json.loads(out.stdout) if m.split(".")[0] in ("torch", "jax", "jaxlib", "mlx"))
+    assert not leaked, leaked
