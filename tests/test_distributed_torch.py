@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds n
 import _distributed_batches as db
 
 WORLD = 2
-TIMEOUT = 300  # seconds for both workers; measured 17-26 s on 2 busy cores (load 6-11)
+TIMEOUT = 300  # seconds for both workers; measured 15-26 s on 2 busy cores (load 6-11)
 DDP_CONFIGS = [("sapo", "seq-mean-token-mean", False), ("gspo", "token-mean", True)]
 # How the step sums gradients over ranks: a sum reduction, or the default average and loss x W.
 VARIANTS = ("ddp_sum_hook", "ddp_scale_loss", "fsdp2_sum", "fsdp2_scale_loss")
