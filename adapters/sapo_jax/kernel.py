@@ -118,11 +118,18 @@ def evaluate_jax(
     else:
         # Clause 6.3: where r overflows but c*A*r need not (A < 0, no dual clip), take
         # c*A*r = -exp(log x + log|cA|): finite whenever the true value is.
+        # log|cA| = log c_i + log|A|, per row when the advantages are (log and exp per token
+        # are the cost of this exactness).
         big = gate.active & (gate.r == math.inf)
-        log_ca = jnp.log(jnp.where(big, -ca, 1.0))
-        huge = jnp.where(big, p.log_x, zero)
-        weighted = jnp.where(big, -safe_exp(huge + log_ca), ca * g)
-        coef = jnp.where(big, -safe_exp(huge + log_ca + jnp.log(spread)), coef)
+        neg_adv = jnp.where(advantages < 0, -advantages, 1.0)
+        log_adv = jnp.log(neg_adv)[:, None] if advantages.ndim == 1 else jnp.log(neg_adv)
+        log_ca = jnp.log(jnp.where(c_row > 0, c_row, 1.0)) + log_adv
+        huge = jnp.where(big, p.log_x + log_ca, -math.inf)
+        band = -safe_exp(huge)  # c*A*r there (g = dlog = r in the band)
+        weighted = jnp.where(big, band, ca * g)
+        if config.spreads_gradient:  # divide by L_i inside the exp: band itself may overflow
+            band = -safe_exp(huge + jnp.log(spread))
+        coef = jnp.where(big, band, coef)
         loss = 0.0 - jnp.sum(jnp.sum(jnp.where(p.valid, weighted, zero), axis=1))
     coef = jnp.where(p.valid, coef, zero)
     if config.spreads_gradient:
