@@ -45,7 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sapo-conformance",
         description="Check SAPO-family policy-loss implementations against the sapo_ref spec, clause by clause.",
-        epilog="Exit status: 0 iff every applicable case passes; 1 on failures; 2 on usage errors.",
+        epilog=(
+            "The suite calls fn(logp, old_logp, advantages, mask, **options) with framework arrays "
+            "(options: only what the case needs of method, loss_agg, tau_pos, tau_neg, eps_low, "
+            "eps_high, dual_clip, norm_length), takes the loss (or the first item of a tuple; a dict "
+            "second item is compared as metrics) and differentiates it w.r.t. logp with the "
+            "framework's autodiff; a numpy fn returns (loss, grad). A function may declare "
+            "fn.sapo_capabilities = {'methods': [...], 'loss_aggs': [...], 'dtypes': [...], "
+            "'metrics': bool, 'tolerance_deviations': {dtype: {'tolerance': 'float32', 'reason': ...}}}. "
+            "Exit status: 0 iff every applicable case passes; 1 on failures; 2 on usage errors."
+        ),
     )
     p.add_argument("--target", action="append", default=None, metavar="NAME[,NAME]",
                    help=f"built-in targets to run ({', '.join(BUILTIN_TARGETS)}); default: all, "
