@@ -265,6 +265,11 @@ def to_markdown(result: SuiteResult, settings: dict[str, Any]) -> str:
         lines.append("")
     if data["failures"]:
         lines += ["## Failures", ""]
+        for run in result.runs:
+            fails = [r for r in result.failures if r.target == run.target.name]
+            if fails:
+                lines += [f"- **{run.target.name}**: {diagnosis(fails)}"]
+        lines.append("")
         for f in data["failures"]:
             devs = ", ".join(f"`{d['id']}` ({d['title']}; fix: {d['fix']})" for d in f["deviations"])
             lines += [f"### {f['target']} / {f['dtype']} / case `{f['case']}` (clauses {', '.join(f['clauses'])})", ""]
@@ -289,6 +294,19 @@ def _cell(row: ClauseRow | None, markdown: bool = False) -> str:
         return text if markdown else f"[bold red]{text}[/]"
     text = f"{n} ok {row.worst_rel:.0e}"
     return text if markdown else f"[green]{text}[/]"
+
+
+def diagnosis(fails: list[CaseResult]) -> str:
+    """Which known deviations reproduce how many of a target's failures."""
+    counts: dict[str, int] = {}
+    for r in fails:
+        for d in r.deviations:
+            counts[d.id] = counts.get(d.id, 0) + 1
+    unexplained = sum(1 for r in fails if not r.deviations)
+    parts = [f"{k} reproduces {v}/{len(fails)} failures" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if unexplained:
+        parts.append(f"{unexplained}/{len(fails)} match no known deviation")
+    return "; ".join(parts)
 
 
 def failure_title(r: CaseResult) -> str:
@@ -341,6 +359,8 @@ def render(result: SuiteResult, settings: dict[str, Any], console: Any = None) -
                                               for d in dtypes])
         console.print(table)
         fails = [r for r in result.failures if r.target == t.name]
+        if fails:
+            console.print(f"[bold]{t.name} diagnosis[/]: {diagnosis(fails)}")
         for r in fails[:MAX_DETAILED]:
             console.print(Panel(failure_body(r), title=f"[red]{failure_title(r)}[/]", title_align="left"))
             console.print(Syntax(repro(r, t.origin, t.framework), "python", word_wrap=True))
