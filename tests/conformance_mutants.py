@@ -141,7 +141,7 @@ def careful_loss(ops, logp, old_logp, advantages, mask, *, method="sapo", loss_a
     """The SAPO-family loss by plain autodiff; ``bug`` names one deliberate mistake."""
     cfg = sapo_ref.resolve_config(method, loss_agg or spec.DATA["defaults"]["loss_agg"], **params)
     in_dtype = ops.dtype_of(logp)
-    cd = ops.compute_dtype(logp)
+    cd = in_dtype if bug == "no-upcast" else ops.compute_dtype(logp)
     lp, old, adv = (ops.astype(a, cd) for a in (logp, old_logp, advantages))
     valid = ops.boolean(mask)
     zero = ops.zeros_like(lp)

@@ -162,3 +162,14 @@ def test_mlx_plain_autodiff_accepted_with_declared_float64_tolerance():
     _assert_passes(run_suite([_target("mlx", fn, caps=caps)], finite, DTYPES))
     strict = run_suite([_target("mlx", fn)], finite, ("float64",))
     assert not strict.passed
+
+
+def test_low_precision_without_upcast_rejected():
+    """Computing bfloat16/float16 inputs in their own dtype instead of float32 (clause 6.4) passes
+    most cases at those tolerances but not the range-hungry ones (float16 overflow past 65504)."""
+    pytest.importorskip("torch")
+    fn = cm.make("torch", bug="no-upcast")
+    res = run_suite([_target("torch", fn, "no-upcast")], CASES, ("float64", "float32", "bfloat16", "float16"))
+    assert not res.passed
+    assert {r.dtype for r in res.failures} <= {"bfloat16", "float16"}
+    assert "float16" in {r.dtype for r in res.failures}
