@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-
 import sapo_jax
 
 
@@ -89,7 +88,12 @@ def bench(method: str, rows: int, cols: int, repeats: int, metrics: bool) -> dic
     for fn in (ours, plain):  # compile and warm up
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {"ours_wall": [], "ours_cpu": [], "plain_wall": [], "plain_cpu": []}
+    times: dict[str, list[float]] = {
+        "ours_wall": [],
+        "ours_cpu": [],
+        "plain_wall": [],
+        "plain_cpu": [],
+    }
     chunk = max(1, repeats // 10)
     for _ in range(10):  # interleave so both sides see the same machine load
         for name, fn in (("ours", ours), ("plain", plain)):
@@ -115,8 +119,10 @@ def main() -> None:
         f"jit(value_and_grad), seq-mean-token-mean, medians of {repeats} interleaved calls"
         + (", metrics returned" if a.metrics else "")
     )
-    print(f"{'method':<12}{'sapo_jax ms':>12}{'plain ms':>10}{'ratio':>7}  |"
-          f"{'sapo_jax cpu ms':>16}{'plain cpu ms':>13}{'cpu ratio':>10}")
+    print(
+        f"{'method':<12}{'sapo_jax ms':>12}{'plain ms':>10}{'ratio':>7}  |"
+        f"{'sapo_jax cpu ms':>16}{'plain cpu ms':>13}{'cpu ratio':>10}"
+    )
     for m in methods:
         r = bench(m, a.rows, a.cols, repeats, a.metrics)
         print(

@@ -18,9 +18,10 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-import sapo_jax  # noqa: E402
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_jax
+
+import sapo_ref
+from sapo_ref import spec
 
 pytestmark = pytest.mark.jax
 
@@ -56,7 +57,10 @@ CASES = [
     ("norm_length missing", edit(loss_agg="seq-mean-token-sum-norm")),
     ("norm_length not applicable", edit(norm_length=10.0)),
     ("norm_length zero", edit(loss_agg="seq-mean-token-sum-norm", norm_length=0.0)),
-    ("count_empty_rows with normalizer", edit(count_empty_rows=True, normalizer=sapo_ref.Normalizer(6.0, 3.0))),
+    (
+        "count_empty_rows with normalizer",
+        edit(count_empty_rows=True, normalizer=sapo_ref.Normalizer(6.0, 3.0)),
+    ),
     ("count_empty_rows not bool", edit(count_empty_rows=1)),
     ("normalizer wrong type", edit(normalizer=(6.0, 3.0))),
     # clause 8.1: shapes
@@ -67,7 +71,13 @@ CASES = [
     ("advantages shape", lambda c: {**c, "advantages": c["advantages"][:2]}),
     ("advantages [N, 1]", lambda c: {**c, "advantages": c["advantages"][:, None]}),
     ("N = 0", lambda c: {k: v[:0] for k, v in c.items()}),
-    ("T = 0", lambda c: {**{k: v[:, :0] for k, v in c.items() if k != "advantages"}, "advantages": c["advantages"]}),
+    (
+        "T = 0",
+        lambda c: {
+            **{k: v[:, :0] for k, v in c.items() if k != "advantages"},
+            "advantages": c["advantages"],
+        },
+    ),
     # clause 8.2: dtypes
     ("logp int", lambda c: {**c, "logp": c["logp"].astype(np.int32)}),
     ("advantages int", lambda c: {**c, "advantages": np.array([1, 0, -1], np.int32)}),
@@ -105,7 +115,9 @@ def test_data_checks_are_the_references_only():
     call["logp"][0, 0] = np.nan
     with pytest.raises(ValueError, match="logp is NaN at a valid token"):
         sapo_ref.policy_loss(**call)
-    loss, _ = sapo_jax.policy_loss(*(jnp.asarray(call[k]) for k in ("logp", "old_logp", "advantages", "mask")))
+    loss, _ = sapo_jax.policy_loss(
+        *(jnp.asarray(call[k]) for k in ("logp", "old_logp", "advantages", "mask"))
+    )
     assert math.isnan(float(loss))
 
 
@@ -119,13 +131,20 @@ def test_differentiating_a_constant_input_is_an_error(name):
     with pytest.raises(TypeError, match=f"differentiable with respect to logp only; {name}"):
         jax.grad(f)(args[name])
     # stop_gradient, as the message says, makes it a constant again
-    jax.grad(lambda x: sapo_jax.policy_loss(**{**args, name: jax.lax.stop_gradient(x)})[0])(args[name])
+    jax.grad(lambda x: sapo_jax.policy_loss(**{**args, name: jax.lax.stop_gradient(x)})[0])(
+        args[name]
+    )
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -189,11 +208,15 @@ def test_x64_float64_computes_in_float64():
     loss, metrics = sapo_jax.policy_loss(**call)
     assert loss.dtype == jnp.float64 and all(v.dtype == jnp.float64 for v in metrics.values())
     f32 = {k: (v.astype(jnp.float32) if k != "mask" else v) for k, v in call.items()}
-    g = jax.grad(lambda x: sapo_jax.policy_loss(x, *(f32[k] for k in ("old_logp", "advantages", "mask")))[0])(f32["logp"])
+    g = jax.grad(
+        lambda x: sapo_jax.policy_loss(x, *(f32[k] for k in ("old_logp", "advantages", "mask")))[0]
+    )(f32["logp"])
     assert g.dtype == jnp.float32
     b16 = {k: (v.astype(jnp.bfloat16) if k != "mask" else v) for k, v in call.items()}
     loss, _ = sapo_jax.policy_loss(**b16)
-    g = jax.grad(lambda x: sapo_jax.policy_loss(x, *(b16[k] for k in ("old_logp", "advantages", "mask")))[0])(b16["logp"])
+    g = jax.grad(
+        lambda x: sapo_jax.policy_loss(x, *(b16[k] for k in ("old_logp", "advantages", "mask")))[0]
+    )(b16["logp"])
     assert loss.dtype == jnp.float32 and g.dtype == jnp.bfloat16
 
 
@@ -204,5 +227,7 @@ def test_capabilities_agree_with_spec():
     assert set(caps["dtypes"]) <= set(spec.TOLERANCES)
     assert caps["requires"]["float64"] == "jax_enable_x64"
     assert isinstance(caps, dict)  # sapo_conformance reads a plain dict
-    for dtype, deviation in caps["tolerance_deviations"].items():  # any declared deviation must say why
+    for dtype, deviation in caps[
+        "tolerance_deviations"
+    ].items():  # any declared deviation must say why
         assert dtype in spec.TOLERANCES and deviation.get("reason")

@@ -17,9 +17,10 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-import sapo_jax  # noqa: E402
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_jax
+
+import sapo_ref
+from sapo_ref import spec
 
 pytestmark = [
     pytest.mark.jax,
@@ -162,7 +163,9 @@ def test_low_precision_matches_reference_on_rounded_inputs(method, dtype):
     """bfloat16/float16 are computed in float32 (clause 6.4): compared with the reference on the
     same rounded inputs; the gradient comes back in the input dtype. Aggregation code does not
     depend on the dtype, so two aggregations (one per advantage shape) suffice here."""
-    for seed, (loss_agg, per_token) in enumerate((("seq-mean-token-mean", False), ("token-mean", True))):
+    for seed, (loss_agg, per_token) in enumerate(
+        (("seq-mean-token-mean", False), ("token-mean", True))
+    ):
         kw = options(method, loss_agg)
         case = make_case(seed, kw, dtype, per_token)
         check_against_reference(*case, dtype, kw, seed)
@@ -246,11 +249,19 @@ def test_masked_garbage_changes_no_bit(method):
         clean = [np.where(mask, x, 0.0) for x in (logp, old, adv)]
         outs = []
         step = jax.jit(
-            jax.value_and_grad(lambda x, o, a, m: sapo_jax.policy_loss(x, o, a, m, **kw), has_aux=True)
+            jax.value_and_grad(
+                lambda x, o, a, m: sapo_jax.policy_loss(x, o, a, m, **kw), has_aux=True
+            )
         )
         for lp_, o_, a_ in ((logp, old, adv), clean):
             (loss, metrics), grad = step(*jax_inputs(lp_, o_, a_, mask, dtype))
-            outs.append((np.asarray(loss), np.asarray(grad.astype(jnp.float32)), {k: np.asarray(v) for k, v in metrics.items()}))
+            outs.append(
+                (
+                    np.asarray(loss),
+                    np.asarray(grad.astype(jnp.float32)),
+                    {k: np.asarray(v) for k, v in metrics.items()},
+                )
+            )
         (l1, g1, m1), (l2, g2, m2) = outs
         assert np.array_equal(l1, l2) and np.array_equal(g1, g2)
         assert all(np.array_equal(m1[k], m2[k]) for k in m1)
@@ -276,7 +287,14 @@ def test_global_normalizer_shards_sum_to_batch(method, loss_agg):
         for rows in (slice(0, 2), slice(2, 6)):
             args = jax_inputs(logp[rows], old[rows], adv[rows], mask[rows], "float64")
             loss, grad = step(*args, norm.num_tokens, norm.num_rows)
-            ref = sapo_ref.policy_loss(logp[rows], old[rows], adv[rows], mask[rows], normalizer=sapo_ref.Normalizer(float(norm.num_tokens), float(norm.num_rows)), **kw)
+            ref = sapo_ref.policy_loss(
+                logp[rows],
+                old[rows],
+                adv[rows],
+                mask[rows],
+                normalizer=sapo_ref.Normalizer(float(norm.num_tokens), float(norm.num_rows)),
+                **kw,
+            )
             assert_close(loss, ref.loss, "float64", "value")
             total += float(loss)
             grads.append(np.asarray(grad))
@@ -304,7 +322,13 @@ def test_empty_batch_is_zero():
     """Clause 3.7: no valid token: loss +0.0, gradient 0."""
     z = jnp.zeros((2, 3))
     for method in METHODS:
-        step = jax.jit(jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, z, jnp.ones(2), z > 0, method=method)[0]))
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda x, method=method: sapo_jax.policy_loss(
+                    x, z, jnp.ones(2), z > 0, method=method
+                )[0]
+            )
+        )
         loss, grad = step(z)
         assert float(loss) == 0.0 and math.copysign(1.0, float(loss)) == 1.0
         assert np.all(np.asarray(grad) == 0.0)

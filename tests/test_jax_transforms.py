@@ -16,10 +16,11 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-import sapo_jax  # noqa: E402
-import sapo_jax.vjp  # noqa: E402
-import sapo_ref  # noqa: E402
-from sapo_ref import spec  # noqa: E402
+import sapo_jax
+import sapo_jax.vjp
+
+import sapo_ref
+from sapo_ref import spec
 
 pytestmark = pytest.mark.jax
 
@@ -54,8 +55,20 @@ def close(got, want, tol=F64["grad"]):
 
 
 # ------------------------------------------------------------------ plain formulas (autodiff)
-def plain_loss(logp, old, adv, mask, *, method, loss_agg, tau_pos=1.0, tau_neg=1.05,
-               eps_low=0.2, eps_high=0.2, norm_length=None):
+def plain_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    *,
+    method,
+    loss_agg,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    eps_low=0.2,
+    eps_high=0.2,
+    norm_length=None,
+):
     """Each method and aggregation written directly in jnp (paper eq. 1-11), for jax.grad.
 
     Finite only where every intermediate is (moderate log-ratios, no masked garbage)."""
@@ -65,7 +78,9 @@ def plain_loss(logp, old, adv, mask, *, method, loss_agg, tau_pos=1.0, tau_neg=1
     delta = (logp - old) * m
     mu = delta.sum(1) / jnp.maximum(lengths, 1.0)
     if method == "gspo-token":  # s_it = sg[s_i] * pi / sg[pi]  (GSPO eq. 13)
-        x = jax.lax.stop_gradient(jnp.exp(mu))[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
+        x = jax.lax.stop_gradient(jnp.exp(mu))[:, None] * jnp.exp(
+            logp - jax.lax.stop_gradient(logp)
+        )
     elif method in ("sapo-seq", "gspo"):
         x = jnp.broadcast_to(jnp.exp(mu)[:, None], logp.shape)
     else:
@@ -90,16 +105,20 @@ def test_custom_vjp_equals_autodiff_of_plain_formula(method, loss_agg):
     kw = opts(method, loss_agg)
     for seed, per_token in ((1, False), (2, True)):
         lp, o, a, m = batch(seed, per_token=per_token)
-        want_loss, want_grad = jax.value_and_grad(lambda x: plain_loss(x, o, a, m, **kw))(lp)
+        want_loss, want_grad = jax.value_and_grad(lambda *args: plain_loss(*args, **kw))(
+            lp, o, a, m
+        )
         assert np.all(np.isfinite(np.asarray(want_grad)))
-        loss, grad = jax.jit(jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, **kw)[0]))(lp)
+        loss, grad = jax.jit(
+            jax.value_and_grad(lambda *args: sapo_jax.policy_loss(*args, **kw)[0])
+        )(lp, o, a, m)
         close(loss, want_loss, F64["value"])
         close(grad, want_grad)
 
 
 def test_jit_grad_vjp_agree():
     lp, o, a, m = batch(3)
-    f = lambda x: sapo_jax.policy_loss(x, o, a, m)[0]  # noqa: E731
+    f = lambda x: sapo_jax.policy_loss(x, o, a, m)[0]
     g_eager = jax.grad(f)(lp)
     g_jit = jax.jit(jax.grad(f))(lp)
     loss, g_vg = jax.jit(jax.value_and_grad(f))(lp)
@@ -114,7 +133,7 @@ def test_jit_grad_vjp_agree():
 
 def test_value_and_grad_has_aux_metrics():
     lp, o, a, m = batch(4)
-    (loss, metrics), grad = jax.jit(
+    (_, metrics), grad = jax.jit(
         jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, method="grpo"), has_aux=True)
     )(lp)
     ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)), method="grpo")
@@ -135,12 +154,15 @@ def test_vmap_over_problems(method):
     """vmap over a leading batch of B problems equals B separate reference calls."""
     kw = opts(method)
     problems = [batch(10 + b, per_token=b % 2 == 1) for b in range(3)]
+
+    def f(lp, o, a, m):
+        return jax.value_and_grad(lambda *args: sapo_jax.policy_loss(*args, **kw), has_aux=True)(
+            lp, o, a, m
+        )
+
     for per_token in (False, True):
         chosen = [p for b, p in enumerate(problems) if (b % 2 == 1) == per_token] * 2
         stacked = [jnp.stack(xs) for xs in zip(*chosen)]
-        f = lambda lp, o, a, m: jax.value_and_grad(  # noqa: E731
-            lambda x: sapo_jax.policy_loss(x, o, a, m, **kw), has_aux=True
-        )(lp)
         (loss, metrics), grad = jax.jit(jax.vmap(f))(*stacked)
         for b, p in enumerate(chosen):
             ref = sapo_ref.policy_loss(*(np.asarray(x) for x in p), **kw)
@@ -180,7 +202,9 @@ def test_no_retrace_for_same_options(monkeypatch):
         lp, o, a, m = batch(30 + i, *shape)
         sapo_jax.policy_loss(lp, o, a, m, tau_pos=tau, tau_neg=1.05)
     assert len(traces) == 1
-    step = jax.jit(jax.value_and_grad(lambda x, o, a, m: sapo_jax.policy_loss(x, o, a, m, tau_pos=1)[0]))
+    step = jax.jit(
+        jax.value_and_grad(lambda x, o, a, m: sapo_jax.policy_loss(x, o, a, m, tau_pos=1)[0])
+    )
     for i in range(3):
         step(*batch(40 + i, *shape))
     assert len(traces) == 2  # one more trace: the differentiated (forward) rule, once
@@ -206,14 +230,18 @@ def test_unused_metrics_are_removed_under_jit():
     lp, o, a, m = batch(60, 8, 64)
 
     def compiled(has_aux):
-        f = lambda x: sapo_jax.policy_loss(x, o, a, m) if has_aux else sapo_jax.policy_loss(x, o, a, m)[0]  # noqa: E731
+        f = lambda x: (
+            sapo_jax.policy_loss(x, o, a, m) if has_aux else sapo_jax.policy_loss(x, o, a, m)[0]
+        )
         return jax.jit(jax.value_and_grad(f, has_aux=has_aux)).lower(lp).compile().as_text()
 
     lean, full = compiled(False), compiled(True)
     assert lean.count(" reduce(") < full.count(" reduce(")
     assert " maximum(" in full and " minimum(" in full
     reducers = [blk for blk in lean.split("\n\n") if "reduce" in blk]
-    assert not any("ROOT" in blk and "maximum(" in blk.split("ROOT")[1].split("\n")[0] for blk in reducers)
+    assert not any(
+        "ROOT" in blk and "maximum(" in blk.split("ROOT")[1].split("\n")[0] for blk in reducers
+    )
 
 
 def test_inside_shard_map_single_process():
@@ -234,9 +262,7 @@ def test_inside_shard_map_single_process():
         return jax.lax.psum(loss, "data"), grad
 
     f = jax.jit(
-        jax.shard_map(
-            shard_loss, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P(), P("data"))
-        )
+        jax.shard_map(shard_loss, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P(), P("data")))
     )
     loss, grad = f(lp, o, a, m)
     ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)))
@@ -275,5 +301,12 @@ def test_shard_map_two_devices_subprocess():
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -23,4 +23,4 @@ from .counts import normalizer
 from .inputs import Float64TruncationWarning
 from .loss import policy_loss
 
-__all__ = ["policy_loss", "normalizer", "CAPABILITIES", "Float64TruncationWarning"]
+__all__ = ["CAPABILITIES", "Float64TruncationWarning", "normalizer", "policy_loss"]

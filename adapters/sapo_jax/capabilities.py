@@ -22,7 +22,10 @@ CAPABILITIES: dict[str, Any] = {
     # truncates float64 to float32 (sapo_jax warns with Float64TruncationWarning).
     "requires": {"float64": "jax_enable_x64"},
     "compute_dtype": {
-        "float64": "float64", "float32": "float32", "bfloat16": "float32", "float16": "float32"
+        "float64": "float64",
+        "float32": "float32",
+        "bfloat16": "float32",
+        "float16": "float32",
     },
     "grad_dtype": "input",
     "metrics": True,

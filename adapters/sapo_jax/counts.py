@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+
 from sapo_ref.aggregation import Normalizer
 
 __all__ = ["local_normalizer", "normalizer"]

@@ -14,16 +14,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.validation import check_arrays
 
 __all__ = [
     "Float64TruncationWarning",
-    "x64_enabled",
-    "to_jax",
     "check_signature",
     "compute_dtype",
     "normalizer_counts",
+    "to_jax",
+    "x64_enabled",
 ]
 
 
@@ -76,7 +77,9 @@ def _check_cached(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
 def check_signature(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
     """Clause 8.1-8.2 shape and dtype checks with the reference's messages, from shapes and
     dtypes only (works on tracers; cached per signature)."""
-    _check_cached(tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in (logp, old_logp, advantages, mask)))
+    _check_cached(
+        tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in (logp, old_logp, advantages, mask))
+    )
 
 
 def compute_dtype(logp_dtype: Any, old_logp_dtype: Any) -> Any:

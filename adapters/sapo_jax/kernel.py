@@ -23,6 +23,7 @@ from dataclasses import fields
 from typing import Any
 
 import jax.numpy as jnp
+
 from sapo_ref.aggregation import Normalizer, denominator, token_weights
 from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import Evaluation, prepare
@@ -104,14 +105,21 @@ def evaluate_jax(
         g, dlog, parts = _gate(mu, jnp.where(nonempty, advantages, 0.0), config)
         g, dlog = g[:, None], dlog[:, None]
         gate = type(parts)(
-            **{f.name: jnp.broadcast_to(getattr(parts, f.name)[:, None], zero.shape) for f in fields(parts)}
+            **{
+                f.name: jnp.broadcast_to(getattr(parts, f.name)[:, None], zero.shape)
+                for f in fields(parts)
+            }
         )
     else:
         g, dlog, gate = _gate(p.log_x, p.adv, config)
 
     term = jnp.where(p.valid, p.adv * g, zero)
     ca = c * p.adv  # 0 at invalid tokens
-    spread = (1.0 / jnp.where(p.lengths > 0, p.lengths, 1.0))[:, None] if config.spreads_gradient else 1.0
+    spread = (
+        (1.0 / jnp.where(p.lengths > 0, p.lengths, 1.0))[:, None]
+        if config.spreads_gradient
+        else 1.0
+    )
     coef = ca * dlog * spread  # dJ/d log x per token, already divided by L_i when spread
     if config.is_soft:
         loss = 0.0 - jnp.sum(c_row[:, 0] * jnp.sum(term, axis=1))  # 0.0 - x: empty batch +0.0

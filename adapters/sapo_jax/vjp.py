@@ -1,7 +1,7 @@
 r"""The loss as a ``jax.custom_vjp`` whose backward is the closed-form gradient.
 
-The forward evaluates the whole loss with :func:`sapo_ref.evaluate` (array-API generic, so it
-runs on ``jax.numpy`` unchanged: selection masking, exact saturation, no clamp) and keeps ONE
+The forward evaluates the loss with :func:`sapo_jax.kernel.evaluate_jax` (the reference's
+formulas, arranged for XLA: selection masking, exact saturation, no clamp) and keeps ONE
 residual, the gradient :math:`G = \partial\mathcal{L}/\partial\log\pi_\theta` [N, T]. The backward is
 
 .. math::
@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import Evaluation
@@ -35,7 +36,9 @@ __all__ = ["loss_and_metrics", "run"]
 _CONSTANT_INPUTS = ("old_logp", "advantages")
 
 
-def _evaluation(config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_rows) -> Evaluation:
+def _evaluation(
+    config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_rows
+) -> Evaluation:
     norm = None if num_tokens is None else Normalizer(num_tokens, num_rows)
     return evaluate_jax(logp, old_logp, advantages, valid, config, norm)
 
@@ -66,8 +69,13 @@ def _fwd(config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_
                 f"jax.lax.stop_gradient({name})"
             )
     ev = _evaluation(
-        config, logp.value, old_logp.value, advantages.value, valid.value,
-        _value(num_tokens), _value(num_rows),
+        config,
+        logp.value,
+        old_logp.value,
+        advantages.value,
+        valid.value,
+        _value(num_tokens),
+        _value(num_rows),
     )
     return (ev.loss, compute_metrics(ev, config)), ev.grad
 
