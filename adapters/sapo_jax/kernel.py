@@ -123,6 +123,8 @@ def evaluate_jax(
     coef = ca * dlog * spread  # dJ/d log x per token, already divided by L_i when spread
     if config.is_soft:
         loss = 0.0 - jnp.sum(c_row[:, 0] * jnp.sum(term, axis=1))  # 0.0 - x: empty batch +0.0
+    elif config.dual_clip is not None:  # every term is bounded: c*A*r never overflows alone
+        loss = 0.0 - jnp.sum(jnp.sum(jnp.where(p.valid, ca * g, zero), axis=1))
     else:
         # Clause 6.3: where r overflows but c*A*r need not (A < 0, no dual clip), take
         # c*A*r = -exp(log x + log|cA|): finite whenever the true value is.
