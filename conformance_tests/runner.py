@@ -216,6 +216,15 @@ def run_case(target: Target, m: Materialized, seed: int, identify_deviations: bo
         fd = Comparison("fd", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan, f"fd: raised {err!r}")
     if fd is not None:
         res.checks.append(fd)
+    if target.metrics_option and target.metrics:  # opt-in metrics: a second call asks for them
+        try:
+            with np.errstate(all="ignore"):
+                extra = driver.run(target.fn, m, {**case.options, **target.metrics_option}, cot)
+            out = Outcome(out.loss, out.grad, extra.metrics, out.grad_dtype)
+        except Exception as err:
+            res.checks.append(Comparison("metrics", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan,
+                                         f"metrics: the call with {target.metrics_option} raised {err!r}"))
+            res.metrics_compared = True
     if out.metrics is not None and target.metrics:
         res.metrics_compared = True
         res.checks.append(_metric_check(m, out.metrics, vt))

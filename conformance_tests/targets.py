@@ -13,6 +13,8 @@ it supports with an attribute on the function (adapters use a module-level ``CAP
         "loss_aggs": ["token-mean"],            # default: every aggregation
         "dtypes": ["float32", "bfloat16"],      # default: every dtype of the framework
         "metrics": True,                        # compare returned metrics (default: if returned)
+        "metrics_option": {"metrics": True},    # keyword that turns opt-in metrics on; the suite
+                                                # then makes a second call for the metrics alone
         "tolerance_deviations": {               # optional, shown in every report
             "float64": {"tolerance": "float32", "reason": "exp is float32-accurate"},
         },
@@ -62,6 +64,7 @@ class Target:
     dtypes: tuple[str, ...] = DTYPES
     metrics: bool = True
     tolerance_deviations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics_option: dict[str, Any] = field(default_factory=dict)
     unavailable: str | None = None
 
     def apply_capabilities(self, caps: Any) -> None:
@@ -73,6 +76,9 @@ class Target:
                 setattr(self, key, tuple(str(v) for v in caps[key]))
         if "metrics" in caps:
             self.metrics = bool(caps["metrics"])
+        if isinstance(caps.get("metrics_option"), dict):  # metrics are opt-in: ask for them apart
+            self.metrics_option = dict(caps["metrics_option"])
+            self.metrics = True
         devs = caps.get("tolerance_deviations", caps.get("tolerances"))
         if isinstance(devs, dict):
             self.tolerance_deviations = {str(k): dict(v) for k, v in devs.items() if isinstance(v, dict)}

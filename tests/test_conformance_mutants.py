@@ -173,3 +173,25 @@ def test_low_precision_without_upcast_rejected():
     assert not res.passed
     assert {r.dtype for r in res.failures} <= {"bfloat16", "float16"}
     assert "float16" in {r.dtype for r in res.failures}
+
+
+def _numpy_with_opt_in_metrics(bias: float):
+    import sapo_ref
+
+    def fn(logp, old_logp, advantages, mask, metrics=False, **options):
+        r = sapo_ref.policy_loss(logp, old_logp, advantages, mask, **options)
+        if not metrics:
+            return r.loss, r.grad
+        return r.loss, r.grad, {k: v + bias for k, v in r.metrics.items()}
+
+    fn.sapo_capabilities = {"metrics": False, "metrics_option": {"metrics": True}}
+    return fn
+
+
+def test_opt_in_metrics_are_requested_and_compared_under_clause_7_1():
+    good = run_suite([_target("numpy", _numpy_with_opt_in_metrics(0.0))], FEW, ("float64",))
+    _assert_passes(good)
+    assert all(r.metrics_compared for r in good.results if r.status == "pass")
+    bad = run_suite([_target("numpy", _numpy_with_opt_in_metrics(0.5))], FEW, ("float64",))
+    assert not bad.passed
+    assert {cl for r in bad.failures for cl in r.failed_clauses} == {"7.1"}
