@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sapo_ref import spec
+from sapo_ref.spec.vectors import encode_float
 
 from .cases import DTYPES
 from .runner import CaseResult, ClauseRow, SuiteResult
@@ -36,15 +37,6 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema of :func:`to_json`'s output."""
     text = resources.files(__package__).joinpath("report.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
-
-
-def _num(x: float) -> float | str:
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
 
 
 def _lit(a: np.ndarray) -> str:
@@ -148,8 +140,8 @@ def _row_json(row: ClauseRow) -> dict[str, Any]:
         "passed": row.passed,
         "failed": row.failed,
         "skipped": row.skipped,
-        "worst_abs": _num(row.worst_abs),
-        "worst_rel": _num(row.worst_rel),
+        "worst_abs": encode_float(row.worst_abs),
+        "worst_rel": encode_float(row.worst_rel),
         "worst_case": row.worst_case,
     }
 
