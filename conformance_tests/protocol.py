@@ -60,9 +60,10 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -636,7 +637,7 @@ def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[Cas
             entry["dtype"],
             case,
             "fail",
-            reason=reason,  # noqa: E731
+            reason=reason,
             failed_clauses=clauses,
         ),
         case,
