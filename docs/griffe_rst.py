@@ -138,6 +138,6 @@ def rst_to_markdown(text: str) -> str:
 class RstToMarkdown(griffe.Extension):
     """Apply :func:`rst_to_markdown` to every docstring griffe loads."""
 
-    def on_instance(self, *, obj: Any, **kwargs: Any) -> None:  # noqa: D102 - griffe hook
+    def on_instance(self, *, obj: Any, **kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = rst_to_markdown(obj.docstring.value)

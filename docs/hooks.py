@@ -18,7 +18,6 @@ from typing import Any
 
 from mkdocs.structure.files import File, Files
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_MARKER = "<!-- sapo-ref:spec -->"
 DEVIATIONS_MARKER = "<!-- sapo-ref:deviations -->"
@@ -38,10 +37,7 @@ def _landed(folder: str, marker: str) -> bool:
     path = ROOT / folder
     if marker.endswith(".py"):
         return (path / marker).is_file()
-    init = path / "__init__.py"
-    return any(
-        f"def {marker}(" in p.read_text(encoding="utf-8") for p in path.glob("*.py")
-    )
+    return any(f"def {marker}(" in p.read_text(encoding="utf-8") for p in path.glob("*.py"))
 
 
 def _api_page(name: str, folder: str, title: str) -> str:
@@ -72,7 +68,7 @@ def on_config(config: Any, **kwargs: Any) -> Any:
     nav = config["nav"]
     api = next((item for item in nav if isinstance(item, dict) and "API reference" in item), None)
     if api is not None:
-        for name, (page, title) in landed_api().items():
+        for _name, (page, title) in landed_api().items():
             api["API reference"].append({title: page})
     if (Path(config["docs_dir"]) / "distributed.md").is_file():
         at = next(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -53,8 +53,11 @@ def selfcheck(seed: int = 0, out=None) -> bool:
     out = sys.stdout if out is None else out
     logp, old, adv, mask = _batch(seed)
     ok = True
-    print(f"sapo-ref {__version__}, spec {SPEC_VERSION}: selfcheck on a {logp.shape} batch "
-          f"(seed {seed})", file=out)
+    print(
+        f"sapo-ref {__version__}, spec {SPEC_VERSION}: selfcheck on a {logp.shape} batch "
+        f"(seed {seed})",
+        file=out,
+    )
     print(f"{'method':<12}{'loss':>14}{'max |grad|':>12}{'fd error':>12}  status  metric", file=out)
     for method in METHOD_NAMES:
         res = policy_loss(logp, old, adv, mask, method=method)
@@ -83,7 +86,9 @@ def selfcheck(seed: int = 0, out=None) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sapo-ref`` script."""
     parser = argparse.ArgumentParser(prog="sapo-ref", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"sapo-ref {__version__} (spec {SPEC_VERSION})")
+    parser.add_argument(
+        "--version", action="version", version=f"sapo-ref {__version__} (spec {SPEC_VERSION})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     plot = sub.add_parser("plot", help="write the documentation's figures (SVG) into OUTDIR")
     plot.add_argument("outdir")

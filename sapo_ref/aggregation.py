@@ -34,7 +34,28 @@ class Normalizer:
     num_tokens: Any
     num_rows: Any
 
-    def __add__(self, other: "Normalizer") -> "Normalizer":
+    def __post_init__(self) -> None:
+        # Clause 8.8: a count is a real number or a 0-d real array; "9", True or None is a bug
+        # in the caller (finiteness and range are checked where the counts are used).
+        for name in ("num_tokens", "num_rows"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, str, bytes)) or v is None:
+                raise TypeError(
+                    f"normalizer {name} must be a real number or a 0-d real array; "
+                    f"got {type(v).__name__} {v!r}"
+                )
+            if hasattr(v, "shape") and tuple(v.shape) != ():
+                raise ValueError(f"normalizer {name} must be 0-d; got shape {tuple(v.shape)}")
+            if not hasattr(v, "dtype") and not isinstance(v, (int, float)):
+                try:
+                    float(v)  # e.g. numpy scalars, fractions
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        f"normalizer {name} must be a real number or a 0-d real array; "
+                        f"got {type(v).__name__}"
+                    ) from None
+
+    def __add__(self, other: Normalizer) -> Normalizer:
         if not isinstance(other, Normalizer):
             return NotImplemented
         return Normalizer(self.num_tokens + other.num_tokens, self.num_rows + other.num_rows)
@@ -63,7 +84,9 @@ def normalizer(mask: Any, *, count_empty_rows: bool = False) -> Normalizer:
     # Counts are exact in float64 up to 2**53 tokens (float32 would stop at 2**24).
     lengths = row_lengths(valid, xp.float64 if hasattr(xp, "float64") else xp.float32)
     n = xp.sum(lengths)
-    rows = float(valid.shape[0]) if count_empty_rows else xp.sum(xp.astype(lengths > 0, lengths.dtype))
+    rows = (
+        float(valid.shape[0]) if count_empty_rows else xp.sum(xp.astype(lengths > 0, lengths.dtype))
+    )
     if _is_eager_numpy(xp):
         return Normalizer(float(n), float(rows))
     return Normalizer(n, rows)

@@ -165,8 +165,17 @@ def resolve_config(
             "count_empty_rows cannot be combined with normalizer: the normalizer already "
             "fixed the row count (pass count_empty_rows to sapo_ref.normalizer instead)"
         )
+    if (
+        count_empty_rows is not None
+        and type(count_empty_rows).__name__ in ("bool_", "bool")
+        and not isinstance(count_empty_rows, bool)
+    ):
+        count_empty_rows = bool(count_empty_rows)  # numpy.bool_: a bool in all but type
     if count_empty_rows is not None and not isinstance(count_empty_rows, bool):
-        raise TypeError(f"count_empty_rows must be a bool; got {type(count_empty_rows).__name__}")
+        raise TypeError(
+            "count_empty_rows must be True or False; got "
+            f"{type(count_empty_rows).__module__}.{type(count_empty_rows).__name__} {count_empty_rows!r}"
+        )
     return LossConfig(
         method=method,
         loss_agg=loss_agg,
@@ -176,5 +185,3 @@ def resolve_config(
         else count_empty_rows,
         **resolved,
     )
-
-

@@ -75,4 +75,3 @@ def sequence_gate_diagnostics(
         bound=xp.where(nonempty, tau_row * tau_row / 4.0 * var, zr),
         mean_log_ratio=xp.where(nonempty, mu, zr),
     )
-

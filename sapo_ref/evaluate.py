@@ -96,7 +96,9 @@ def evaluate(
     c = token_weights(p.valid, p.lengths, config.loss_agg, den)
 
     if config.is_soft:
-        tau = xp.where(p.adv > 0, xp.full_like(zero, config.tau_pos), xp.full_like(zero, config.tau_neg))
+        tau = xp.where(
+            p.adv > 0, xp.full_like(zero, config.tau_pos), xp.full_like(zero, config.tau_neg)
+        )
         gate = sapo_parts(p.log_x, tau)
         g, dlog = gate.f, gate.dlog
     else:

@@ -228,4 +228,3 @@ def _broadcast(xp: Any, value: Any, like: Any) -> Any:
     if isinstance(value, (int, float)):
         return xp.full_like(like, value)
     return value
-

@@ -9,11 +9,12 @@ import numpy as np
 
 from . import spec
 from ._xp import is_numpy, namespace
-from .aggregation import Normalizer, normalizer as make_normalizer
+from .aggregation import Normalizer
+from .aggregation import normalizer as make_normalizer
 from .config import LossConfig, resolve_config
 from .evaluate import evaluate
 from .metrics import compute_metrics
-from .validation import check_arrays, check_data
+from .validation import check_arrays, faults, normalizer_faults, raise_faults
 
 __all__ = ["PolicyLossResult", "policy_loss"]
 
@@ -128,15 +129,30 @@ def policy_loss(
     check_arrays(logp, old_logp, advantages, mask)
     xp = namespace(logp, old_logp, advantages, mask)
     f64 = xp.float64
-    lp, olp, adv = (xp.astype(a, f64) for a in (logp, old_logp, advantages))  # copies: inputs untouched
+    lp, olp, adv = (
+        xp.astype(a, f64) for a in (logp, old_logp, advantages)
+    )  # copies: inputs untouched
     valid = mask if mask.dtype == xp.bool else mask != 0
-    check_data(lp, olp, adv, valid, sequence=config.sequence_value)
-
     local = make_normalizer(valid, count_empty_rows=config.count_empty_rows)
-    if normalizer is None:
-        norm = local
-    else:
-        norm = _check_normalizer(normalizer, local)
+    if normalizer is not None:
+        _check_normalizer_type(normalizer)
+    with np.errstate(over="ignore"):  # finite log-probs whose difference overflows: clause 5.5
+        found = faults(
+            lp,
+            olp,
+            adv,
+            mask,
+            valid,
+            sequence=config.sequence_value,
+            normalizer=normalizer,
+            local=local,
+        )
+    raise_faults(found)
+    norm = (
+        local
+        if normalizer is None
+        else Normalizer(float(normalizer.num_tokens), float(normalizer.num_rows))
+    )
     # A sum of finite terms may exceed the largest float (clause 5.4): +-inf is then the correctly
     # rounded answer, not an error, so NumPy's overflow warning is silenced for this call only.
     with np.errstate(over="ignore"):
@@ -148,15 +164,18 @@ def policy_loss(
     return PolicyLossResult(loss=float(ev.loss), grad=grad, metrics=metrics, config=config)
 
 
-def _check_normalizer(norm: Normalizer, local: Normalizer) -> Normalizer:
+def _check_normalizer_type(norm: Any) -> None:
     if not isinstance(norm, Normalizer):
         raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
-    n, r = float(norm.num_tokens), float(norm.num_rows)
-    if not (np.isfinite(n) and np.isfinite(r) and n >= 0 and r >= 0):
-        raise ValueError(f"normalizer counts must be finite and >= 0; got {norm}")
-    if n < float(local.num_tokens) or r < float(local.num_rows):
-        raise ValueError(
-            f"normalizer {norm} counts fewer tokens or rows than this shard's own mask "
-            f"({local}): it must hold the global counts of the whole batch"
-        )
-    return Normalizer(n, r)
+
+
+def _check_normalizer(norm: Normalizer, local: Normalizer) -> Normalizer:
+    """Eager clause 8.8 check of an explicit normalizer against the shard's own counts."""
+    _check_normalizer_type(norm)
+    norm, local = _as_floats(norm), _as_floats(local)
+    raise_faults(normalizer_faults(norm, local))
+    return norm
+
+
+def _as_floats(norm: Normalizer) -> Normalizer:
+    return Normalizer(float(norm.num_tokens), float(norm.num_rows))

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,11 +62,19 @@ _SAPO = spec.METHODS["sapo"].defaults
 def _ratio_grid(lo: float = 1e-3, hi: float = 3.0, n: int = 1201) -> np.ndarray:
     grid = np.linspace(lo, hi, n)
     # Put r = 1 and the GSPO band edges on the grid so the narrow band is drawn, not skipped.
-    edges = [1.0, 1 - _GSPO["eps_low"], 1 + _GSPO["eps_high"], 1 - _GRPO["eps_low"], 1 + _GRPO["eps_high"]]
+    edges = [
+        1.0,
+        1 - _GSPO["eps_low"],
+        1 + _GSPO["eps_high"],
+        1 - _GRPO["eps_low"],
+        1 + _GRPO["eps_high"],
+    ]
     return np.unique(np.concatenate([grid, np.array(edges)]))
 
 
-def gate_curves(adv_sign: float, r: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def gate_curves(
+    adv_sign: float, r: np.ndarray | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     r"""Term value :math:`f(r)A` and gradient weight :math:`\partial_r(fA)/A` for :math:`A = \pm 1`.
 
     Returns ``{label: (value, weight)}`` on the ratio grid ``r``; the weight is the SAPO gate
@@ -189,7 +198,9 @@ def _draw_gates(path: Path) -> None:
             ax.set_xlabel("ratio r = π_θ / π_old")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle("Per-token term and gradient weight of SAPO, GRPO and GSPO (unified surrogate, eq. 10)")
+    fig.suptitle(
+        "Per-token term and gradient weight of SAPO, GRPO and GSPO (unified surrogate, eq. 10)"
+    )
     _save(fig, path)
 
 
@@ -219,9 +230,11 @@ def _draw_sequence_gate(path: Path) -> None:
     fig, axes = _figure(1, size=(5.6, 4.2))
     ax = axes[0][0]
     tau = 1.0
-    var, gap, bound = sequence_gate_samples(tau=tau)
+    var, gap, _bound = sequence_gate_samples(tau=tau)
     keep = (var > 0) & (gap > 0)  # log axes
-    ax.scatter(var[keep], gap[keep], s=7, color="tab:blue", alpha=0.6, lw=0, label="rows: (Var_i, D_i)")
+    ax.scatter(
+        var[keep], gap[keep], s=7, color="tab:blue", alpha=0.6, lw=0, label="rows: (Var_i, D_i)"
+    )
     xs = np.geomspace(var[keep].min(), var[keep].max(), 50)
     ax.plot(xs, tau * tau / 4.0 * xs, color="tab:red", lw=1.5, label="bound τ²/4 · Var_i (eq. 21)")
     ax.axvline(0.02, color="grey", ls=":", lw=1.0, label="Var = 0.02 (paper's typical maximum)")
@@ -250,9 +263,7 @@ def write_figures(outdir: str | Path) -> list[Path]:
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the figures need matplotlib: pip install 'sapo-ref[plots]'"
-        ) from exc
+        raise ImportError("the figures need matplotlib: pip install 'sapo-ref[plots]'") from exc
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -269,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sapo_ref.plots", description="Write the documentation's figures (SVG)."
     )
-    parser.add_argument("outdir", help="folder to write gates.svg, temperature.svg, sequence_gate.svg")
+    parser.add_argument(
+        "outdir", help="folder to write gates.svg, temperature.svg, sequence_gate.svg"
+    )
     args = parser.parse_args(argv)
     for path in write_figures(args.outdir):
         print(path)

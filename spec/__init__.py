@@ -13,11 +13,12 @@ tests and the conformance suite read the same clause data the document is render
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "VERSION",
@@ -199,9 +200,7 @@ def clause(clause_id: str) -> Clause:
 def method_metrics(method: str) -> tuple[str, ...]:
     """The metric keys clause 7.1 defines for ``method``, in spec order."""
     return tuple(
-        key
-        for key, m in METRICS.items()
-        if m["methods"] == "all" or method in m["methods"]
+        key for key, m in METRICS.items() if m["methods"] == "all" or method in m["methods"]
     )
 
 

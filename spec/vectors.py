@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,15 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                 "minItems": 1,
                 "items": {
                     "type": "object",
-                    "required": ["id", "kind", "clauses", "description", "inputs", "options",
-                                 "expected"],  # fmt: skip
+                    "required": [
+                        "id",
+                        "kind",
+                        "clauses",
+                        "description",
+                        "inputs",
+                        "options",
+                        "expected",
+                    ],
                     "additionalProperties": False,
                     "properties": {
                         "id": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.=/+-]*$"},
@@ -110,16 +118,27 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                             "properties": {
                                 "method": {"type": "string"},
                                 "loss_agg": {"type": "string"},
-                                **{k: {"type": "number"} for k in (
-                                    "tau_pos", "tau_neg", "eps_low", "eps_high", "dual_clip",
-                                    "norm_length", "eps")},
+                                **{
+                                    k: {"type": "number"}
+                                    for k in (
+                                        "tau_pos",
+                                        "tau_neg",
+                                        "eps_low",
+                                        "eps_high",
+                                        "dual_clip",
+                                        "norm_length",
+                                        "eps",
+                                    )
+                                },
                                 "count_empty_rows": {"type": "boolean"},
                                 "normalizer": {
                                     "type": "object",
                                     "required": ["num_tokens", "num_rows"],
                                     "additionalProperties": False,
-                                    "properties": {"num_tokens": {"type": "number"},
-                                                   "num_rows": {"type": "number"}},
+                                    "properties": {
+                                        "num_tokens": {"type": "number"},
+                                        "num_rows": {"type": "number"},
+                                    },
                                 },
                                 "group_size": {"type": "integer", "minimum": 1},
                                 "scale": {"enum": ["std", "none"]},
@@ -171,7 +190,9 @@ def decode_float(x: float | int | str) -> float:
     """
     if isinstance(x, str):
         if x not in ("nan", "inf", "-inf"):
-            raise ValueError(f"a float in a vector file is a number or 'nan'/'inf'/'-inf'; got {x!r}")
+            raise ValueError(
+                f"a float in a vector file is a number or 'nan'/'inf'/'-inf'; got {x!r}"
+            )
         return float(x)
     return float(x)
 
@@ -245,9 +266,7 @@ class Vector:
 
 
 def _decode_case(case: Mapping[str, Any], group: str) -> Vector:
-    inputs = {
-        k: _array(v, bool if k == "mask" else np.float64) for k, v in case["inputs"].items()
-    }
+    inputs = {k: _array(v, bool if k == "mask" else np.float64) for k, v in case["inputs"].items()}
     expected: dict[str, Any] = {}
     for k, v in case["expected"].items():
         if k == "loss":

@@ -21,11 +21,12 @@ import json
 import math
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mpmath_reference as M  # noqa: E402
+import mpmath_reference as M
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION: str = M.SPEC["meta"]["version"]
@@ -133,8 +134,12 @@ def policy_case(cid: str, clauses: list[str], description: str, logp, old_logp, 
         "kind": "policy_loss",
         "clauses": sorted(set(tags), key=_clause_key),
         "description": description,
-        "inputs": {"logp": _enc(logp), "old_logp": _enc(old_logp), "advantages": _enc(adv),
-                   "mask": [[bool(v) for v in r] for r in mask]},  # fmt: skip
+        "inputs": {
+            "logp": _enc(logp),
+            "old_logp": _enc(old_logp),
+            "advantages": _enc(adv),
+            "mask": [[bool(v) for v in r] for r in mask],
+        },
         "options": options,
         "expected": {
             "loss": _enc(res.loss),
@@ -231,6 +236,7 @@ def group_special() -> list[dict[str, Any]]:
                 ["token-mean", "seq-mean-token-sum-norm"] if method in ("sapo", "gspo") else []
             )
             for agg in aggs:
+
                 def make():
                     lp, old, adv, mask = random_batch(rng, 4, 5, garbage=True)
                     empty = rng.randint(0, 3)
@@ -241,6 +247,7 @@ def group_special() -> list[dict[str, Any]]:
                         f"row {empty} is empty (holding garbage); count_empty_rows={cer}",
                         lp, old, adv, mask, method=method, loss_agg=agg,
                         count_empty_rows=cer, **_agg_options(agg))  # fmt: skip
+
                 cases.append(sampled(rng, make))
     for method in METHODS:
         for cer, agg in ((None, "seq-mean-token-mean"), (True, "seq-mean-token-sum")):
@@ -408,7 +415,7 @@ def group_extreme() -> list[dict[str, Any]]:
 
 def group_clip() -> list[dict[str, Any]]:
     """Dual clip, clip-higher, eps_low >= 1, zero widths, GSPO defaults (clauses 2.4-2.8)."""
-    ln = lambda r: _r4(math.log(r))  # noqa: E731
+    ln = lambda r: _r4(math.log(r))
     cases = []
     ratios = [[0.5, 0.9, 2.0, 4.0, 10.0, 1.1], [4.0, 1.25, 0.75, 0.85, 1.3, 1.15]]
     lp, old, mask = _rows([[ln(r) for r in row] for row in ratios])
@@ -466,8 +473,13 @@ def group_shards() -> list[dict[str, Any]]:
     """A shard given the global counts is its exact share of the global batch (clause 3.8)."""
     rng = random.Random("sapo-ref-vectors/shards")
     cases = []
-    for method, agg in (("sapo", "seq-mean-token-mean"), ("sapo", "token-mean"),
-                        ("gspo", "seq-mean-token-sum"), ("grpo", "seq-mean-token-sum-norm")):
+    for method, agg in (
+        ("sapo", "seq-mean-token-mean"),
+        ("sapo", "token-mean"),
+        ("gspo", "seq-mean-token-sum"),
+        ("grpo", "seq-mean-token-sum-norm"),
+    ):
+
         def make():
             lp, old, adv, mask = random_batch(rng, 4, 5, per_token=method == "sapo")
             mask[3] = [False] * 5  # an empty row in the second shard
@@ -481,10 +493,22 @@ def group_shards() -> list[dict[str, Any]]:
                     f"{rows} rows)", lp[a:b], old[a:b], adv[a:b], mask[a:b], method=method,
                     loss_agg=agg, normalizer={"num_tokens": float(n), "num_rows": float(rows)},
                     **_agg_options(agg)))  # fmt: skip
-            out.append(policy_case(
-                f"{method}/{agg}/unsharded", ["3.8"], "the same 4-row batch in one piece",
-                lp, old, adv, mask, method=method, loss_agg=agg, **_agg_options(agg)))
+            out.append(
+                policy_case(
+                    f"{method}/{agg}/unsharded",
+                    ["3.8"],
+                    "the same 4-row batch in one piece",
+                    lp,
+                    old,
+                    adv,
+                    mask,
+                    method=method,
+                    loss_agg=agg,
+                    **_agg_options(agg),
+                )
+            )
             return out
+
         for _ in range(200):
             try:
                 cases += make()
@@ -558,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     if not args.check:
         args.out.mkdir(parents=True, exist_ok=True)
-        for stale in set(p.name for p in args.out.glob("*.json")) - set(files):
+        for stale in {p.name for p in args.out.glob("*.json")} - set(files):
             (args.out / stale).unlink()
     for name, text in files.items():
         path = args.out / name

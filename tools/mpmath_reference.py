@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mpmath
 from mpmath import mp, mpf
@@ -180,9 +181,7 @@ def _clip(log_x: Any, a: Any, eps_low: Any, eps_high: Any, dual: Any | None) -> 
     return out
 
 
-def kink_distance(
-    log_x: Any, a: float, eps_low: float, eps_high: float, dual: float | None
-) -> Any:
+def kink_distance(log_x: Any, a: float, eps_low: float, eps_high: float, dual: float | None) -> Any:
     """Relative distance min |x/k - 1| of x = exp(log_x) to the clip kinks k that matter for
     the sign of ``a`` (1+eps_high for A > 0; 1-eps_low (when > 0) and dual for A < 0);
     inf when none does."""
