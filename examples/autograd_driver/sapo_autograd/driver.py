@@ -8,8 +8,9 @@ and its only device is the CPU; NumPy has no bfloat16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from sapo_conformance.drivers import Driver
@@ -39,7 +40,9 @@ class AutogradDriver(Driver):
         return out
 
     def to_array(self, a: np.ndarray, dtype: str, device: str | None) -> np.ndarray:
-        return np.array(a, dtype=np.dtype(dtype))  # a copy: the function may not write the suite's arrays
+        return np.array(
+            a, dtype=np.dtype(dtype)
+        )  # a copy: the function may not write the suite's arrays
 
     def to_numpy(self, x: Any) -> np.ndarray:
         from autograd.tracer import getval

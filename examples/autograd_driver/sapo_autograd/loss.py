@@ -76,8 +76,9 @@ def _sapo_gate(x: Any, tau: np.ndarray) -> Any:
     return (4.0 / tau) * _logistic(tau * anp.expm1(anp.minimum(x, x_sat)))
 
 
-def _clip_term(x: Any, adv: np.ndarray, c: np.ndarray, eps_low: float, eps_high: float,
-               dual_clip: float | None) -> Any:
+def _clip_term(
+    x: Any, adv: np.ndarray, c: np.ndarray, eps_low: float, eps_high: float, dual_clip: float | None
+) -> Any:
     """c * A * g(r) of clauses 2.4-2.6 with r = e^x; r = +inf past the largest finite exponent
     and the unbounded c*A*r (A < 0, no dual clip) as -exp(x + log|cA|) there (5.4, 6.3)."""
     dtype = c.dtype
@@ -110,13 +111,23 @@ def _options(method: str, loss_agg: str, given: dict[str, Any]) -> dict[str, Any
         params[key] = value
     norm_length = given.get("norm_length")
     if (loss_agg == "seq-mean-token-sum-norm") != (norm_length is not None):
-        raise ValueError("norm_length is required by seq-mean-token-sum-norm and refused by the others (3.5)")
+        raise ValueError(
+            "norm_length is required by seq-mean-token-sum-norm and refused by the others (3.5)"
+        )
     params["norm_length"] = norm_length
     return params
 
 
-def policy_loss(logp: Any, old_logp: Any, advantages: Any, mask: Any, *, method: str = "sapo",
-                loss_agg: str = "seq-mean-token-mean", **options: Any) -> Any:
+def policy_loss(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    *,
+    method: str = "sapo",
+    loss_agg: str = "seq-mean-token-mean",
+    **options: Any,
+) -> Any:
     """The loss (0-d) of clause 1.7 for ``method`` and ``loss_agg``; autograd gives d/d logp.
 
     ``logp`` may be an autograd box; the other inputs are constants. float16 computes in float32
@@ -136,8 +147,12 @@ def policy_loss(logp: Any, old_logp: Any, advantages: Any, mask: Any, *, method:
     # Clauses 1.2, 3.1-3.7: c_it = rho_it / D from the row lengths and the two batch counts.
     lengths = valid.sum(axis=1).astype(compute)
     rows = float(np.count_nonzero(lengths))
-    den = {"token-mean": float(valid.sum()), "seq-mean-token-mean": rows, "seq-mean-token-sum": rows,
-           "seq-mean-token-sum-norm": rows * (p["norm_length"] or 0.0)}[loss_agg]
+    den = {
+        "token-mean": float(valid.sum()),
+        "seq-mean-token-mean": rows,
+        "seq-mean-token-sum": rows,
+        "seq-mean-token-sum-norm": rows * (p["norm_length"] or 0.0),
+    }[loss_agg]
     if den == 0:  # clause 3.7: 0/0 is 0, loss and gradient
         return anp.sum(lp * 0.0)
     safe_len = np.maximum(lengths, 1.0)[:, None]
