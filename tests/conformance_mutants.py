@@ -136,35 +136,52 @@ class MlxOps:
 # ----------------------------------------------------------------------------- the formula
 
 
-def careful_loss(ops, logp, old_logp, advantages, mask, *, method="sapo", loss_agg=None, bug=None,
-                 tau_ge=False, **params):
-    """The SAPO-family loss by plain autodiff; ``bug`` names one deliberate mistake."""
+def careful_loss(
+    ops,
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    method="sapo",
+    loss_agg=None,
+    bug=None,
+    tau_ge=False,
+    **params,
+):
+    """The SAPO-family loss by plain autodiff; ``bug`` names one deliberate mistake, or is a
+    tuple of several (the composite mutants of real implementations)."""
     cfg = sapo_ref.resolve_config(method, loss_agg or spec.DATA["defaults"]["loss_agg"], **params)
+    bugs = frozenset((bug,) if isinstance(bug, str) else (bug or ()))
     in_dtype = ops.dtype_of(logp)
-    cd = in_dtype if bug == "no-upcast" else ops.compute_dtype(logp)
+    cd = in_dtype if "no-upcast" in bugs else ops.compute_dtype(logp)
     lp, old, adv = (ops.astype(a, cd) for a in (logp, old_logp, advantages))
     valid = ops.boolean(mask)
     zero = ops.zeros_like(lp)
     one = ops.ones_like(lp)
     if adv.ndim == 1:
         adv = ops.expand(adv, lp)
-    if bug == "mask-multiply":  # NaN * 0 = NaN
+    if "mask-multiply" in bugs:  # NaN * 0 = NaN
         m = ops.astype(valid, cd)
         delta = (lp - old) * m
         A = adv * m
     else:
         delta = ops.where(valid, lp, zero) - ops.where(valid, old, zero)
         A = ops.where(valid, adv, zero)
-    if bug == "clamp20":
+    if "ratio-float32" in bugs:  # float64 inputs, log-ratio cast to float32 (SkyRL)
+        delta = ops.astype(ops.astype(delta, ops.float32), cd)
+    if "clamp20" in bugs:
         delta = ops.clamp(delta, -20.0, 20.0)
     lengths = ops.sum(ops.where(valid, one, zero), axis=1)
-    if bug == "divide-by-T":
+    if "divide-by-T" in bugs:
         lengths = ops.full(lengths, float(lp.shape[1]))
     lsafe = ops.where(lengths > 0, lengths, ops.ones_like(lengths))
-    token_grad_only = (cfg.method == "gspo-token") != (bug == "gspo-not-spread") and bug != "gspo-token-spread"
+    token_grad_only = (cfg.method == "gspo-token") != (
+        "gspo-not-spread" in bugs
+    ) and "gspo-token-spread" not in bugs
     if cfg.sequence_value:
         Aeff = A
-        if bug == "average-advantages":
+        if "average-advantages" in bugs:
             Aeff = ops.where(valid, ops.expand(ops.sum(A, axis=1) / lsafe, lp), zero)
         A = Aeff
         mu = ops.sum(delta, axis=1) / lsafe
@@ -177,29 +194,38 @@ def careful_loss(ops, logp, old_logp, advantages, mask, *, method="sapo", loss_a
 
     if cfg.is_soft:
         tp, tn = cfg.tau_pos, cfg.tau_neg
-        if bug == "swapped-tau":
+        if "swapped-tau" in bugs:
             tp, tn = tn, tp
+        if "tau-float32" in bugs:  # torch.where(adv > 0, 1.0, 1.05) builds float32 constants
+            tp, tn = float(np.float32(tp)), float(np.float32(tn))
         pos = (A >= 0) if tau_ge else (A > 0)
         tau = ops.where(pos, ops.full(lp, tp), ops.full(lp, tn))
-        if bug == "naive-exp":
+        if "naive-exp" in bugs:
             x = tau * (ops.exp(logx) - 1.0)
         else:
             d = ops.minimum(logx, ops.log1p(X_SAT / tau))
             x = tau * ops.expm1(d)
         sig = 0.5 * (1.0 + ops.tanh(0.5 * x))
-        f = sig if bug == "no-4-over-tau" else (4.0 / tau) * sig
-        if bug == "detached-gate":
+        f = sig if "no-4-over-tau" in bugs else (4.0 / tau) * sig
+        if "detached-gate" in bugs:
             term = A * ops.sg(f) * ops.where(valid, lp, zero)
         else:
             term = A * f
     else:
         el, eh, c = cfg.eps_low, cfg.eps_high, cfg.dual_clip
-        if bug == "eps-swapped":
+        if "eps-swapped" in bugs:
             el, eh = eh, el
+        if "always-dual-clip" in bugs and cfg.method == "grpo" and c is None:
+            c = 3.0  # verl's clip_ratio_c default
+        if "gspo-no-dual-clip" in bugs and cfg.method != "grpo":
+            c = None
         pos, neg = A > 0, A < 0
-        if bug == "zero-adv-nan":  # the term written as A * clip-side(r) with a naive r
+        if "zero-adv-nan" in bugs:  # the term written as A * clip-side(r) with a naive r
             r = ops.exp(logx)
-            side = ops.where(pos, ops.minimum(r, ops.full(r, 1 + eh)), ops.maximum(r, ops.full(r, 1 - el)))
+            low = ops.maximum(r, ops.full(r, 1 - el))
+            if c is not None:
+                low = ops.minimum(low, ops.full(r, c))
+            side = ops.where(pos, ops.minimum(r, ops.full(r, 1 + eh)), low)
             term = A * side
         else:
             lpos = ops.minimum(ops.where(pos, logx, zero), ops.full(lp, math.log(1 + eh)))
@@ -209,13 +235,13 @@ def careful_loss(ops, logp, old_logp, advantages, mask, *, method="sapo", loss_a
             if c is not None:
                 lneg = ops.minimum(lneg, ops.full(lp, math.log(c)))
             term = ops.where(pos, A * ops.exp(lpos), ops.where(neg, A * ops.exp(lneg), zero))
-            if c is not None and bug == "dual-clip-both-signs":
+            if c is not None and "dual-clip-both-signs" in bugs:
                 term = ops.where(pos, ops.maximum(term, c * A), term)
 
-    agg = cfg.loss_agg if bug != "token-mean-always" else "token-mean"
+    agg = cfg.loss_agg if "token-mean-always" not in bugs else "token-mean"
     n = ops.sum(lengths)
     rows = ops.sum(ops.where(lengths > 0, ops.ones_like(lengths), ops.zeros_like(lengths)))
-    if bug == "empty-rows-counted":
+    if "empty-rows-counted" in bugs:
         rows = ops.full(rows, float(lp.shape[0]))
     if agg == "token-mean":
         rho, den = ops.ones_like(lengths), n
@@ -225,15 +251,18 @@ def careful_loss(ops, logp, old_logp, advantages, mask, *, method="sapo", loss_a
         rho, den = ops.ones_like(lengths), rows
     else:
         rho, den = ops.ones_like(lengths), rows * cfg.norm_length
-    if bug == "sum-not-mean":
+    if "sum-not-mean" in bugs:
         den = ops.ones_like(den)
+    raw_den = den
     den = ops.where(den > 0, den, ops.ones_like(den))
     weights = ops.where(valid, ops.expand(rho / den, lp), zero)
-    if bug == "mask-multiply":
+    if "empty-batch-nan" in bugs:  # numerator / count with no guard: 0 / 0 without valid tokens
+        loss = -ops.sum(ops.where(valid, ops.expand(rho, lp) * term, zero)) / raw_den
+    elif "mask-multiply" in bugs:
         loss = -ops.sum(weights * term * ops.astype(valid, cd))
     else:
         loss = -ops.sum(ops.where(valid, weights * term, zero))
-    if bug == "sign-flipped":
+    if "sign-flipped" in bugs:
         loss = -loss
     return ops.astype(loss, in_dtype)
 
@@ -245,7 +274,10 @@ def make(framework: str, **fixed):
     def fn(logp, old_logp, advantages, mask, **options):
         return careful_loss(ops, logp, old_logp, advantages, mask, **fixed, **options)
 
-    fn.__name__ = f"careful_{framework}" + (f"_{fixed['bug']}" if "bug" in fixed else "")
+    bug = fixed.get("bug")
+    fn.__name__ = f"careful_{framework}" + (f"_{bug}" if isinstance(bug, str) else "")
+    if bug and not isinstance(bug, str):
+        fn.__name__ += "_" + "+".join(bug)
     return fn
 
 
@@ -307,8 +339,12 @@ def numpy_log_sigmoid(logp, old_logp, advantages, mask, *, method="sapo", loss_a
     dlog = np.exp(math.log(4.0) - np.logaddexp(0.0, x) - np.logaddexp(0.0, -x) + d)
     rows = float((L > 0).sum())
     rho = 1.0 / Ls if cfg.per_row_mean else np.ones_like(L)
-    den = {"token-mean": L.sum(), "seq-mean-token-mean": rows, "seq-mean-token-sum": rows,
-           "seq-mean-token-sum-norm": rows * (cfg.norm_length or 1.0)}[cfg.loss_agg]
+    den = {
+        "token-mean": L.sum(),
+        "seq-mean-token-mean": rows,
+        "seq-mean-token-sum": rows,
+        "seq-mean-token-sum-norm": rows * (cfg.norm_length or 1.0),
+    }[cfg.loss_agg]
     c = np.where(valid, (rho / (den if den > 0 else 1.0))[:, None], 0.0)
     loss = -float(np.sum(np.where(valid, c * adv * f, 0.0)))
     coef = np.where(valid, c * adv * dlog, 0.0)
@@ -316,7 +352,9 @@ def numpy_log_sigmoid(logp, old_logp, advantages, mask, *, method="sapo", loss_a
         grad = np.where(valid, -(coef.sum(axis=1) / Ls)[:, None], 0.0)
     else:
         grad = -coef
-    return loss, grad.astype(lp.dtype if np.asarray(logp).dtype == np.float64 else np.asarray(logp).dtype)
+    return loss, grad.astype(
+        lp.dtype if np.asarray(logp).dtype == np.float64 else np.asarray(logp).dtype
+    )
 
 
 numpy_log_sigmoid.sapo_capabilities = {"methods": ["sapo", "sapo-seq"]}
@@ -339,6 +377,32 @@ MUTANTS: dict[str, tuple[str, str | None]] = {
     "sum-not-mean": ("3.2", "sum-instead-of-mean"),
     "sign-flipped": ("2.1", "sign-flipped"),
     "dual-clip-both-signs": ("2.6", None),
-    "zero-adv-nan": ("5.1", None),
+    "zero-adv-nan": ("5.1", "zero-adv-nan"),
     "divide-by-T": ("3.3", None),
+    "tau-float32": ("4.1", "float32-temperatures"),
+    "always-dual-clip": ("5.4", "always-dual-clip"),
+    "gspo-no-dual-clip": ("2.6", "gspo-ignores-dual-clip"),
+    "ratio-float32": ("2.1", "ratio-float32"),
+    "empty-batch-nan": ("3.7", "empty-batch-nan"),
+}
+
+#: Composite mutants, as real implementations have them: bugs -> the verdict's deviation set.
+COMPOSITES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "trl-like": (
+        ("empty-rows-counted", "mask-multiply", "tau-float32"),
+        frozenset({"empty-rows-counted", "nan-through-mask", "float32-temperatures"}),
+    ),
+    "verl-like": (
+        ("clamp20", "always-dual-clip"),
+        frozenset({"log-ratio-clamp", "always-dual-clip"}),
+    ),
+    "trinity-like": (
+        ("detached-gate", "token-mean-always"),
+        frozenset({"detached-gate", "token-mean-always"}),
+    ),
+    "verl-empty-batch": (
+        ("clamp20", "empty-batch-nan"),
+        frozenset({"log-ratio-clamp", "empty-batch-nan"}),
+    ),
+    "skyrl-like": (("ratio-float32", "clamp20"), frozenset({"ratio-float32", "log-ratio-clamp"})),
 }
