@@ -14,27 +14,56 @@ Per case and dtype the suite checks (clause C.1):
 - ``metrics`` (clause 7.1) when the function returns them: every key of the method, value
   tolerance; an entry whose reference value the dtype cannot hold is not compared.
 
-Loss, grad and fd failures count against the case's clauses, metric failures against 7.1.
+Loss, grad and fd failures count against the case's clauses (clause 7.1 only ever counts
+metric comparisons), metric failures against 7.1, an input modified by the call against 6.5
+(every call of every driver checks it, so every checked case counts for 6.5).
+
+A target's declared limits (:mod:`sapo_conformance.capabilities`) skip the cases outside them
+with the reason (:func:`applicable`); ``count_empty_rows: "counted"`` runs every case with
+``count_empty_rows=True`` and the reference evaluated the same way (:func:`cases_for`).
+
+The function runs through an executor: :class:`~sapo_conformance.worker.InProcess`, or the
+target's supervised worker process when :func:`run_suite` gets a
+:class:`~sapo_conformance.worker.WorkerPool` (the command always does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
+import sapo_ref
 from sapo_ref import spec
 
 from .cases import Case, Materialized, _max_finite, materialize
 from .compare import Comparison, compare
 from .deviations import Deviation, identify
-from .drivers import ConformanceError, Outcome, get_driver
-from .targets import Target, tolerance_for
+from .drivers import Outcome, get_driver
+from .targets import Target, UsageError, tolerance_for
+from .worker import MAX_LOSSES, InProcess, WorkerLost, WorkerPool, describe
 
-__all__ = ["CaseResult", "ClauseRow", "TargetRun", "SuiteResult", "run_suite", "cotangent_for", "FD_STEP"]
+__all__ = [
+    "CaseResult",
+    "ClauseRow",
+    "TargetRun",
+    "SuiteResult",
+    "run_suite",
+    "run_case",
+    "applicable",
+    "cases_for",
+    "cotangent_for",
+    "FD_STEP",
+    "INPUTS_CLAUSE",
+]
+
+#: Clause every call checks: the implementation must not modify its inputs.
+INPUTS_CLAUSE = "6.5"
 
 FD_STEP = 1e-4
 _COTANGENTS = (0.625, 0.75, 1.25, 1.5, 2.0, -0.75, -1.25, -1.5)  # exact in bfloat16
@@ -59,6 +88,8 @@ class CaseResult:
     deviations: list[Deviation] = field(default_factory=list)
     materialized: Materialized | None = None
     metrics_compared: bool = False
+    #: What the implementation returned (kept for the verdicts: the function is not re-run).
+    outcome: Outcome | None = None
 
     @property
     def worst_abs(self) -> float:
@@ -98,12 +129,21 @@ class ClauseRow:
 
 @dataclass
 class TargetRun:
-    """A target and why (if) it or some of its dtypes did not run."""
+    """A target and why (if) it or some of its dtypes did not run.
+
+    ``skipped``: it could not run here (not installed, no such device); ``error``: it was asked
+    to run and could not (its worker died or hung while loading it), which fails the run."""
 
     target: Target
     skipped: str | None = None
     dtype_skips: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    error: str | None = None
+    device: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    driver: str = ""
+    isolation: str = "in-process"  # or "worker process"
+    worker_restarts: int = 0
 
 
 @dataclass
@@ -113,6 +153,8 @@ class SuiteResult:
     cases: list[Case]
     seed: int
     wall_time: float = 0.0
+    dtypes: tuple[str, ...] = ()
+    interrupted: bool = False
 
     @property
     def failures(self) -> list[CaseResult]:
@@ -120,14 +162,57 @@ class SuiteResult:
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        """No failure, and something checked for every target and dtype that ran."""
+        return not self.failures and not self.unchecked()
+
+    def unchecked(self) -> list[str]:
+        """Why this run certifies less than it was asked to (empty when it is complete).
+
+        Every target that ran must check at least one case in every dtype it did not skip
+        with a reason; a target named explicitly must run; something must be checked at all.
+        """
+        out: list[str] = []
+        if self.interrupted:
+            out.append("the run was interrupted before its end")
+        checked = {(r.target, r.dtype) for r in self.results if r.status != "skip"}
+        dtypes = self.dtypes or tuple(dict.fromkeys(r.dtype for r in self.results))
+        for run in self.runs:
+            name = run.target.name
+            if run.error:
+                out.append(f"target {name}: {run.error}")
+                continue
+            if run.skipped:
+                if run.target.requested:
+                    out.append(f"target {name}: not run: {run.skipped}")
+                continue
+            tried = [d for d in dtypes if d not in run.dtype_skips]
+            if not tried:
+                skips = "; ".join(f"{d}: {why}" for d, why in run.dtype_skips.items())
+                out.append(f"target {name}: 0 cases checked: no dtype could run ({skips})")
+            for d in tried:
+                if (name, d) not in checked:
+                    reasons = [r.reason for r in self.results if r.target == name and r.dtype == d]
+                    common = max(set(reasons), key=reasons.count) if reasons else "no case applies"
+                    out.append(
+                        f"target {name} {d}: 0 cases checked: "
+                        f"{len(reasons)} cases skipped (e.g. {common})"
+                    )
+        if not checked and not out:
+            out.append("0 cases checked in total")
+        return out
 
     def rows(self) -> list[ClauseRow]:
         """Per clause x target x dtype aggregation, in spec clause order."""
         order = {c.id: i for i, c in enumerate(spec.CLAUSES)}
         table: dict[tuple[str, str, str], ClauseRow] = {}
         for r in self.results:
-            clauses = list(r.case.clauses) + (["7.1"] if r.metrics_compared else [])
+            clauses = [c for c in r.case.clauses if c != "7.1"] + list(r.failed_clauses)
+            if (
+                r.status != "skip" and r.outcome is not None
+            ):  # the call ran: its inputs were compared
+                clauses.append(INPUTS_CLAUSE)
+            if r.metrics_compared:
+                clauses.append("7.1")
             for cl in dict.fromkeys(clauses):
                 row = table.setdefault((r.target, r.dtype, cl), ClauseRow(r.target, r.dtype, cl))
                 if r.status == "skip":
@@ -139,7 +224,7 @@ class SuiteResult:
                 else:
                     row.passed += 1
                 # Errors against the reference only (the fd check is the target against itself).
-                names = ("metrics",) if cl == "7.1" else ("loss", "grad")
+                names = {"7.1": ("metrics",), INPUTS_CLAUSE: ()}.get(cl, ("loss", "grad"))
                 checks = [c for c in r.checks if c.name in names]
                 ab = max((c.worst_abs for c in checks), default=0.0)
                 rel = max((c.worst_rel for c in checks), default=0.0)
@@ -155,25 +240,54 @@ def _metric_check(m: Materialized, got: dict[str, float], tol: spec.Tolerance) -
     keys = list(m.want_metrics)
     missing = [k for k in keys if k not in got]
     if missing:
-        return Comparison("metrics", False, len(missing), len(keys), np.inf, np.inf, (), np.nan, np.nan,
-                          f"metrics: missing keys {missing}")
+        return Comparison(
+            "metrics",
+            False,
+            len(missing),
+            len(keys),
+            np.inf,
+            np.inf,
+            (),
+            np.nan,
+            np.nan,
+            f"metrics: missing keys {missing}",
+        )
     top = _max_finite(m.dtype)
-    keep = [k for k in keys if not (np.isfinite(m.want_metrics[k]) and abs(m.want_metrics[k]) > top)]
+    keep = [
+        k for k in keys if not (np.isfinite(m.want_metrics[k]) and abs(m.want_metrics[k]) > top)
+    ]
     want = np.array([m.want_metrics[k] for k in keep])
     have = np.array([got[k] for k in keep])
     c = compare("metrics", have, want, tol)
     if not c.ok and c.worst_index:
-        c = Comparison(c.name, c.ok, c.mismatches, c.total, c.worst_abs, c.worst_rel, c.worst_index,
-                       c.got_at_worst, c.want_at_worst,
-                       c.message.replace(f"at {list(c.worst_index)}", f"at {keep[c.worst_index[0]]!r}"))
+        c = Comparison(
+            c.name,
+            c.ok,
+            c.mismatches,
+            c.total,
+            c.worst_abs,
+            c.worst_rel,
+            c.worst_index,
+            c.got_at_worst,
+            c.want_at_worst,
+            c.message.replace(f"at {list(c.worst_index)}", f"at {keep[c.worst_index[0]]!r}"),
+        )
     return c
 
 
-def _fd_check(driver, target: Target, m: Materialized, out: Outcome, seed: int) -> Comparison | None:
+def _fd_check(
+    executor: Any, target: Target, m: Materialized, out: Outcome, seed: int
+) -> Comparison | None:
     # gspo-token's gradient is not its value's derivative by design (a stop-gradient, clause 2.8).
     if target.tolerance_deviations.get(m.dtype):  # declared less accurate than float64
         return None
-    if m.dtype != "float64" or not m.case.fd or m.case.method == "gspo-token" or not np.isfinite(out.loss) or not np.all(np.isfinite(out.grad)):
+    if (
+        m.dtype != "float64"
+        or not m.case.fd
+        or m.case.method == "gspo-token"
+        or not np.isfinite(out.loss)
+        or not np.all(np.isfinite(out.grad))
+    ):
         return None
     if not np.isfinite(m.want_loss) or not m.mask.any():
         return None
@@ -181,56 +295,112 @@ def _fd_check(driver, target: Target, m: Materialized, out: Outcome, seed: int) 
     v = np.where(m.mask, rng.normal(size=m.mask.shape), 0.0)
     v /= max(np.abs(v).max(), 1e-300)
     h = FD_STEP
-    L = lambda s: driver.value(target.fn, m, m.case.options, m.logp + s * v)
-    fd = (8.0 * (L(h) - L(-h)) - (L(2 * h) - L(-2 * h))) / (12.0 * h)
+    lp, lm, lp2, lm2 = executor.values(
+        m, dict(m.case.options), [m.logp + s * v for s in (h, -h, 2 * h, -2 * h)]
+    )
+    fd = (8.0 * (lp - lm) - (lp2 - lm2)) / (12.0 * h)
     directional = float(np.sum(out.grad * v))
     c = compare("fd", directional, fd, spec.TOLERANCES["float32"]["grad"])
     if not c.ok:
-        c = Comparison("fd", False, 1, 1, c.worst_abs, c.worst_rel, (), directional, fd,
-                       f"fd: the gradient disagrees with the function's own loss along a random direction: "
-                       f"<grad, v> = {directional:.10g}, finite difference {fd:.10g}")
+        c = Comparison(
+            "fd",
+            False,
+            1,
+            1,
+            c.worst_abs,
+            c.worst_rel,
+            (),
+            directional,
+            fd,
+            f"fd: the gradient disagrees with the function's own loss along a random direction: "
+            f"<grad, v> = {directional:.10g}, finite difference {fd:.10g}",
+        )
     return c
 
 
-def run_case(target: Target, m: Materialized, seed: int, identify_deviations: bool = True) -> CaseResult:
-    """Run one materialised case on a target (driver chosen by the target's framework)."""
-    driver = get_driver(target.framework)
+def _value_clauses(case: Case) -> tuple[str, ...]:
+    """The clauses a loss/gradient failure counts against (7.1 counts metrics only)."""
+    return tuple(c for c in case.clauses if c != "7.1") or ("C.1",)
+
+
+def _failed(res: CaseResult, reason: str, clause: str | None = None) -> CaseResult:
+    res.status, res.reason = "fail", reason
+    res.failed_clauses = (clause,) if clause else _value_clauses(res.case)
+    return res
+
+
+def run_case(
+    target: Target,
+    m: Materialized,
+    seed: int,
+    identify_deviations: bool = True,
+    executor: Any = None,
+) -> CaseResult:
+    """Run one materialised case on a target and judge it.
+
+    ``executor`` runs the calls (default: in this process, the target's framework driver); a
+    worker's losses (exit, signal, time limit) and the implementation's exceptions become a
+    failing case with the reason.
+    """
+    executor = executor or InProcess(target)
     case = m.case
     res = CaseResult(target.name, m.dtype, case, "pass", materialized=m)
     vt, gt = tolerance_for(target, m.dtype, "value"), tolerance_for(target, m.dtype, "grad")
     cot = cotangent_for(seed, case.id)
     try:
-        with np.errstate(all="ignore"):
-            out = driver.run(target.fn, m, dict(case.options), cot)
+        executor.begin_case(f"{case.id} ({m.dtype})")
+        out = executor.run(m, dict(case.options), cot)
+    except WorkerLost as err:
+        return _failed(res, f"worker: {err.reason}")
     except Exception as err:  # the function raised on a valid case, or broke the contract
-        res.status, res.failed_clauses = "fail", case.clauses
-        kind = "contract" if isinstance(err, ConformanceError) else "raised"
-        res.reason = f"{kind}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return res
+        e = describe(err)
+        return _failed(res, f"{e.kind}: {e.text}", e.clause)
+    res.outcome = out
     res.checks.append(compare("loss", out.loss, m.want_loss, vt))
     res.checks.append(compare("grad", out.grad, m.want_grad, gt))
     try:
-        with np.errstate(all="ignore"):
-            fd = _fd_check(driver, target, m, out, seed)
+        fd = _fd_check(executor, target, m, out, seed)
+    except WorkerLost as err:
+        return _failed(res, f"worker: {err.reason} (finite-difference calls)")
     except Exception as err:
-        fd = Comparison("fd", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan, f"fd: raised {err!r}")
+        e = describe(err)
+        if e.clause:
+            return _failed(res, f"{e.kind}: {e.text}", e.clause)
+        fd = Comparison(
+            "fd", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan, f"fd: {e.kind}: {e.text}"
+        )
     if fd is not None:
         res.checks.append(fd)
+    metrics = out.metrics
     if target.metrics_option and target.metrics:  # opt-in metrics: a second call asks for them
         try:
-            with np.errstate(all="ignore"):
-                extra = driver.run(target.fn, m, {**case.options, **target.metrics_option}, cot)
-            out = Outcome(out.loss, out.grad, extra.metrics, out.grad_dtype)
+            metrics = executor.run(m, {**case.options, **target.metrics_option}, cot).metrics
+        except WorkerLost as err:
+            return _failed(res, f"worker: {err.reason} (the call with {target.metrics_option})")
         except Exception as err:
-            res.checks.append(Comparison("metrics", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan,
-                                         f"metrics: the call with {target.metrics_option} raised {err!r}"))
+            e = describe(err)
+            res.checks.append(
+                Comparison(
+                    "metrics",
+                    False,
+                    1,
+                    1,
+                    np.inf,
+                    np.inf,
+                    (),
+                    np.nan,
+                    np.nan,
+                    f"metrics: the call with {target.metrics_option}: {e.kind}: {e.text}",
+                )
+            )
             res.metrics_compared = True
-    if out.metrics is not None and target.metrics:
+            metrics = None
+    if metrics is not None and target.metrics:
         res.metrics_compared = True
-        res.checks.append(_metric_check(m, out.metrics, vt))
+        res.checks.append(_metric_check(m, metrics, vt))
     failed: list[str] = []
     if any(not c.ok for c in res.checks if c.name != "metrics"):
-        failed += case.clauses
+        failed += _value_clauses(case)
     if any(not c.ok for c in res.checks if c.name == "metrics"):
         failed.append("7.1")
     if failed:
@@ -241,12 +411,92 @@ def run_case(target: Target, m: Materialized, seed: int, identify_deviations: bo
 
 
 def applicable(target: Target, case: Case) -> str | None:
-    """Why ``target`` does not take ``case`` (method or aggregation not claimed), or None."""
+    """Why ``target`` does not take ``case`` (outside what it declares), or None.
+
+    >>> from sapo_conformance.targets import Target
+    >>> import numpy as np
+    >>> t = Target("t", "numpy", None, "t", advantages=("sequence",))
+    >>> c = Case("x", ("1.5",), np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), np.ones((1, 2), bool))
+    >>> applicable(t, c)
+    'advantages per token ([N, T]): the target declares advantages: sequence'
+    """
     if case.method not in target.methods:
         return f"method {case.method} not supported by the target"
     if case.loss_agg not in target.loss_aggs:
         return f"loss_agg {case.loss_agg} not supported by the target"
+    shape = "token" if np.ndim(case.advantages) == 2 else "sequence"
+    if shape not in target.advantages:
+        dims = "[N, T]" if shape == "token" else "[N]"
+        return f"advantages per {shape} ({dims}): the target declares advantages: {', '.join(target.advantages)}"
+    nl = case.options.get("norm_length")
+    if target.norm_length == "T" and nl is not None and nl != case.mask.shape[1]:
+        return (
+            f"norm_length {nl} is not the padded length T = {case.mask.shape[1]} (declared: T only)"
+        )
+    if target.temperatures == "tau_neg>=tau_pos":
+        cfg = sapo_ref.resolve_config(
+            **{k: v for k, v in case.options.items() if k != "count_empty_rows"}
+        )
+        if cfg.is_soft and cfg.tau_neg < cfg.tau_pos:
+            return (
+                f"tau_neg {cfg.tau_neg} < tau_pos {cfg.tau_pos} (declared: tau_neg >= tau_pos only)"
+            )
     return None
+
+
+def cases_for(target: Target, cases: list[Case]) -> list[Case]:
+    """The cases as ``target`` runs them: with ``count_empty_rows=True`` when it declares
+    ``"counted"``; ``"both"`` adds a counted copy (id suffix ``+counted``) of every case
+    with an empty row."""
+    mode = target.count_empty_rows
+    if mode == "excluded":
+        return cases
+    counted = lambda c, suffix="": dataclasses.replace(
+        c, id=c.id + suffix, options={**c.options, "count_empty_rows": True}
+    )
+    if mode == "counted":
+        return [counted(c) for c in cases]
+    out = []
+    for c in cases:
+        out.append(c)
+        if (~np.asarray(c.mask, bool).any(axis=1)).any():
+            out.append(counted(c, "+counted"))
+    return out
+
+
+def _prepare(run: TargetRun, pool: WorkerPool | None, device: str | None) -> Any:
+    """The executor of a target (its worker, or in-process), or None when it cannot run."""
+    target = run.target
+    run.device = device
+    worker = pool.get(target.name) if pool is not None else None
+    if worker is not None:
+        run.isolation = "worker process"
+        try:
+            info = worker.ready()
+        except WorkerLost as err:
+            run.error = f"could not be loaded: {err.reason}"
+            return None
+        run.versions, run.driver = dict(info.versions), info.driver
+        why = info.unavailable or info.device_unavailable
+        if why:
+            run.skipped = why
+            return None
+        for d, reason in info.dtype_unavailable.items():
+            if reason:
+                run.dtype_skips.setdefault(d, reason)
+        return worker
+    if target.fn is None and target.unavailable is None:
+        raise UsageError(
+            f"target {target.name} was built without its function (load=False) and no worker"
+        )
+    driver = get_driver(target.framework)
+    why = target.unavailable or driver.unavailable() or driver.device_unavailable(device)
+    if why:
+        run.skipped = why
+        return None
+    run.versions = driver.versions()
+    run.driver = f"{type(driver).__module__}:{type(driver).__name__}"
+    return InProcess(target, device)
 
 
 def run_suite(
@@ -255,8 +505,14 @@ def run_suite(
     dtypes: Iterable[str],
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    *,
+    pool: WorkerPool | None = None,
+    device: str | None = None,
 ) -> SuiteResult:
     """Every case on every available target in every dtype both support.
+
+    With a ``pool`` each target runs in its supervised worker process; otherwise in-process.
+    A Ctrl-C ends the run early with what was checked so far (``interrupted``: not a pass).
 
     >>> from sapo_conformance import builtin_target, generate_cases
     >>> res = run_suite([builtin_target("reference")], generate_cases(0, 1), ["float64"])
@@ -264,44 +520,67 @@ def run_suite(
     (True, 25)
     """
     start = time.perf_counter()
-    cache: dict[tuple[str, str], Materialized | str] = {}
+    cache: dict[tuple[str, str, bool], Materialized | str] = {}
     runs: list[TargetRun] = []
     results: list[CaseResult] = []
     dtypes = tuple(dtypes)
+    interrupted = False
     for target in targets:
         run = TargetRun(target)
         runs.append(run)
-        t0 = time.perf_counter()
-        driver = get_driver(target.framework)
-        why = target.unavailable or driver.unavailable()
-        if why:
-            run.skipped = why
-            if progress:
-                progress(len(cases) * len(dtypes))
+        if interrupted:
+            run.skipped = "not run: the run was interrupted"
             continue
-        for dtype in dtypes:
-            why = None if dtype in target.dtypes else f"{dtype} not supported by the target"
-            why = why or driver.dtype_unavailable(dtype)
-            if why:
-                run.dtype_skips[dtype] = why
-                if progress:
-                    progress(len(cases))
-                continue
-            for case in cases:
-                if dtype not in case.dtypes:  # e.g. float64 golden vectors: not a skip, not a case
-                    if progress:
-                        progress(1)
-                    continue
-                key = (case.id, dtype)
-                if key not in cache:
-                    cache[key] = materialize(case, dtype)
-                m = cache[key]
-                why = m if isinstance(m, str) else applicable(target, case)
-                if why:
-                    results.append(CaseResult(target.name, dtype, case, "skip", reason=why))
-                else:
-                    results.append(run_case(target, m, seed))
+        t0 = time.perf_counter()
+        executor = _prepare(run, pool, device)
+        mine = cases_for(target, cases) if executor is not None else []
+        if executor is None and progress:
+            progress(len(cases) * len(dtypes))
+        try:
+            _run_target(run, executor, mine, dtypes, seed, cache, results, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        run.seconds = time.perf_counter() - t0
+        run.worker_restarts = getattr(executor, "restarts", 0)
+    return SuiteResult(runs, results, cases, seed, time.perf_counter() - start, dtypes, interrupted)
+
+
+def _run_target(run, executor, cases, dtypes, seed, cache, results, progress) -> None:
+    if executor is None:
+        return
+    target = run.target
+    for dtype in dtypes:
+        why = None if dtype in target.dtypes else f"{dtype} not supported by the target"
+        why = why or run.dtype_skips.get(dtype)
+        if why is None and run.isolation == "in-process":
+            why = get_driver(target.framework).dtype_unavailable(dtype)
+        if why:
+            run.dtype_skips[dtype] = why
+            if progress:
+                progress(len(cases))
+            continue
+        for case in cases:
+            if dtype not in case.dtypes:  # e.g. float64 golden vectors: not a skip, not a case
                 if progress:
                     progress(1)
-        run.seconds = time.perf_counter() - t0
-    return SuiteResult(runs, results, cases, seed, time.perf_counter() - start)
+                continue
+            key = (case.id, dtype, bool(case.options.get("count_empty_rows")))
+            if key not in cache:
+                cache[key] = materialize(case, dtype)
+            m = cache[key]
+            why = m if isinstance(m, str) else applicable(target, case)
+            if why:
+                results.append(CaseResult(target.name, dtype, case, "skip", reason=why))
+            elif getattr(executor, "losses", 0) >= MAX_LOSSES:
+                res = CaseResult(target.name, dtype, case, "pass", materialized=m)
+                results.append(
+                    _failed(
+                        res,
+                        f"not run: the worker was lost {executor.losses} times in a "
+                        f"row (the last time: {executor.last_loss})",
+                    )
+                )
+            else:
+                results.append(run_case(target, m, seed, executor=executor))
+            if progress:
+                progress(1)
