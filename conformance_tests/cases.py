@@ -22,8 +22,9 @@ dtype whose range cannot hold its inputs or the reference's outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,16 @@ DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
 #: Clip-method ratios stay at least this far (relative) from a kink (clause 2.5).
 KINK_DISTANCE = 1e-3
 #: Options of the third-party contract (issue 3); count_empty_rows and normalizer are not in it.
-CONTRACT_OPTIONS = ("method", "loss_agg", "tau_pos", "tau_neg", "eps_low", "eps_high",
-                    "dual_clip", "norm_length")
+CONTRACT_OPTIONS = (
+    "method",
+    "loss_agg",
+    "tau_pos",
+    "tau_neg",
+    "eps_low",
+    "eps_high",
+    "dual_clip",
+    "norm_length",
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,9 @@ def _adv(rng: np.random.Generator, n: int, t: int, per_token: bool | None = None
     return rng.normal(0.0, 1.0, size=shape)
 
 
-def _garbage(rng: np.random.Generator, x: np.ndarray, mask: np.ndarray, nonfinite: bool) -> np.ndarray:
+def _garbage(
+    rng: np.random.Generator, x: np.ndarray, mask: np.ndarray, nonfinite: bool
+) -> np.ndarray:
     """Fill invalid positions: random finite values, or NaN/inf/1e30 (clause 6.1)."""
     x = x.copy()
     if x.shape != mask.shape:
@@ -173,6 +184,11 @@ def _garbage(rng: np.random.Generator, x: np.ndarray, mask: np.ndarray, nonfinit
     else:
         x[bad] = rng.normal(-3.0, 3.0, size=int(bad.sum()))
     return x
+
+
+def _clean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Zeros at invalid positions: a case about extreme valid values carries no padding cause."""
+    return np.where(mask, x, 0.0) if x.shape == mask.shape else x
 
 
 def _tau(rng: np.random.Generator) -> dict[str, float]:
@@ -190,12 +206,17 @@ def _eps(rng: np.random.Generator, method: str) -> dict[str, float]:
         return {}
     if method == "grpo" or k == 1:  # clip-higher (DAPO) or symmetric
         lo = float(rng.choice([0.1, 0.2, 0.3]))
-        return {"eps_low": lo, "eps_high": lo if rng.random() < 0.4 else float(rng.choice([0.28, 0.4]))}
+        return {
+            "eps_low": lo,
+            "eps_high": lo if rng.random() < 0.4 else float(rng.choice([0.28, 0.4])),
+        }
     return {"eps_low": 3e-4, "eps_high": 4e-4}
 
 
 def _agg(rng: np.random.Generator, t: int, agg: str | None = None) -> dict[str, Any]:
-    agg = agg or str(rng.choice(sapo_ref.LOSS_AGG_NAMES))
+    if agg is not None:
+        _allowed("loss_aggs", (agg,))
+    agg = agg or str(rng.choice(_allowed("loss_aggs", sapo_ref.LOSS_AGG_NAMES)))
     out: dict[str, Any] = {"loss_agg": agg}
     if "norm_length" in spec.LOSS_AGGS[agg].requires:
         out["norm_length"] = float(rng.choice([t, 2 * t, 512.0]))
@@ -228,8 +249,27 @@ def _batch(
 Gen = Callable[[np.random.Generator], dict[str, Any]]
 
 
+class _NotApplicable(Exception):
+    """The clause's generator cannot draw a case inside the requested subset."""
+
+
+#: Methods and aggregations the current draw may use (set by generate_cases for a subset).
+_SUBSET: dict[str, tuple[str, ...]] = {
+    "methods": sapo_ref.METHOD_NAMES,
+    "loss_aggs": sapo_ref.LOSS_AGG_NAMES,
+}
+
+
+def _allowed(kind: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    keep = tuple(n for n in names if n in _SUBSET[kind])
+    if not keep:
+        raise _NotApplicable(kind)
+    return keep
+
+
 def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> str:
-    return str(rng.choice(names))
+    """A method from ``names`` (repeats weight it) restricted to the subset being drawn."""
+    return str(rng.choice(_allowed("methods", names)))
 
 
 def _g_adv_per_token(rng):  # 1.5: per-token advantages, sequence methods pair s_i with A_it
@@ -252,9 +292,12 @@ def _g_tau_select(rng):  # 1.6: signs mixed, A = 0 present, tau_pos != tau_neg b
 
 def _method_gen(method: str, sigma: float) -> Gen:
     def gen(rng):
+        _allowed("methods", (method,))
         lp, old, adv, m = _batch(rng, sigma=sigma)
         opts = _opts(rng, method, m.shape[1])
-        return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.LOSS_AGGS[opts["loss_agg"]].clause,))
+        return dict(
+            inputs=(lp, old, adv, m), options=opts, extra=(spec.LOSS_AGGS[opts["loss_agg"]].clause,)
+        )
 
     return gen
 
@@ -285,15 +328,22 @@ def _agg_gen(agg: str) -> Gen:
 def _g_empty(rng):  # 3.6: empty rows excluded from R by default
     lp, old, adv, m = _batch(rng, empty=True)
     method = _pick(rng, sapo_ref.METHOD_NAMES)
-    agg = _pick(rng, ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    agg = str(
+        rng.choice(
+            _allowed(
+                "loss_aggs",
+                ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+            )
+        )
+    )
     opts = _opts(rng, method, m.shape[1], agg)
     return dict(inputs=(lp, old, adv, m), options=opts, extra=(spec.LOSS_AGGS[agg].clause,))
 
 
-def _g_no_token(rng):  # 3.7: no valid token: loss 0, gradient 0
+def _g_no_token(rng):  # 3.7: no valid token: loss 0, gradient 0 (clean padding: one cause)
     lp, old, adv, m = _batch(rng)
     m[:] = False
-    lp, old = _garbage(rng, lp, m, rng.random() < 0.5), _garbage(rng, old, m, False)
+    lp, old = _clean(lp, m), _clean(old, m)
     method = _pick(rng, sapo_ref.METHOD_NAMES)
     return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False)
 
@@ -310,6 +360,7 @@ def _g_method_defaults(rng):  # 4.1: method parameters left to their defaults
 
 
 def _g_agg_defaults(rng):  # 4.2: no loss_agg given (seq-mean-token-mean, empty rows excluded)
+    _allowed("loss_aggs", (spec.DATA["defaults"]["loss_agg"],))
     lp, old, adv, m = _batch(rng, empty=bool(rng.random() < 0.5))
     method = _pick(rng, ("sapo", "grpo", "sapo-seq"))
     return dict(inputs=(lp, old, adv, m), options={"method": method}, extra=("3.3", "3.6"))
@@ -322,15 +373,22 @@ def _g_zero_adv(rng):  # 5.1: A = 0 with any ratio, r = inf included
     method = _pick(rng, ("sapo", "grpo"))
     huge = zero & m & (rng.random(adv.shape) < 0.5)
     lp = np.where(huge, old + rng.choice([30.0, 200.0, np.inf], size=lp.shape), lp)
-    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False)
+    return dict(
+        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        options=_opts(rng, method, m.shape[1]),
+        fd=False,
+    )
 
 
 def _g_on_policy(rng):  # 5.2: delta = 0
     lp, old, adv, m = _batch(rng)
     lp = np.where(m, old, lp)
     method = _pick(rng, sapo_ref.METHOD_NAMES)
-    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]),
-                extra=(spec.METHODS[method].clause,))
+    return dict(
+        inputs=(lp, old, adv, m),
+        options=_opts(rng, method, m.shape[1]),
+        extra=(spec.METHODS[method].clause,),
+    )
 
 
 _EXTREME = np.array([25.0, 60.0, 90.0, 100.0, 700.0, 800.0, 1e4, 1e6, np.inf])
@@ -356,8 +414,12 @@ def _g_sapo_extreme(rng):  # 5.3 / 6.3: SAPO at extreme valid log-ratios, exact 
             row = delta[i][m[i]]
             if np.any(row == np.inf) and np.any(row == -np.inf):
                 lp[i] = np.where(m[i] & (delta[i] == -np.inf), old[i], lp[i])
-    return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False,
-                extra=("2.1" if method == "sapo" else "2.3",))
+    return dict(
+        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        options=_opts(rng, method, m.shape[1]),
+        fd=False,
+        extra=("2.1" if method == "sapo" else "2.3",),
+    )
 
 
 def _g_clip_extreme(rng):  # 5.4: clipped methods at extreme ratios, +inf loss where A < 0
@@ -373,7 +435,12 @@ def _g_clip_extreme(rng):  # 5.4: clipped methods at extreme ratios, +inf loss w
         opts.update({"eps_low": 0.2, "eps_high": 0.2})
     if rng.random() < 0.4:
         opts["dual_clip"] = 3.0
-    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+    return dict(
+        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        options=opts,
+        fd=False,
+        extra=(spec.METHODS[method].clause,),
+    )
 
 
 def _g_masking(rng):  # 6.1: NaN/inf/1e30 at invalid positions change nothing
@@ -385,22 +452,63 @@ def _g_masking(rng):  # 6.1: NaN/inf/1e30 at invalid positions change nothing
     opts = _opts(rng, method, m.shape[1])
     if method in ("gspo", "gspo-token"):
         opts.update({"eps_low": 0.2, "eps_high": 0.2})
-    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+    return dict(
+        inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,)
+    )
 
 
-def _g_no_clamp(rng):  # 6.2: |delta| in (20, 80): a +-20 clamp changes the numbers
-    lp, old, adv, m = _batch(rng)
-    method = _pick(rng, ("grpo", "sapo-seq", "gspo", "grpo"))
-    d = rng.uniform(21.0, 60.0, size=lp.shape) * rng.choice([-1.0, 1.0], size=lp.shape)
-    pick = m & (rng.random(lp.shape) < 0.5)
-    lp = np.where(pick, old + d, lp)
-    if method == "grpo":
-        adv = -np.abs(adv) - 0.1  # A < 0, no dual clip: the term is r A, unbounded
-    opts = _opts(rng, method, m.shape[1])
-    opts.pop("dual_clip", None)
-    if method == "gspo":
-        opts.update({"eps_low": 0.2, "eps_high": 0.2})
-    return dict(inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,))
+CLAMP = 20.0  # the +-20 log-ratio clamp of verl, SkyRL and torchforge (clause 6.2)
+
+
+def _clamp_changes(lp, old, adv, mask, options) -> bool:
+    """Whether clamping the valid log-ratios to +-CLAMP (no gradient outside, as a clamp does)
+    changes the float64 reference's loss or gradient beyond the float64 tolerance."""
+    from .compare import compare
+
+    with np.errstate(all="ignore"):
+        delta = np.where(mask, lp - old, 0.0)
+        clamped = np.clip(delta, -CLAMP, CLAMP)
+    try:
+        want = _reference(lp, old, adv, mask, options)
+        got = _reference(np.where(mask, clamped, lp), np.where(mask, 0.0, old), adv, mask, options)
+    except ValueError:
+        return False
+    grad = np.where(clamped != delta, 0.0, got.grad)
+    tol = spec.TOLERANCES["float64"]
+    return not (
+        compare("loss", got.loss, want.loss, tol["value"]).ok
+        and compare("grad", grad, want.grad, tol["grad"]).ok
+    )
+
+
+def _g_no_clamp(rng):  # 6.2: valid |delta| past 20 where a +-20 clamp changes the float64 result
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    for _attempt in range(30):  # resample (same stream: deterministic) until the clamp shows
+        lp, old, adv, m = _batch(rng)
+        t = m.shape[1]
+        pick = m & (rng.random(lp.shape) < 0.4)
+        if method == "sapo":
+            # Past +20 SAPO is saturated either way; below -20 the clamp keeps r = e^-20 and a
+            # gradient w r that the spec's r (and its gradient) have lost: visible in float64
+            # just past the bound.
+            d = -rng.uniform(20.5, 23.0, size=lp.shape)
+        else:
+            d = rng.uniform(21.0, 60.0, size=lp.shape) * rng.choice([-1.0, 1.0], size=lp.shape)
+        lp = np.where(pick, old + d, lp)
+        if method == "grpo":
+            adv = -np.abs(adv) - 0.1  # A < 0, no dual clip: the term is r A, unbounded
+        opts = _opts(rng, method, t)
+        opts.pop("dual_clip", None)
+        if spec.METHODS[method].gate == "soft":
+            opts.pop("tau_pos", None), opts.pop("tau_neg", None)  # w(0) = sech^2(tau/2) near 1
+        if method in ("gspo", "gspo-token"):
+            opts.update({"eps_low": 0.2, "eps_high": 0.2})
+        lp, old = _clean(lp, m), _clean(old, m)
+        if _clamp_changes(lp, old, adv, m, opts):
+            break
+    return dict(
+        inputs=(lp, old, adv, m), options=opts, fd=False, extra=(spec.METHODS[method].clause,)
+    )
 
 
 GENERATORS: dict[str, Gen] = {
@@ -432,36 +540,66 @@ GENERATORS: dict[str, Gen] = {
 }
 
 
-def generate_cases(seed: int = 0, per_clause: int = 6, clauses: tuple[str, ...] | None = None) -> list[Case]:
-    """``per_clause`` seeded cases for every clause with a generator (deterministic).
+def generate_cases(
+    seed: int = 0,
+    per_clause: int = 6,
+    clauses: tuple[str, ...] | None = None,
+    methods: Iterable[str] | None = None,
+    loss_aggs: Iterable[str] | None = None,
+) -> list[Case]:
+    """``per_clause`` seeded cases for every clause with a generator (deterministic in
+    ``(seed, clause, k)``), drawn inside a subset of ``methods`` and ``loss_aggs`` when given:
+    every clause that can apply to the subset gets the same ``per_clause`` cases as a full run;
+    one that cannot (GSPO's clause for a SAPO-only subset) gets none.
 
     >>> [c.id for c in generate_cases(seed=3, per_clause=2, clauses=("2.1",))]
     ['2.1-00', '2.1-01']
     >>> generate_cases(3, 1)[5].options == generate_cases(3, 4)[20].options  # stable ids
     True
+    >>> sub = generate_cases(0, 2, loss_aggs=["token-mean"])
+    >>> {c.loss_agg for c in sub}, sum(c.id.startswith("6.2-") for c in sub)
+    ({'token-mean'}, 2)
     """
+    subset = {
+        "methods": tuple(sapo_ref.METHOD_NAMES if methods is None else methods),
+        "loss_aggs": tuple(sapo_ref.LOSS_AGG_NAMES if loss_aggs is None else loss_aggs),
+    }
+    for kind, names in (("methods", sapo_ref.METHOD_NAMES), ("loss_aggs", sapo_ref.LOSS_AGG_NAMES)):
+        unknown = [v for v in subset[kind] if v not in names]
+        if unknown:
+            raise ValueError(f"{kind}: unknown {unknown}; expected a subset of {list(names)}")
     out: list[Case] = []
-    for index, (cid, gen) in enumerate(GENERATORS.items()):
-        if clauses is not None and cid not in clauses:
-            continue
-        for k in range(per_clause):
-            rng = np.random.default_rng([seed, index, k])
-            d = gen(rng)
-            lp, old, adv, m = (np.asarray(a) for a in d["inputs"])
-            tags = tuple(dict.fromkeys((cid, *d.get("extra", ()))))
-            out.append(
-                Case(
-                    id=f"{cid}-{k:02d}",
-                    clauses=tags,
-                    logp=lp.astype(np.float64),
-                    old_logp=old.astype(np.float64),
-                    advantages=adv.astype(np.float64),
-                    mask=m.astype(bool),
-                    options={k2: v for k2, v in d["options"].items()},
-                    fd=d.get("fd", True),
-                )
-            )
+    saved = dict(_SUBSET)
+    _SUBSET.update(subset)
+    try:
+        for index, (cid, gen) in enumerate(GENERATORS.items()):
+            if clauses is not None and cid not in clauses:
+                continue
+            for k in range(per_clause):
+                rng = np.random.default_rng([seed, index, k])
+                try:
+                    d = gen(rng)
+                except _NotApplicable:
+                    break  # the clause cannot apply to this subset: no case for any k
+                out.append(_case(f"{cid}-{k:02d}", cid, d))
+    finally:
+        _SUBSET.clear()
+        _SUBSET.update(saved)
     return out
+
+
+def _case(case_id: str, clause: str, d: dict[str, Any]) -> Case:
+    lp, old, adv, m = (np.asarray(a) for a in d["inputs"])
+    return Case(
+        id=case_id,
+        clauses=tuple(dict.fromkeys((clause, *d.get("extra", ())))),
+        logp=lp.astype(np.float64),
+        old_logp=old.astype(np.float64),
+        advantages=adv.astype(np.float64),
+        mask=m.astype(bool),
+        options=dict(d["options"]),
+        fd=d.get("fd", True),
+    )
 
 
 # ----------------------------------------------------------------------------- golden vectors
@@ -480,7 +618,9 @@ def golden_cases() -> list[Case]:
 
     Vectors whose options fall outside the third-party contract (``count_empty_rows``,
     ``normalizer``) are left out: the contract cannot pass them. They are float64 goldens and
-    apply in float64 only (the random cases cover low precision).
+    apply in float64 only (the random cases cover low precision). A vector whose padding holds
+    NaN/inf and that also tests extremes or an empty batch is followed by its clean-padding
+    twin (:func:`_clean_twin`).
 
     >>> all(c.id.startswith("golden:") and c.dtypes == ("float64",) for c in golden_cases())
     True
@@ -499,22 +639,70 @@ def golden_cases() -> list[Case]:
                 continue
             inp = c["inputs"]
             try:
-                lp, old, adv = (np.asarray(_num(inp[k]), np.float64) for k in ("logp", "old_logp", "advantages"))
+                lp, old, adv = (
+                    np.asarray(_num(inp[k]), np.float64) for k in ("logp", "old_logp", "advantages")
+                )
                 mask = np.asarray(_num(inp["mask"])).astype(bool)
                 sapo_ref.policy_loss(lp, old, adv, mask, **opts)  # error vectors are not for us
             except Exception:
                 continue
-            out.append(Case(id=f"golden:{c['id']}", clauses=tuple(c.get("clauses", ("C.1",))),
-                            logp=lp, old_logp=old, advantages=adv, mask=mask, options=opts,
-                            # float64 goldens; extreme temperatures a finite difference cannot resolve
-                            fd=False, dtypes=("float64",)))
+            case = Case(
+                id=f"golden:{c['id']}",
+                clauses=tuple(c.get("clauses", ("C.1",))),
+                logp=lp,
+                old_logp=old,
+                advantages=adv,
+                mask=mask,
+                options=opts,
+                # float64 goldens; extreme temperatures a finite difference cannot resolve
+                fd=False,
+                dtypes=("float64",),
+            )
+            out.append(case)
+            twin = _clean_twin(case)
+            if twin is not None:
+                out.append(twin)
     return out
+
+
+def _clean_twin(case: Case) -> Case | None:
+    """A golden vector with NaN/inf padding that also tests something else (extreme valid
+    log-ratios, an empty batch, or any clause but masking) as a second case with zeros at
+    every invalid position, id ``<id>/clean-padding``: one cause per case. The released
+    vector files are not modified; the twin's expected numbers are the reference's on it."""
+    full_adv = np.broadcast_to(
+        case.advantages if case.advantages.ndim == 2 else case.advantages[:, None], case.mask.shape
+    )
+    garbage = ~case.mask & (
+        ~np.isfinite(case.logp) | ~np.isfinite(case.old_logp) | ~np.isfinite(full_adv)
+    )
+    if not garbage.any():
+        return None
+    with np.errstate(all="ignore"):
+        extreme = bool(np.any(case.mask & ~(np.abs(case.logp - case.old_logp) <= CLAMP)))
+    special = {"5.1", "5.3", "5.4", "6.2", "6.3", "3.7"}
+    if "6.1" in case.clauses and not extreme and not special & set(case.clauses):
+        return None  # a masking vector: garbage padding is its one cause
+    adv = _clean(case.advantages, case.mask)
+    return Case(
+        id=f"{case.id}/clean-padding",
+        clauses=tuple(c for c in case.clauses if c != "6.1"),
+        logp=_clean(case.logp, case.mask),
+        old_logp=_clean(case.old_logp, case.mask),
+        advantages=adv,
+        mask=case.mask,
+        options=dict(case.options),
+        fd=False,
+        dtypes=case.dtypes,
+    )
 
 
 # ----------------------------------------------------------------------------- materialize
 
 
-def _kink_free(case: Case, lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _kink_free(
+    case: Case, lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
     """``lp`` with every clip-method ratio within KINK_DISTANCE of a kink set on-policy."""
     cfg = sapo_ref.resolve_config(**case.options)
     if cfg.is_soft:
@@ -551,13 +739,17 @@ def _ratio_beyond_float32(case: Case, lp, old, adv, mask) -> bool:
         delta = np.where(mask, lp.astype(np.float64) - old.astype(np.float64), 0.0)
         x = delta
         if cfg.sequence_value:
-            x = np.broadcast_to((delta.sum(axis=1) / np.maximum(mask.sum(axis=1), 1))[:, None], delta.shape)
+            x = np.broadcast_to(
+                (delta.sum(axis=1) / np.maximum(mask.sum(axis=1), 1))[:, None], delta.shape
+            )
     a = np.broadcast_to(adv if adv.ndim == 2 else adv[:, None], mask.shape)
     big = np.isfinite(x) & (x > math.log(float(np.finfo(np.float32).max)) - 2.0)
     return bool(np.any(mask & big & (a < 0)))
 
 
-def _reference(lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray, options: dict) -> Any:
+def _reference(
+    lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray, options: dict
+) -> Any:
     import warnings
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -596,5 +788,14 @@ def materialize(case: Case, dtype: str) -> Materialized | str:
     outs = np.concatenate([[res.loss], res.grad.ravel()])
     if np.any(np.isfinite(outs) & (np.abs(outs) > top)):
         return f"the reference's outputs exceed the range of {dtype}"
-    return Materialized(case, dtype, lp, old, adv, mask, float(res.loss), np.asarray(res.grad, np.float64),
-                        dict(res.metrics))
+    return Materialized(
+        case,
+        dtype,
+        lp,
+        old,
+        adv,
+        mask,
+        float(res.loss),
+        np.asarray(res.grad, np.float64),
+        dict(res.metrics),
+    )

@@ -862,13 +862,15 @@ def identify(
     grad_tol: spec.Tolerance,
 ) -> list[Deviation]:
     """Catalogue entries that alone reproduce ``got`` on this case within the tolerances (their
-    parameters from the TOML defaults and the case's fit). :mod:`.verdict` composes them."""
-    found = []
+    parameters from the TOML defaults and the case's fit). A lower-precision model (judged at
+    float32's tolerance) is named only when no exact model reproduces the case. The verdict
+    (:mod:`.verdict`) composes them per target."""
+    found, loose = [], []
     for dev in CATALOGUE:
         if dev.model is None:
             continue
         for param in candidate_params(dev, m, options, got):
             if reproduces(m, options, (Applied(dev, param),), got, value_tol, grad_tol):
-                found.append(dev)
+                (loose if dev.precision else found).append(dev)
                 break
-    return found
+    return found or loose
