@@ -1,0 +1,80 @@
+"""Shards evaluated with the global normaliser sum to the full batch (clauses 3.6, 3.8, 3.11).
+
+The rows of a batch are split into shards in a random order, each shard padded to its own
+length; every shard is evaluated with the global counts (the sum of the shards' own counts from
+``sapo_ref.normalizer`` or ``<adapter>.distributed.local_counts``). The shard losses must sum to
+the reference's loss of the whole batch and the shard gradients must be its rows (clause C.1).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+from backends._inputs import LOSS_AGGS, METHODS, make_case, materialized
+from sapo_conformance.cases import Case, Materialized
+from sapo_conformance.compare import compare
+
+from sapo_ref import Normalizer
+from sapo_ref.sharding import split_rows
+
+
+def _shards(m: Materialized, seed: int) -> list[tuple[np.ndarray, Materialized]]:
+    """(rows, shard) pairs: a random row partition, each shard cut to its own padded length."""
+    n = m.mask.shape[0]
+    out = []
+    for rows in split_rows(n, [1, n - 1], rng=np.random.default_rng(seed)):
+        cols = np.flatnonzero(m.mask[rows].any(axis=0))
+        t = int(cols.max()) + 1 if cols.size else 1
+        cut = lambda a: a[rows][:, :t] if a.ndim == 2 else a[rows]
+        arrays = [cut(a) for a in (m.logp, m.old_logp, m.advantages, m.mask)]
+        case = Case(f"{m.case.id}/shard", m.case.clauses, *arrays, dict(m.case.options))
+        out.append((rows, Materialized(case, m.dtype, *arrays, np.nan, np.zeros(0), {})))
+    return out
+
+
+@pytest.mark.clause("3.8", "3.6")
+@pytest.mark.parametrize("dtype", ("float64", "float32"))
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("method", METHODS)
+def test_shards_with_global_counts_sum_to_the_batch(backend, method, loss_agg, dtype):
+    backend.require_dtype(dtype)
+    count_empty = METHODS.index(method) % 2 == 1
+    case = make_case(method, loss_agg, seed=2, empty=True, count_empty_rows=count_empty)
+    full = materialized(case, dtype)
+    shards = _shards(full, seed=METHODS.index(method))
+    opts = {k: v for k, v in case.options.items() if k != "count_empty_rows"}
+    counts = [
+        backend.local_counts(backend.to_array(s.mask), count_empty_rows=count_empty)
+        for _, s in shards
+    ]
+    norm = counts[0]
+    for c in counts[1:]:
+        norm = norm + c
+    assert float(norm.num_tokens) == full.mask.sum()
+    loss, grad = 0.0, np.zeros(full.mask.shape)
+    for rows, shard in shards:
+        out = backend.run(shard, options={**opts, "normalizer": norm}, cotangent=0.75)
+        loss += out.loss
+        grad[rows, : shard.mask.shape[1]] = out.grad
+    checks = [
+        compare("sum of shard losses", loss, full.want_loss, backend.tolerance(dtype, "value")),
+        compare("shard gradients", grad, full.want_grad, backend.tolerance(dtype, "grad")),
+    ]
+    bad = [c.message for c in checks if not c.ok]
+    assert not bad, f"{backend.name} {dtype} {case.options}: " + "; ".join(bad)
+
+
+@pytest.mark.clause("3.8", "3.6")
+@pytest.mark.parametrize("count_empty_rows", (False, True))
+def test_global_normalizer_adds_the_shards_counts(backend, count_empty_rows):
+    """One process holding several micro-batches: ``global_normalizer(list of masks)``."""
+    fn = backend.distributed.global_normalizer
+    if "axis_name" in inspect.signature(fn).parameters:
+        pytest.skip(f"{backend.name}'s global_normalizer is a collective over a mesh axis")
+    masks = [np.array([[1, 1, 0]], bool), np.array([[0, 0], [1, 0], [0, 0]], bool)]
+    got = fn([backend.to_array(m) for m in masks], count_empty_rows=count_empty_rows)
+    want = Normalizer(3.0, 4.0 if count_empty_rows else 2.0)
+    assert isinstance(got, Normalizer)
+    assert (float(got.num_tokens), float(got.num_rows)) == (want.num_tokens, want.num_rows)
