@@ -1,32 +1,33 @@
-"""Compiled value_and_grad of sapo_mlx.policy_loss vs mx.grad of a straightforward MLX formula.
+"""sapo_mlx.policy_loss (eager and compiled) vs mx.grad of a straightforward MLX formula.
 
 Every variant is timed in the same run, interleaved round by round, on the same inputs
-([256, 8192] float32 on the CPU by default), so the ratios mean something on a shared machine.
-Run:
+([256, 8192] float32 on the CPU by default), so the ratios mean something on a shared machine;
+the load average (``uptime``) is printed with the table. Run:
 
-    /work/venv/bin/python benchmarks/bench_mlx.py               # sapo, seq-mean-token-mean
-    /work/venv/bin/python benchmarks/bench_mlx.py --all         # every method
-    /work/venv/bin/python benchmarks/bench_mlx.py --rows 64 --cols 2048 --repeats 30
+    .venv/bin/python benchmarks/bench_mlx.py                    # sapo and grpo
+    .venv/bin/python benchmarks/bench_mlx.py --all              # every method
+    .venv/bin/python benchmarks/bench_mlx.py --rows 64 --cols 2048 --repeats 30
 
 Variants (loss and d loss / d logp, both evaluated with ``mx.eval``):
 
-* ``sapo_mlx compiled``: ``mx.compile(mx.value_and_grad(policy_loss))``, the closed-form VJP;
-* ``sapo_mlx eager``: the same without an outer ``mx.compile`` (the default call; the loss
-  kernel inside is compiled once per configuration);
-* ``plain grad``: ``mx.value_and_grad`` of the straightforward formula
-  (:func:`sapo_mlx.plain.plain_loss`: exp, sigmoid, clip, min, masked mean), as a porter
-  writes it first; no exact saturation, no metrics;
+* ``sapo_mlx eager``: ``mx.value_and_grad(policy_loss)``, the default call: the reference's
+  formula on MLX arrays, compiled inside once per configuration, with the clause 8 data checks
+  (one flag read back) and the closed-form VJP;
+* ``sapo_mlx compiled``: the same under ``mx.compile`` (checks become NaN poisoning);
+* ``plain grad``: ``mx.value_and_grad`` of :func:`plain_loss` (exp, sigmoid, clip, min, masked
+  mean), as a porter writes it first: no exact saturation, no checks, no metrics;
 * ``plain compiled``: the same under ``mx.compile`` (MLX fuses the elementwise chain).
 
-The headline is ``sapo_mlx compiled / plain grad`` (the issue's comparison); the
-compiled-vs-compiled ratio is printed too. sapo_mlx's metrics are returned but not evaluated,
-so MLX's lazy graph never computes them.
+The headline is ``sapo_mlx eager / plain grad`` (issue 15: no slower than the plain formula);
+``sapo_mlx compiled / plain compiled`` is printed too. sapo_mlx's metrics are returned but not
+evaluated, so MLX's lazy graph never computes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,9 +35,44 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 import sapo_mlx
-from sapo_mlx.plain import plain_loss
 
 import sapo_ref
+from sapo_ref.config import LossConfig
+
+
+def plain_loss(
+    logp: mx.array,
+    old_logp: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    config: LossConfig,
+    denominator: float,
+) -> mx.array:
+    """The loss of ``config`` as a user writes it first (exp, sigmoid, clip, min, a masked
+    mean), differentiated by ``mx.grad``: the baseline. Overflows for large log-ratios; no
+    checks, no metrics."""
+    valid = mask.astype(mx.bool_)
+    delta = mx.where(valid, logp - old_logp, 0.0)
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]
+    adv = mx.where(valid, adv, 0.0)
+    lengths = valid.sum(axis=1, keepdims=True).astype(logp.dtype)
+    if config.method_spec.ratio == "token":
+        x = mx.exp(delta)
+    else:
+        s = mx.exp(delta.sum(axis=1, keepdims=True) / mx.maximum(lengths, 1.0))
+        if config.method_spec.ratio == "sequence-token":  # GSPO eq. 13-14
+            s = mx.stop_gradient(s) * mx.exp(delta - mx.stop_gradient(delta))
+        x = s
+    if config.is_soft:
+        tau = mx.where(adv > 0, config.tau_pos, config.tau_neg)
+        term = 4.0 / tau * mx.sigmoid(tau * (x - 1.0)) * adv
+    else:
+        term = mx.minimum(x * adv, mx.clip(x, 1.0 - config.eps_low, 1.0 + config.eps_high) * adv)
+        if config.dual_clip is not None:
+            term = mx.where(adv < 0, mx.maximum(term, config.dual_clip * adv), term)
+    if config.per_row_mean:
+        term = term / mx.maximum(lengths, 1.0)
+    return -mx.where(valid, term, 0.0).sum() / denominator
 
 
 def make_inputs(rows: int, cols: int, seed: int = 0):
@@ -62,9 +98,9 @@ def variants(method: str, inputs, mask_np) -> dict[str, Callable[[], object]]:
         return plain_loss(x, old, adv, mask, config, den)
 
     fns = {
-        "sapo_mlx compiled": mx.compile(mx.value_and_grad(ours)),
         "sapo_mlx eager": mx.value_and_grad(ours),
         "plain grad": mx.value_and_grad(plain),
+        "sapo_mlx compiled": mx.compile(mx.value_and_grad(ours)),
         "plain compiled": mx.compile(mx.value_and_grad(plain)),
     }
     return {name: (lambda f=f: mx.eval(f(lp))) for name, f in fns.items()}
@@ -99,34 +135,61 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--cols", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--method", default="sapo", choices=sapo_ref.METHOD_NAMES)
+    ap.add_argument(
+        "--method",
+        action="append",
+        choices=sapo_ref.METHOD_NAMES,
+        help="a method to time (repeatable; default: sapo and grpo)",
+    )
     ap.add_argument("--all", action="store_true", help="every method")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     mx.set_default_device(mx.cpu)
     inputs, mask_np = make_inputs(args.rows, args.cols)
-    methods = sapo_ref.METHOD_NAMES if args.all else (args.method,)
-    print(f"MLX {mx.__version__}, device {mx.default_device()}, [{args.rows}, {args.cols}] float32, "
-          f"{args.repeats} interleaved rounds, times in ms (median / min)")
+    methods = sapo_ref.METHOD_NAMES if args.all else tuple(args.method or ("sapo", "grpo"))
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"MLX {mx.__version__}, device {mx.default_device()}, [{args.rows}, {args.cols}] float32, "
+        f"{args.repeats} interleaved rounds, times in ms (median / min)"
+    )
     results = {}
     for method in methods:
         times = time_interleaved(variants(method, inputs, mask_np), args.repeats)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         low = {k: min(v) * 1e3 for k, v in times.items()}
-        ratio = med["sapo_mlx compiled"] / med["plain grad"]
+        ratio = med["sapo_mlx eager"] / med["plain grad"]
+        ratio_min = low["sapo_mlx eager"] / low["plain grad"]
         ratio_cc = med["sapo_mlx compiled"] / med["plain compiled"]
         agree = check_agreement(method, inputs, mask_np)
         print(f"\n{method}")
         for k in times:
             print(f"  {k:18s} {med[k]:8.2f} / {low[k]:8.2f}")
-        print(f"  ratio sapo_mlx compiled / plain grad     = {ratio:.2f}")
-        print(f"  ratio sapo_mlx compiled / plain compiled = {ratio_cc:.2f}")
+        print(
+            f"  ratio sapo_mlx eager / plain grad        = {ratio:.2f} (median) {ratio_min:.2f} (min)"
+        )
+        print(f"  ratio sapo_mlx compiled / plain compiled = {ratio_cc:.2f} (median)")
         print(f"  max relative gradient difference vs plain = {agree:.1e}")
-        results[method] = {"median_ms": med, "min_ms": low, "ratio_vs_plain_grad": ratio,
-                           "ratio_vs_plain_compiled": ratio_cc, "grad_rel_diff": agree}
+        results[method] = {
+            "median_ms": med,
+            "min_ms": low,
+            "eager_vs_plain_grad": ratio,
+            "eager_vs_plain_grad_min": ratio_min,
+            "compiled_vs_plain_compiled": ratio_cc,
+            "grad_rel_diff": agree,
+        }
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"mlx": mx.__version__, "shape": [args.rows, args.cols], "results": results}, fh, indent=2)
+            json.dump(
+                {
+                    "mlx": mx.__version__,
+                    "load": load,
+                    "shape": [args.rows, args.cols],
+                    "results": results,
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

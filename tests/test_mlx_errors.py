@@ -1,9 +1,8 @@
-"""sapo_mlx raises what the reference raises, with the same message (clauses 5.5, 8.1-8.6).
-
-Configuration, shape and dtype errors come from ``policy_loss`` itself (no host sync: they
-need no values). Errors about values at valid tokens need the data on the host and come from
-``sapo_mlx.check_inputs``, which must agree with the reference just as well.
-"""
+"""How sapo_mlx reports bad input in each MLX mode (clause 8.7): eagerly, also inside
+``mx.grad`` (which MLX runs eagerly), it raises the reference's error; under ``mx.compile`` and
+``mx.vmap`` shape, dtype and option errors still raise while invalid data make the loss and every
+gradient entry NaN. And the helpers of :mod:`sapo_mlx.distributed` validate their input. The
+message-by-message comparison for every API is tests/backends'."""
 
 from __future__ import annotations
 
@@ -13,13 +12,17 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
+pytestmark = pytest.mark.mlx
 
-import sapo_mlx
+import sapo_mlx  # noqa: E402 (after importorskip)
+from sapo_mlx.distributed import global_normalizer, local_counts  # noqa: E402 (after importorskip)
 
-import sapo_ref
-from sapo_ref import spec
+import sapo_ref  # noqa: E402 (after importorskip)
+from sapo_ref import Normalizer  # noqa: E402 (after importorskip)
+from sapo_ref.sharding import global_normalizer as sapo_ref_global_normalizer  # noqa: E402 (after importorskip)
 
 N, T = 3, 4
+ARRAYS = ("logp", "old_logp", "advantages", "mask")
 
 
 def valid_call() -> dict:
@@ -29,116 +32,188 @@ def valid_call() -> dict:
         "logp": old + rng.normal(scale=0.1, size=(N, T)),
         "old_logp": old,
         "advantages": np.array([1.0, -0.5, 0.25]),
-        "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool),
+        "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=np.float32),
     }
 
 
-def _edit(**kw):
-    return lambda c: {**c, **kw}
-
-
-def _at(name, index, value):
+def _at(name, index, value, **options):
     def edit(c):
-        x = np.array(c[name], dtype=float if name != "mask" else c[name].dtype)
+        x = np.array(c[name])
         x[index] = value
-        return {**c, name: x}
+        return {**c, name: x, **options}
 
     return edit
 
 
-ARRAYS = ("logp", "old_logp", "advantages", "mask")
-
-CALL_ERRORS = {
-    "logp 1-D": lambda c: {**c, "logp": c["logp"][0]},
-    "logp 3-D": lambda c: {**c, "logp": c["logp"][None]},
-    "old_logp shape": lambda c: {**c, "old_logp": c["old_logp"][:, :2]},
-    "mask shape": lambda c: {**c, "mask": c["mask"][:2]},
-    "N = 0": lambda c: {k: v[:0] for k, v in c.items()},
-    "advantages length": lambda c: {**c, "advantages": c["advantages"][:2]},
-    "advantages 3-D": lambda c: {**c, "advantages": np.ones((N, T, 1))},
-    "integer logp": lambda c: {**c, "logp": np.zeros((N, T), dtype=np.int64)},
-    "integer old_logp": lambda c: {**c, "old_logp": np.zeros((N, T), dtype=np.int32)},
-    "bool advantages": lambda c: {**c, "advantages": np.ones(N, dtype=bool)},
-    "complex logp": lambda c: {**c, "logp": c["logp"].astype(np.complex64)},
-    "unknown method": _edit(method="ppo"),
-    "method not a str": _edit(method=None),
-    "unknown loss_agg": _edit(loss_agg="mean"),
-    "tau_pos with grpo": _edit(method="grpo", tau_pos=1.0),
-    "dual_clip with sapo": _edit(dual_clip=3.0),
-    "norm_length missing": _edit(loss_agg="seq-mean-token-sum-norm"),
-    "norm_length given to token-mean": _edit(loss_agg="token-mean", norm_length=8.0),
-    "norm_length 0": _edit(loss_agg="seq-mean-token-sum-norm", norm_length=0.0),
-    "norm_length str": _edit(loss_agg="seq-mean-token-sum-norm", norm_length="8"),
-    "count_empty_rows not a bool": _edit(count_empty_rows=1),
-    "count_empty_rows with normalizer": lambda c: {
-        **c, "count_empty_rows": True, "normalizer": sapo_ref.normalizer(c["mask"])},
-    "normalizer wrong type": _edit(normalizer=(6.0, 3.0)),
-    **{f"{m} {p} out of domain": _edit(method=m, **{p: spec.DOMAINS[p].max * 2})
-       for m, ms in spec.METHODS.items() for p in ms.params},
-    **{f"{m} {p} nan": _edit(method=m, **{p: math.nan})
-       for m, ms in spec.METHODS.items() for p in ms.params},
-    **{f"{m} {p} bool": _edit(method=m, **{p: True})
-       for m, ms in spec.METHODS.items() for p in ms.params},
-}
-
-_MIXED = lambda c: _at("logp", (0, 1), -math.inf)(_at("logp", (0, 0), math.inf)(c))
 DATA_ERRORS = {
-    "mask value 2": lambda c: {**c, "mask": c["mask"].astype(np.int64) * 2},
-    "mask value 0.5": lambda c: {**c, "mask": c["mask"] * 0.5},
+    "mask value 2": _at("mask", (0, 0), 2.0),
+    "mask value -1": _at("mask", (0, 0), -1.0),
+    "mask value 0.5": _at("mask", (1, 3), 0.5),
+    "mask value NaN": _at("mask", (2, 3), math.nan),
     "NaN advantage": _at("advantages", 0, math.nan),
-    "inf advantage": _at("advantages", 1, math.inf),
+    "inf advantage": _at("advantages", 1, -math.inf),
     "NaN logp": _at("logp", (0, 1), math.nan),
     "NaN old_logp": _at("old_logp", (1, 0), math.nan),
     "inf - inf": lambda c: _at("old_logp", (0, 0), math.inf)(_at("logp", (0, 0), math.inf)(c)),
-    **{f"{m} row with +inf and -inf": lambda c, m=m: {**_MIXED(c), "method": m}
-       for m, ms in spec.METHODS.items() if ms.is_sequence},
+    "gspo row with +inf and -inf": lambda c: _at("logp", (0, 1), -math.inf, method="gspo")(
+        _at("logp", (0, 0), math.inf)(c)
+    ),
+    "sapo-seq difference overflows both ways": lambda c: _at("old_logp", (0, 1), 1.7e308)(
+        _at("logp", (0, 1), -1.7e308, method="sapo-seq")(
+            _at("old_logp", (0, 0), -1.7e308)(_at("logp", (0, 0), 1.7e308)(c))
+        )
+    ),
+    "normalizer (0, 0)": lambda c: {**c, "normalizer": Normalizer(0.0, 0.0)},
+    "normalizer below the shard": lambda c: {**c, "normalizer": Normalizer(5.0, 3.0)},
+    "normalizer -5": lambda c: {**c, "normalizer": Normalizer(-5.0, 3.0)},
+    "normalizer NaN": lambda c: {**c, "normalizer": Normalizer(10.0, math.nan)},
+    "normalizer inf": lambda c: {**c, "normalizer": Normalizer(math.inf, 3.0)},
 }
 
 
-def _reference_error(call: dict) -> BaseException:
+def _split(call: dict) -> tuple[list, dict]:
     c = dict(call)
+    return [c.pop(k) for k in ARRAYS], c
+
+
+def _reference_error(call: dict) -> BaseException:
+    arrays, options = _split(call)
     with pytest.raises((ValueError, TypeError)) as info:
-        arrays = [c.pop(k) for k in ARRAYS]
-        sapo_ref.policy_loss(*arrays, **c)
+        sapo_ref.policy_loss(*arrays, **options)
     return info.value
 
 
-def _same(got: BaseException, want: BaseException) -> None:
-    assert type(got) is type(want)
-    assert str(got) == str(want)
+def _mx_call(call: dict) -> tuple[list, dict]:
+    arrays, options = _split(call)
+    if isinstance(options.get("normalizer"), Normalizer):  # counts as 0-d arrays, as on device
+        n = options["normalizer"]
+        options["normalizer"] = Normalizer(
+            mx.array(n.num_tokens, mx.float64), mx.array(n.num_rows, mx.float64)
+        )
+    return [sapo_mlx.to_mx(a) for a in arrays], options
 
 
-@pytest.mark.parametrize("edit", CALL_ERRORS.values(), ids=CALL_ERRORS.keys())
-def test_policy_loss_errors_mirror_the_reference(edit):
-    call = edit(valid_call())
-    want = _reference_error(call)
-    c = dict(call)
-    arrays = [sapo_mlx.to_mx(c.pop(k)) for k in ARRAYS]
-    with pytest.raises((ValueError, TypeError)) as info:
-        sapo_mlx.policy_loss(*arrays, **c)
-    _same(info.value, want)
-
-
+@pytest.mark.clause("8.2", "8.5", "8.6", "8.7", "8.8", "5.5")
 @pytest.mark.parametrize("edit", DATA_ERRORS.values(), ids=DATA_ERRORS.keys())
-def test_check_inputs_errors_mirror_the_reference(edit):
+def test_eager_and_under_grad_raise_the_references_error(edit):
+    """Eager MLX, including mx.value_and_grad (MLX evaluates eagerly there), raises what the
+    reference raises, same type and message."""
     call = edit(valid_call())
     want = _reference_error(call)
-    c = dict(call)
-    arrays = [sapo_mlx.to_mx(c.pop(k)) for k in ARRAYS]
-    with pytest.raises((ValueError, TypeError)) as info:
-        sapo_mlx.check_inputs(*arrays, **c)
-    _same(info.value, want)
+    arrays, options = _mx_call(call)
+    with pytest.raises(type(want)) as info:
+        sapo_mlx.policy_loss(*arrays, **options)
+    assert str(info.value) == str(want)
+    f = lambda x: sapo_mlx.policy_loss(x, *arrays[1:], **options)[0]
+    with pytest.raises(type(want)) as info:
+        mx.value_and_grad(f)(arrays[0])
+    assert str(info.value) == str(want)
 
 
-def test_valid_call_passes_both():
-    c = valid_call()
-    arrays = [sapo_mlx.to_mx(c[k]) for k in ARRAYS]
-    sapo_mlx.check_inputs(*arrays)
-    loss, _ = sapo_mlx.policy_loss(*arrays)
-    assert math.isfinite(loss.item())
+@pytest.mark.clause("8.7", "8.9")
+@pytest.mark.parametrize("edit", DATA_ERRORS.values(), ids=DATA_ERRORS.keys())
+def test_compiled_invalid_data_poisons_loss_and_every_gradient(edit):
+    """Under mx.compile the same inputs give a NaN loss and NaN d/d logp and d/d old_logp
+    everywhere (also for gspo-token, whose old_logp derivative is otherwise 0)."""
+    arrays, options = _mx_call(edit(valid_call()))
+    for method in {options.pop("method", "sapo"), "gspo-token"}:
+
+        def f(x, o, a, m, method=method):
+            return sapo_mlx.policy_loss(x, o, a, m, method=method, **options)[0]
+
+        v, (g, g_old) = mx.compile(mx.value_and_grad(f, (0, 1)))(*arrays)
+        assert math.isnan(v.item()), method
+        assert np.all(np.isnan(np.array(g))) and np.all(np.isnan(np.array(g_old))), method
 
 
-def test_check_inputs_accepts_bfloat16():
-    c = valid_call()
-    arrays = [sapo_mlx.to_mx(c[k], "bfloat16") for k in ARRAYS[:3]] + [mx.array(c["mask"])]
-    sapo_mlx.check_inputs(*arrays, method="gspo")
+@pytest.mark.clause("8.7")
+def test_vmapped_invalid_data_poisons_only_its_item():
+    call = valid_call()
+    arrays, _ = _mx_call(call)
+    bad = np.array(call["logp"])
+    bad[0, 0] = math.nan
+    x = mx.stack([arrays[0], sapo_mlx.to_mx(bad)])
+    losses = mx.vmap(lambda x: sapo_mlx.policy_loss(x, *arrays[1:])[0])(x)
+    ok, nan = np.array(losses).tolist()
+    assert math.isfinite(ok) and math.isnan(nan)
+    assert abs(ok - sapo_ref.policy_loss(*_split(call)[0]).loss) < 1e-12
+
+
+SHAPE_ERRORS = {
+    "old_logp [1, T]": lambda c: {**c, "old_logp": c["old_logp"][:1]},
+    "mask [1, T]": lambda c: {**c, "mask": c["mask"][:1]},
+    "advantages [N, 1]": lambda c: {**c, "advantages": c["advantages"][:, None]},
+    "integer logp": lambda c: {**c, "logp": np.zeros((N, T), np.int32)},
+    "unknown method": lambda c: {**c, "method": "ppo"},
+    "tau_pos with grpo": lambda c: {**c, "method": "grpo", "tau_pos": 1.0},
+}
+
+
+@pytest.mark.clause("8.1", "8.2", "8.3", "8.7")
+@pytest.mark.parametrize("edit", SHAPE_ERRORS.values(), ids=SHAPE_ERRORS.keys())
+def test_compiled_shape_dtype_and_option_errors_still_raise(edit):
+    call = edit(valid_call())
+    want = _reference_error(call)
+    arrays, options = _mx_call(call)
+    f = mx.compile(
+        mx.value_and_grad(lambda x, o, a, m: sapo_mlx.policy_loss(x, o, a, m, **options)[0])
+    )
+    with pytest.raises(type(want)) as info:
+        f(*arrays)
+    assert str(info.value) == str(want)
+
+
+@pytest.mark.clause("8.2")
+@pytest.mark.parametrize("name", ARRAYS)
+@pytest.mark.parametrize("kind", ["object", "str", "list of str"])
+def test_object_and_string_arrays_name_the_argument(name, kind):
+    """Arrays MLX cannot hold give the reference's TypeError naming the argument (not MLX's
+    "cannot convert dtype object")."""
+    call = valid_call()
+    shape = np.shape(call[name])
+    bad = {
+        "object": np.full(shape, 1.0, dtype=object),
+        "str": np.full(shape, "a"),
+        "list of str": np.full(shape, "a").tolist(),
+    }[kind]
+    call[name] = bad
+    want = _reference_error(call)
+    arrays, options = _split(call)
+    arrays = [a if k == name else sapo_mlx.to_mx(a) for k, a in zip(ARRAYS, arrays)]
+    with pytest.raises(TypeError, match=name) as info:
+        sapo_mlx.policy_loss(*arrays, **options)
+    assert type(info.value) is type(want) and str(info.value) == str(want)
+
+
+@pytest.mark.clause("3.1", "3.6")
+def test_local_counts_are_the_references():
+    mask = np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]], np.int32)
+    for count_empty_rows in (False, True):
+        got = local_counts(mx.array(mask), count_empty_rows=count_empty_rows)
+        want = sapo_ref.normalizer(mask, count_empty_rows=count_empty_rows)
+        for g, w in ((got.num_tokens, want.num_tokens), (got.num_rows, want.num_rows)):
+            assert isinstance(g, mx.array) and g.dtype == mx.float64 and g.shape == ()
+            assert g.item() == w
+    total = global_normalizer([mx.array(mask), mx.array(mask[:, :2])])
+    want = sapo_ref_global_normalizer([mask, mask[:, :2]])
+    assert (total.num_tokens.item(), total.num_rows.item()) == (want.num_tokens, want.num_rows)
+
+
+@pytest.mark.clause("8.1", "8.2")
+def test_distributed_helpers_name_the_mask():
+    with pytest.raises(ValueError, match="mask must be 2-D"):
+        local_counts(mx.array([1, 0, 1]))
+    with pytest.raises(ValueError, match="mask must be 2-D"):
+        global_normalizer([mx.ones((2, 3)), mx.ones((1, 2, 3))])
+    with pytest.raises(TypeError, match="mask"):
+        local_counts(x for x in [[1, 0]])
+    with pytest.raises(TypeError, match="mask"):
+        local_counts(np.array([["a", "b"]]))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        local_counts(mx.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        global_normalizer([mx.array([[1.0, math.nan]])])
+    with pytest.raises(ValueError, match="mask"):
+        global_normalizer([])
+    with pytest.raises(TypeError, match="count_empty_rows"):
+        local_counts(mx.ones((2, 2)), count_empty_rows="yes")

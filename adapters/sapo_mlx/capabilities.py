@@ -21,21 +21,19 @@ CAPABILITIES: dict[str, Any] = {
     "normalizer": True,
     # dtype -> {"value"/"grad": {"rtol", "atol"}, "reason": str} where this backend needs a
     # tolerance other than the spec's [tolerances.<dtype>]. Empty: none is needed, float64
-    # included (its exponential is rebuilt from expm1, see sapo_mlx.numerics).
+    # included (the namespace's exp is rebuilt from expm1, see sapo_mlx.namespace).
     "tolerance_deviations": {},
     "notes": (
         "float64 exists on the MLX CPU device only; float64 losses run on the CPU stream.",
         (
-            "mx.exp/mx.sigmoid are float32-accurate in float64 (ml-explore/mlx#3047): the "
-            "adapter builds e^x from expm1 and arithmetic, which are float64-accurate."
-        ),
-        (
-            "MLX's float32 sum accumulates sequentially (~n ulps): the adapter sums in blocks."
+            "The loss, gradient and metrics are sapo_ref's own formula run on mx.arrays; the "
+            "namespace replaces mx.exp (float32-accurate, ml-explore/mlx#3047) and mx.sum "
+            "(sequential) with accurate versions."
         ),
         "Metrics are computed in float64 on the CPU stream, from the inputs as given.",
         (
-            "Data checks of clauses 5.5, 8.5, 8.6 and the mask's 0/1 values need a host sync: "
-            "they are in sapo_mlx.check_inputs, not in the lazy policy_loss."
+            "Eagerly (mx.grad included) data errors raise as in the reference, reading one "
+            "flag back; under mx.compile/mx.vmap they make the loss and gradients NaN."
         ),
     ),
 }

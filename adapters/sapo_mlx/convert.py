@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["FLOAT_DTYPES", "compute_dtype", "numpy_dtype", "to_mx", "to_numpy"]
+__all__ = ["FLOAT_DTYPES", "compute_dtype", "numpy_dtype", "stand_in", "to_mx", "to_numpy"]
 
 #: The floating dtypes the adapter accepts, by name (the spec's dtype names).
 FLOAT_DTYPES: dict[str, mx.Dtype] = {
@@ -88,12 +88,29 @@ def numpy_dtype(dtype: mx.Dtype) -> np.dtype:
     return np.dtype(_NP_OF_MX[dtype])
 
 
-def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
-    """The dtype the loss is computed in: float64 and float32 as given, bfloat16 and float16 in
-    float32 (clause 6.4).
+def compute_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
+    """The dtype the loss is computed in: the promoted dtype of ``dtypes``, bfloat16 and float16
+    in float32 (clause 6.4, 8.9).
 
     >>> import mlx.core as mx
-    >>> compute_dtype(mx.bfloat16)
-    mlx.core.float32
+    >>> compute_dtype(mx.bfloat16), compute_dtype(mx.float32, mx.float64)
+    (mlx.core.float32, mlx.core.float64)
     """
-    return mx.float64 if dtype == mx.float64 else mx.float32
+    return mx.float64 if mx.result_type(*dtypes) == mx.float64 else mx.float32
+
+
+def stand_in(x: Any) -> np.ndarray:
+    """A zero-byte NumPy array of ``x``'s shape and dtype (an ``mx.array`` or a NumPy array).
+
+    The reference's shape and dtype checks run on it with the reference's messages (NumPy dtype
+    names), without reading ``x``: no host sync, and it works while ``mx.compile`` traces.
+
+    >>> import mlx.core as mx
+    >>> stand_in(mx.zeros((2, 3), dtype=mx.bfloat16)).shape, stand_in(mx.zeros(2)).dtype
+    ((2, 3), dtype('float32'))
+    """
+    if isinstance(x, mx.array):
+        dtype = numpy_dtype(x.dtype)
+    else:
+        dtype = np.dtype(np.float32) if x.dtype.name == "bfloat16" else x.dtype
+    return np.broadcast_to(np.zeros((), dtype), x.shape)

@@ -1,53 +1,151 @@
-"""``sapo_mlx.policy_loss``: the reference's loss in MLX, lazy, with a closed-form gradient."""
+r"""``sapo_mlx.policy_loss``: the reference's formula on MLX arrays, with a closed-form VJP.
+
+The loss, its gradient and the metrics are :func:`sapo_ref.evaluate.evaluate` and
+:func:`sapo_ref.metrics.compute_metrics` themselves, run on ``mx.array`` s through the namespace
+of :mod:`sapo_mlx.namespace`. What is MLX's own is the wrapper: an ``mx.custom_function`` whose
+forward returns :math:`(\mathcal{L}, G = \partial\mathcal{L}/\partial\log\pi_\theta)` and whose
+VJP scales :math:`G` by the cotangent:
+
+.. math::
+
+    \overline{\log\pi_\theta} = \bar{\mathcal{L}}\,G,\qquad
+    \overline{\log\pi_\text{old}} = \begin{cases} -\bar{\mathcal{L}}\,G & \text{sapo, sapo-seq,
+    grpo, gspo}\\ 0 & \text{gspo-token}\end{cases}\qquad
+    \overline{A} = \overline{m} = 0 \quad\text{(clause 8.9)}.
+"""
 
 from __future__ import annotations
 
-import warnings
+import math
 from contextlib import nullcontext
+from functools import cache, partial
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from sapo_ref import spec
+from sapo_ref._xp import namespace
 from sapo_ref.aggregation import Normalizer
-from sapo_ref.config import resolve_config
-from sapo_ref.validation import check_arrays, check_data
+from sapo_ref.config import LossConfig, resolve_config
+from sapo_ref.evaluate import evaluate
+from sapo_ref.metrics import compute_metrics
+from sapo_ref.validation import any_fault, check_arrays, faults, raise_faults
 
-from .convert import compute_dtype, numpy_dtype, to_mx, to_numpy
-from .evaluate import loss_core, prepare, token_weights
-from .metrics import compute_metrics
+from .convert import compute_dtype, stand_in, to_mx
+from .distributed import _counts, concrete
+from .namespace import MLX
 
-__all__ = ["check_inputs", "normalizer", "policy_loss"]
+__all__ = ["policy_loss"]
 
 _DEFAULTS = spec.DATA["defaults"]
 
 
-def _stand_in(x: mx.array) -> np.ndarray:
-    # A zero-byte NumPy array of x's shape and dtype: the reference's shape/dtype checks and
-    # messages run on it without reading x (no host sync, works under mx.compile).
-    return np.broadcast_to(np.zeros((), numpy_dtype(x.dtype)), x.shape)
-
-
-def normalizer(mask: Any, *, count_empty_rows: bool = False) -> Normalizer:
-    r"""Counts :math:`(n, R)` of a mask as 0-d int32 ``mx.array`` s (clause 3.1, 3.6, 3.8).
-
-    Shards' normalizers add with ``+``; pass the global one to every shard's
-    :func:`policy_loss` and the shard losses and gradients sum to the whole batch's.
-
-    >>> import mlx.core as mx
-    >>> n = normalizer(mx.array([[1, 1, 0], [0, 0, 0]])) + normalizer(mx.array([[1, 0, 0]]))
-    >>> n.num_tokens.item(), n.num_rows.item()
-    (3, 2)
-    """
-    mask = to_mx(mask)
+def _inputs(
+    config: LossConfig, logp, old_logp, advantages, mask, norm: Normalizer | None
+) -> tuple[mx.array, ...]:
+    """The four arrays, the counts ``(n, R)`` and the shard's own counts, all as ``mx.array`` s."""
+    raw: tuple[Any, ...] = (logp, old_logp, advantages, mask)
+    try:  # what the reference converts (lists) and what it rejects (floats, None), as it does
+        namespace(*raw)
+        raw = tuple(np.asarray(a) if isinstance(a, (list, tuple)) else a for a in raw)
+    except TypeError:
+        raw = tuple(np.asarray(a) for a in raw)
+    # the reference's shape/dtype errors, on stand-ins: no data read, also while tracing
+    check_arrays(*(stand_in(a) if hasattr(a, "dtype") and hasattr(a, "shape") else a for a in raw))
+    logp, old_logp, advantages, mask = (to_mx(a) for a in raw)
+    if norm is not None and not isinstance(norm, Normalizer):
+        raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
     valid = mask if mask.dtype == mx.bool_ else mask != 0
-    lengths = mx.sum(valid.astype(mx.int32), axis=-1)
-    rows = mx.array(valid.shape[-2], mx.int32) if count_empty_rows else mx.sum(lengths > 0).astype(mx.int32)
-    return Normalizer(mx.sum(lengths), rows)
+    local = _counts(valid, config.count_empty_rows)
+    given = local if norm is None else norm
+    counts = [
+        c if isinstance(c, mx.array) else mx.array(float(c), mx.float64)
+        for c in (given.num_tokens, given.num_rows, local.num_tokens, local.num_rows)
+    ]
+    return logp, old_logp, advantages, mask, *counts
 
 
-_mask_counts = normalizer  # policy_loss's keyword `normalizer` shadows the function
+def _forward(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    n,
+    rows,
+    local_n,
+    local_rows,
+    *,
+    config: LossConfig,
+    check_normalizer: bool,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Loss, gradient w.r.t. ``logp`` (compute dtype) and the clause 8.7 fault flag; loss and
+    gradient are NaN where the flag holds."""
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    lp, olp, adv = (a.astype(dtype) for a in (logp, old_logp, advantages))
+    n, rows, local_n, local_rows = (c.astype(dtype) for c in (n, rows, local_n, local_rows))
+    valid = mask if mask.dtype == mx.bool_ else mask != 0
+    ev = evaluate(lp, olp, adv, valid, config, Normalizer(n, rows))
+    found = faults(
+        lp,
+        olp,
+        adv,
+        mask,
+        valid,
+        sequence=config.sequence_value,
+        normalizer=Normalizer(n, rows) if check_normalizer else None,
+        local=Normalizer(local_n, local_rows) if check_normalizer else None,
+    )
+    bad = any_fault(found, MLX)
+    return mx.where(bad, math.nan, ev.loss), mx.where(bad, math.nan, ev.grad), bad
+
+
+@cache
+def _core(config: LossConfig, check_normalizer: bool) -> Any:
+    """The ``mx.custom_function`` of ``config``: ``(logp, old_logp, advantages, mask, n, R,
+    n_local, R_local) -> (loss, G, bad)``, built once per configuration."""
+    # Compiled once so that eager callers get MLX's fused kernels too (one pass instead of a few
+    # dozen [N, T] operations); a new shape retraces in milliseconds.
+    fused = mx.compile(partial(_forward, config=config, check_normalizer=check_normalizer))
+    old_has_derivative = config.method_spec.ratio != "sequence-token"  # gspo-token: sg[s_i] only
+
+    @mx.custom_function
+    def core(*args):
+        return fused(*args)
+
+    @core.vjp
+    def core_vjp(primals, cotangents, outputs):
+        logp, old_logp = primals[0], primals[1]
+        _, grad, bad = outputs
+        g = cotangents[0] * grad
+        d_old = -g if old_has_derivative else mx.where(bad, math.nan, mx.zeros_like(g))
+        rest = tuple(mx.zeros_like(a) for a in primals[2:])  # advantages, mask, counts: constants
+        return (g.astype(logp.dtype), d_old.astype(old_logp.dtype), *rest)
+
+    @core.vmap
+    def core_vmap(inputs, axes):
+        # sapo_ref's formula is written for one [N, T] batch: map it over the vmapped axis.
+        size = next(x.shape[a] for x, a in zip(inputs, axes) if a is not None)
+        outs = [
+            core(*(x if a is None else mx.take(x, i, axis=a) for x, a in zip(inputs, axes)))
+            for i in range(size)
+        ]
+        return tuple(mx.stack(o) for o in zip(*outs)), (0, 0, 0)
+
+    return core
+
+
+@cache
+def _metrics_fn(config: LossConfig) -> Any:
+    """Compiled float64 metrics of ``config`` (fused like the loss)."""
+
+    def metrics(logp, old_logp, advantages, mask):
+        f64 = (a.astype(mx.float64) for a in (logp, old_logp, advantages))
+        valid = mask if mask.dtype == mx.bool_ else mask != 0
+        ones = mx.array(1.0, mx.float64)  # the counts do not enter the metrics
+        return compute_metrics(evaluate(*f64, valid, config, Normalizer(ones, ones)), config)
+
+    return mx.compile(metrics)
 
 
 def policy_loss(
@@ -66,8 +164,9 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Normalizer | None = None,
+    metrics: bool = True,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-7) as a lazy ``mx.array``.
+    r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-8) and its metrics in MLX.
 
     .. math::
 
@@ -75,22 +174,24 @@ def policy_loss(
         f^\text{SAPO}(x) = \frac{4}{\tau_{it}}\sigma\big(\tau_{it}(x-1)\big)
 
     with :math:`x_{it}` the token ratio :math:`e^{\log\pi_\theta-\log\pi_\text{old}}` or the
-    sequence ratio :math:`s_i`, :math:`f` the method's gate and :math:`\rho/D` the aggregation,
-    exactly as :func:`sapo_ref.policy_loss` (same keywords, defaults and messages).
-    Differentiable w.r.t. ``logp`` (and ``old_logp``) through ``mx.grad`` with a closed-form
-    VJP; works under ``mx.compile``, ``mx.vmap`` and ``mx.value_and_grad``. Nothing is
-    evaluated here: the caller decides when (``mx.eval``).
+    sequence ratio :math:`s_i`, :math:`f` the method's gate and :math:`\rho/D` the aggregation:
+    :func:`sapo_ref.policy_loss`'s keywords, defaults, errors and formula. Differentiable through
+    ``mx.grad`` with the closed-form gradient (w.r.t. ``logp`` and ``old_logp``, clause 8.9);
+    works under ``mx.compile``, ``mx.vmap`` and ``mx.value_and_grad``.
 
-    Inputs are ``mx.array`` s (NumPy data is converted with :func:`sapo_mlx.to_mx`, float64
-    kept). float64 and float32 are computed as given, bfloat16 and float16 in float32; the
-    loss is in that compute dtype, ``mx.grad`` returns ``logp``'s dtype. The metrics are
-    float64 (computed on the CPU stream from the inputs as given, whatever their dtype).
-    ``advantages`` and ``mask`` are constants (zero gradient). Data checks that need the
-    values (NaN at valid tokens, clause 8.5, 8.6) are in :func:`check_inputs`.
-    ``mx.compile(..., shapeless=True)`` is refused by MLX (the blocked sums depend on ``T``).
+    Computed in the promoted dtype of ``logp``, ``old_logp`` and ``advantages`` (bfloat16 and
+    float16 in float32); ``mx.grad`` returns ``logp``'s dtype. Eagerly (also under ``mx.grad``)
+    the data are checked as the reference checks them, which reads one flag back from the device;
+    under ``mx.compile``/``mx.vmap`` shape, dtype and option errors still raise and invalid data
+    make the loss and the gradient NaN (clause 8.7).
+
+    Args:
+        metrics: also return the clause 7.1 metrics, lazily: computed (in float64, on the CPU
+            stream) only if evaluated.
 
     Returns:
-        ``(loss, metrics)``: a 0-d array and the clause 7.1 metrics as 0-d arrays.
+        ``(loss, metrics)``: a 0-d array and a dict of 0-d float64 arrays (empty without
+        ``metrics``).
 
     Example:
         >>> import mlx.core as mx, numpy as np, sapo_ref, sapo_mlx
@@ -115,54 +216,36 @@ def policy_loss(
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
     )
-    logp, old_logp, advantages, mask = (to_mx(a) for a in (logp, old_logp, advantages, mask))
-    check_arrays(*(_stand_in(a) for a in (logp, old_logp, advantages, mask)))
-    if normalizer is not None and not isinstance(normalizer, Normalizer):
-        raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(normalizer).__name__}")
-    dtype = compute_dtype(logp.dtype)
-    if dtype != mx.float64 and mx.float64 in (old_logp.dtype, advantages.dtype):
-        warnings.warn(
-            f"old_logp/advantages are float64 but logp is {str(logp.dtype).split('.')[-1]}: the "
-            "loss is computed in float32 (pass logp as float64, e.g. sapo_mlx.to_mx(numpy_array), "
-            "for a float64 loss)",
-            stacklevel=2,
-        )
-    # float64 exists only on the CPU device (Metal has none).
+    args = _inputs(config, logp, old_logp, advantages, mask, normalizer)
+    logp, old_logp, advantages, mask = args[:4]
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    # float64 exists on the CPU device only (Metal has none).
     cpu = mx.default_device() != mx.cpu
     with mx.stream(mx.cpu) if cpu and dtype == mx.float64 else nullcontext():
-        p = prepare(logp, old_logp, advantages, mask, dtype)
-        if normalizer is None:
-            normalizer = _mask_counts(p.valid, count_empty_rows=config.count_empty_rows)
-        c = token_weights(p, config, normalizer)
-        loss, _ = loss_core(config)(p.delta, p.adv, c, p.valid)
-    # Metrics are diagnostics, computed only if evaluated: in float64 (on the CPU stream, which
-    # shares memory on Apple silicon) they are the reference's own numbers for every input
-    # dtype; float32 would overflow sums of ratios near 3e38 and lose the mean of cancelling
-    # log-ratios of magnitude 1e4.
-    with mx.stream(mx.cpu) if cpu else nullcontext():
-        inputs = (mx.stop_gradient(a) for a in (logp, old_logp, advantages))
-        metrics = compute_metrics(prepare(*inputs, mask, mx.float64), config)
-    return loss, metrics
+        loss, _, bad = _core(config, normalizer is not None)(*args)
+    if concrete(bad):  # eager: raise the reference's error (only now computed, on this path)
+        _raise(config, args)
+    out: dict[str, mx.array] = {}
+    if metrics:
+        with mx.stream(mx.cpu) if cpu else nullcontext():
+            out = _metrics_fn(config)(*(mx.stop_gradient(a) for a in args[:3]), mask)
+    return loss, out
 
 
-def check_inputs(
-    logp: Any, old_logp: Any, advantages: Any, mask: Any, *, method: str = _DEFAULTS["method"]
-) -> None:
-    """The reference's checks of clause 8 on the values (NaN or infinite advantages, NaN or
-    :math:`\\infty-\\infty` log-ratios at valid tokens, rows of clause 5.5, mask values 0/1).
-
-    These need the data on the host, so :func:`policy_loss` (lazy, compilable) does not run
-    them; call this where a sync is acceptable (e.g. once per rollout batch).
-
-    >>> import mlx.core as mx
-    >>> check_inputs(mx.array([[float("nan")]]), mx.zeros((1, 1)), mx.ones(1), mx.ones((1, 1)))
-    Traceback (most recent call last):
-    ...
-    ValueError: logp is NaN at a valid token; first at (0, 0)
-    """
-    config = resolve_config(method)
-    arrays = [to_numpy(to_mx(a)) for a in (logp, old_logp, advantages, mask)]
-    check_arrays(*arrays)
-    lp, olp, adv = (a.astype(np.float64) for a in arrays[:3])
-    valid = arrays[3] if arrays[3].dtype == np.bool_ else arrays[3] != 0
-    check_data(lp, olp, adv, valid, sequence=config.sequence_value)
+def _raise(config: LossConfig, args: tuple[mx.array, ...]) -> None:
+    logp, old_logp, advantages, mask, n, rows, local_n, local_rows = args
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    lp, olp, adv = (a.astype(dtype) for a in (logp, old_logp, advantages))
+    valid = mask if mask.dtype == mx.bool_ else mask != 0
+    raise_faults(
+        faults(
+            lp,
+            olp,
+            adv,
+            mask,
+            valid,
+            sequence=config.sequence_value,
+            normalizer=Normalizer(n, rows),
+            local=Normalizer(local_n, local_rows),
+        )
+    )
