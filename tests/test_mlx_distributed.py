@@ -78,8 +78,10 @@ def _launcher() -> str | None:
 
 
 @pytest.mark.parametrize("count_empty_rows", [False, True])
-@pytest.mark.parametrize("method,loss_agg", [("sapo", "seq-mean-token-mean"), ("gspo", "token-mean"),
-                                             ("grpo", "seq-mean-token-sum-norm")])
+@pytest.mark.parametrize(
+    "method,loss_agg",
+    [("sapo", "seq-mean-token-mean"), ("gspo", "token-mean"), ("grpo", "seq-mean-token-sum-norm")],
+)
 def test_two_ranks_sum_to_the_full_batch(tmp_path, method, loss_agg, count_empty_rows):
     launcher = _launcher()
     if launcher is None:
@@ -98,10 +100,24 @@ def test_two_ranks_sum_to_the_full_batch(tmp_path, method, loss_agg, count_empty
     if loss_agg == "seq-mean-token-sum-norm":
         options["norm_length"] = 16.0
     subprocess.run(
-        [launcher, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()),
-         "--python", sys.executable, str(tmp_path / "worker.py"),
-         str(tmp_path / "batch.npz"), json.dumps(options), str(tmp_path)],
-        check=True, timeout=120, capture_output=True,
+        [
+            launcher,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--starting-port",
+            str(_free_port_pair()),
+            "--python",
+            sys.executable,
+            str(tmp_path / "worker.py"),
+            str(tmp_path / "batch.npz"),
+            json.dumps(options),
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     ref = sapo_ref.policy_loss(lp, old, adv, mask, **options)
@@ -111,10 +127,14 @@ def test_two_ranks_sum_to_the_full_batch(tmp_path, method, loss_agg, count_empty
         assert r["size"] == 2
         assert r["norm"] == [want_norm.num_tokens, want_norm.num_rows]
     loss = sum(r["loss"] for r in ranks)
-    assert abs(loss - ref.loss) <= tol["value"].atol * max(1.0, abs(ref.loss)) + tol["value"].rtol * abs(ref.loss)
+    assert abs(loss - ref.loss) <= tol["value"].atol * max(1.0, abs(ref.loss)) + tol[
+        "value"
+    ].rtol * abs(ref.loss)
     grad = np.zeros((n, t))
     for r in ranks:
         for i, row in r["grads"].items():
             grad[int(i), : len(row)] = row
     scale = max(1.0, np.max(np.abs(ref.grad)))
-    assert np.all(np.abs(grad - ref.grad) <= tol["grad"].atol * scale + tol["grad"].rtol * np.abs(ref.grad))
+    assert np.all(
+        np.abs(grad - ref.grad) <= tol["grad"].atol * scale + tol["grad"].rtol * np.abs(ref.grad)
+    )
