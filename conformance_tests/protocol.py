@@ -59,7 +59,6 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ import sapo_ref
 from sapo_ref import spec
 
 from .cases import DTYPES, Case, Materialized, materialize
+from .drivers import Outcome
 from .runner import CaseResult, SuiteResult, TargetRun, applicable, cotangent_for, run_case
 from .targets import Target
 
@@ -150,24 +150,33 @@ def _write_array(path: Path, a: np.ndarray, dtype: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fd_points(m: Materialized, seed: int) -> list[np.ndarray]:
-    """The inputs at which the live run's directional check evaluates the loss, in call order.
+class _Recorder:
+    """A run_case executor that records where the directional check evaluates the loss.
 
-    Recorded by running the case through :func:`run_case` with a stand-in whose output passes
-    every precondition of the check, so the points are the live run's own, bit for bit.
+    Its outcome passes every precondition of the check, so the points it records are the
+    live run's own, bit for bit.
     """
-    seen: list[np.ndarray] = []
-    main = np.asarray(m.logp, np.float64)
 
-    def recorder(logp, old_logp, advantages, mask, **options):
-        x = np.asarray(logp, np.float64)
-        if not np.array_equal(x, main, equal_nan=True):
-            seen.append(x.copy())
-        return 0.0, np.zeros(m.mask.shape)
+    def __init__(self) -> None:
+        self.points: list[np.ndarray] = []
 
-    stand_in = Target("export", "numpy", recorder, "export", metrics=False)
-    run_case(stand_in, m, seed, identify_deviations=False)
-    return seen if len(seen) == FD_POINTS else []
+    def begin_case(self, label: str) -> None:
+        pass
+
+    def run(self, m: Materialized, options: dict, cotangent: float) -> Outcome:
+        return Outcome(0.0, np.zeros(m.mask.shape), None, "float64")
+
+    def values(self, m: Materialized, options: dict, points: list[np.ndarray]) -> list[float]:
+        self.points = [np.array(p, np.float64) for p in points]
+        return [0.0] * len(points)
+
+
+def _fd_points(m: Materialized, seed: int) -> list[np.ndarray]:
+    """The inputs at which a live run's directional check evaluates the loss, in call order."""
+    recorder = _Recorder()
+    stand_in = Target("export", "numpy", None, "export", metrics=False)
+    run_case(stand_in, m, seed, identify_deviations=False, executor=recorder)
+    return recorder.points if len(recorder.points) == FD_POINTS else []
 
 
 def _clear_previous(root: Path) -> None:
@@ -470,62 +479,45 @@ def _grad_of(root: Path, result: dict, shape: list[int]) -> np.ndarray:
     return arr
 
 
-def _replay(root: Path, entry: dict, result: dict, inputs: dict[str, np.ndarray]) -> Callable:
-    """The port's results as a numpy-contract function: what it reported at the inputs it saw."""
-    grad = _grad_of(root, result, entry["shape"])
-    if result.get("grad_is_vjp"):
-        grad = grad / entry["cotangent"]  # the port pulled back the manifest's cotangent
-    loss = _decode(result["loss"])
-    metrics = {k: _decode(v) for k, v in result["metrics"].items()} if "metrics" in result else None
-    main = np.asarray(inputs["logp"], np.float64)
-    points = list(inputs.get("fd_logp", []))
-    fd_losses = [_decode(v) for v in result.get("fd_losses", [])]
+class _Replay:
+    """A run_case executor holding one case's results: what the port reported, as a live run's
+    outcome and as its losses at the directional check's points."""
 
-    def replay(logp, old_logp, advantages, mask, **options):
-        x = np.asarray(logp, np.float64)
-        if np.array_equal(x, main, equal_nan=True):
-            return (loss, grad) if metrics is None else (loss, grad, metrics)
-        for p, v in zip(points, fd_losses):
-            if np.array_equal(x, p, equal_nan=True):
-                return v, np.zeros_like(grad)
-        raise LookupError("the port reported no loss at this input (not an exported fd_logp point)")
+    def __init__(
+        self, root: Path, entry: dict, result: dict, inputs: dict[str, np.ndarray]
+    ) -> None:
+        grad = _grad_of(root, result, entry["shape"])
+        if result.get("grad_is_vjp"):
+            grad = grad / entry["cotangent"]  # the port pulled back the manifest's cotangent
+        metrics = result.get("metrics")
+        if metrics is not None:
+            metrics = {k: _decode(v) for k, v in metrics.items()}
+        dtype = result["grad"]["dtype"] if isinstance(result["grad"], dict) else "float64"
+        self.outcome = Outcome(_decode(result["loss"]), grad.astype(np.float64), metrics, dtype)
+        self.points = list(inputs.get("fd_logp", []))
+        self.fd_losses = [_decode(v) for v in result.get("fd_losses", [])]
 
-    return replay
+    def begin_case(self, label: str) -> None:
+        pass
 
+    def run(self, m: Materialized, options: dict, cotangent: float) -> Outcome:
+        return self.outcome
 
-class _Dispatcher:
-    """Every case's replay behind one numpy-contract function, routed by the call's inputs.
-
-    The run's target holds it, so whatever re-runs the target later (the verdicts of
-    :mod:`.verdict` recompute a failing case's outcome) gets the port's numbers again.
-    """
-
-    def __init__(self) -> None:
-        self._by_inputs: dict[tuple, list[Callable]] = {}
-
-    @staticmethod
-    def _key(old_logp: Any, advantages: Any, mask: Any, options: dict) -> tuple:
-        def raw(a: Any) -> bytes:
-            return np.ascontiguousarray(np.asarray(a, np.float64)).tobytes()
-
-        return (
-            raw(old_logp),
-            raw(advantages),
-            np.asarray(mask, bool).tobytes(),
-            json.dumps(options, sort_keys=True),
-        )
-
-    def add(self, m: Materialized, replay: Callable) -> None:
-        key = self._key(m.old_logp, m.advantages, m.mask, m.case.options)
-        self._by_inputs.setdefault(key, []).append(replay)
-
-    def __call__(self, logp, old_logp, advantages, mask, **options):
-        for replay in self._by_inputs.get(self._key(old_logp, advantages, mask, options), []):
-            try:
-                return replay(logp, old_logp, advantages, mask, **options)
-            except LookupError:
-                continue
-        raise LookupError("the port reported no result for these inputs")
+    def values(self, m: Materialized, options: dict, points: list[np.ndarray]) -> list[float]:
+        out = []
+        for p in points:
+            x = np.asarray(p, np.float64)
+            hits = [
+                v
+                for q, v in zip(self.points, self.fd_losses)
+                if np.array_equal(x, q, equal_nan=True)
+            ]
+            if not hits:
+                raise LookupError(
+                    "the port reported no loss at this point (not an exported fd_logp point)"
+                )
+            out.append(hits[0])
+        return out
 
 
 def _placeholder_case(item: dict[str, Any]) -> Case:
@@ -570,8 +562,7 @@ def judge_dir(dir: str | Path) -> tuple[SuiteResult, dict[str, Any]]:
     seed = int(manifest["seed"])
     results_by_name, port, problems = _read_results(root)
     name = str(port.get("name") or "port")
-    dispatch = _Dispatcher()
-    target = Target(name, "numpy", dispatch, f"file port {name} ({root})", metrics=True)
+    target = Target(name, "file", None, f"file port {name} ({root})", metrics=True)
     target.apply_capabilities(port.get("capabilities"))
     cases: dict[str, Case] = {}
     results: list[CaseResult] = []
@@ -582,7 +573,6 @@ def judge_dir(dir: str | Path) -> tuple[SuiteResult, dict[str, Any]]:
             entry,
             results_by_name.get(entry["name"]),
             target,
-            dispatch,
             seed,
             problems,
             counts,
@@ -638,9 +628,7 @@ def judge_dir(dir: str | Path) -> tuple[SuiteResult, dict[str, Any]]:
     return suite, info
 
 
-def _judge_one(
-    root, entry, result, target, dispatch, seed, problems, counts
-) -> tuple[CaseResult, Case]:
+def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[CaseResult, Case]:
     clauses = tuple(entry["clauses"])
     inputs = None
     why = _verify(root, entry)
@@ -706,10 +694,10 @@ def _judge_one(
     if why:
         return CaseResult(target.name, entry["dtype"], case, "skip", reason=why), case
     try:
-        dispatch.add(m, _replay(root, entry, result, inputs))
+        replay = _Replay(root, entry, result, inputs)
     except (ProtocolError, OSError, ValueError) as err:
         return fail(f"{result['_file']}: {err}")
-    res = run_case(target, m, seed)
+    res = run_case(target, m, seed, executor=replay)
     counts["loss"] += 1
     counts["grad"] += 1
     counts["fd"] += any(c.name == "fd" for c in res.checks)
