@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
-from sapo_conformance.drivers import Driver
+from sapo_conformance.drivers import Driver, split_output
 
 __all__ = ["AutogradDriver"]
 
@@ -25,11 +25,6 @@ class AutogradDriver(Driver):
     module = "autograd"
     dtypes = ("float64", "float32", "float16")
 
-    def device_unavailable(self, device: str | None) -> str | None:
-        if device in (None, "", "cpu"):
-            return None
-        return f"autograd computes with NumPy on the CPU only; there is no device {device!r}"
-
     def versions(self) -> dict[str, str]:
         out = {"numpy": np.__version__}
         for dist in ("autograd", "sapo-conformance-autograd"):
@@ -40,9 +35,8 @@ class AutogradDriver(Driver):
         return out
 
     def to_array(self, a: np.ndarray, dtype: str, device: str | None) -> np.ndarray:
-        return np.array(
-            a, dtype=np.dtype(dtype)
-        )  # a copy: the function may not write the suite's arrays
+        # A fresh copy per call (the base class checks that the function writes no input).
+        return np.array(a, dtype=np.dtype(dtype))
 
     def to_numpy(self, x: Any) -> np.ndarray:
         from autograd.tracer import getval
@@ -50,23 +44,20 @@ class AutogradDriver(Driver):
         return np.asarray(getval(x))
 
     def value_and_vjp(self, f: Callable, x: np.ndarray, cotangent: float) -> tuple[Any, Any, Any]:
-        """``f(x)`` returns the loss or ``(loss, aux)``; the VJP pulls ``cotangent`` back to ``x``."""
+        """``f(x)`` is the function's raw output (a loss or a tuple ``(loss, aux, ...)``); the
+        VJP pulls ``cotangent`` back to ``x`` through autograd's own tape."""
         from autograd.core import make_vjp
 
         aux: list[Any] = []
 
         def loss_only(z):
-            out = f(z)
-            if isinstance(out, (tuple, list)):
-                aux.append(out[1] if len(out) > 1 else None)
-                return out[0]
-            aux.append(None)
-            return out
+            loss, extra = split_output(f(z))
+            aux.append(extra)
+            return loss
 
         vjp, loss = make_vjp(loss_only, x)
         grad = vjp(np.asarray(cotangent, dtype=np.result_type(loss)))
         return loss, grad, aux[-1]
 
     def value(self, f: Callable, x: np.ndarray) -> Any:
-        out = f(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return split_output(f(x))[0]
