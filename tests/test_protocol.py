@@ -297,3 +297,20 @@ def test_methods_outside_the_settings_are_recorded_as_skips(tmp_path, cases):
     _answer_all(tmp_path)
     suite, _ = judge_dir(tmp_path)
     assert suite.passed and any(r.status == "skip" for r in suite.results)
+
+
+def test_cli_export_and_judge_exit_status(tmp_path, capsys):
+    from sapo_conformance import cli
+
+    if "export DIR" not in (cli.__doc__ or ""):
+        pytest.skip("sapo-conformance has no export/judge subcommands yet")
+    folder = tmp_path / "exp"
+    args = ["--quick", "--dtypes", "float64", "--methods", "sapo"]
+    assert cli.main(["export", str(folder), *args]) == 0
+    assert cli.main(["judge", str(folder), "--no-progress"]) == 1  # no results at all
+    _answer_all(folder)
+    report = tmp_path / "r.json"
+    assert cli.main(["judge", str(folder), "--no-progress", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["settings"]["file_protocol"]["results_missing"] == 0
+    assert cli.main(["judge", str(tmp_path / "nothing-here"), "--no-progress"]) == 2
