@@ -5,17 +5,18 @@ instead: ``sapo-conformance export DIR`` (:func:`export_cases`) writes the exact
 would use, the port's own program reads them and writes its results, and
 ``sapo-conformance judge DIR`` (:func:`judge_dir`) recomputes the reference from the exported
 inputs and judges the results with the same tolerances, checks, deviation catalogue, report and
-exit status as a live run (clause C.1).
+exit status as a live run (clause C.1): each case goes through
+:func:`~sapo_conformance.runner.run_case` with an executor that replays the port's results.
 
 Layout of ``DIR`` (schemas in ``sapo_conformance/schemas/``)::
 
     manifest.json              export, schema sapo-conformance-export/1 (export.schema.json)
     index.txt                  the same cases, one line each, for programs without a JSON parser
-    cases/<name>/logp.bin      inputs of one case in one dtype: raw little-endian, row-major
-                 old_logp.bin  [N, T]; advantages.bin [N] or [N, T]; mask.bin [N, T] uint8 0/1;
-                 advantages.bin
-                 mask.bin
-                 fd_logp.bin   optional: 4 x [N, T] float64 points for the directional check
+    cases/<name>/logp.bin      [N, T]  raw little-endian, row-major: one case in one dtype
+    cases/<name>/old_logp.bin  [N, T]
+    cases/<name>/advantages.bin  [N] or [N, T]
+    cases/<name>/mask.bin      [N, T] uint8 0/1
+    cases/<name>/fd_logp.bin   optional: [4, N, T] float64 points for the directional check
     results/<name>.json        written by the port: schema sapo-conformance-result/1, or one
     results.json               file for every case: sapo-conformance-results/1 (results.schema.json)
 
