@@ -8,6 +8,7 @@ apply in that dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,3 +55,47 @@ def with_inputs(case: Case, **arrays: np.ndarray) -> Case:
     fields = {k: getattr(case, k) for k in ("logp", "old_logp", "advantages", "mask")}
     fields.update(arrays)
     return Case(case.id, case.clauses, options=dict(case.options), fd=False, **fields)
+
+
+# ----------------------------------------------------------------------------- one small call
+#: The small valid call the error and tracing tests break one way at a time.
+N, T = 3, 4
+Edit = Callable[[dict[str, Any]], dict[str, Any]]
+ARRAYS = ("logp", "old_logp", "advantages", "mask")
+
+
+def valid_call() -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    old = np.log(rng.uniform(0.1, 1.0, size=(N, T)))
+    return {
+        "logp": old + rng.normal(scale=0.1, size=(N, T)),
+        "old_logp": old,
+        "advantages": np.array([1.0, -0.5, 0.25]),
+        "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool),
+    }
+
+
+def setting(**kw: Any) -> Edit:
+    return lambda c: {**c, **kw}
+
+
+def at(name: str, index: Any, value: float) -> Edit:
+    def edit(c):
+        x = np.array(c[name], dtype=float if name != "mask" else c[name].dtype)
+        x[index] = value
+        return {**c, name: x}
+
+    return edit
+
+
+def both(index: Any, logp: float, old_logp: float) -> Edit:
+    return lambda c: at("old_logp", index, old_logp)(at("logp", index, logp)(c))
+
+
+def then(*edits: Edit) -> Edit:
+    def edit(c):
+        for e in edits:
+            c = e(c)
+        return c
+
+    return edit

@@ -151,21 +151,49 @@ class Backend:
         loss, grad, _ = self.driver.value_and_vjp(f, x, cotangent)
         return loss, grad
 
-    def traced(self, f: Callable) -> Callable:
+    def traced(self, f: Callable[..., Any]) -> Callable[..., Any]:
         """``f`` under the framework's tracing compiler (jax.jit, torch.compile, mx.compile)."""
         if self.name == "jax":
             import jax
 
             return jax.jit(f)
-        if self.name == "torch":
-            import torch
-
-            # aot_eager traces with fake tensors through AOTAutograd like inductor, minus codegen.
-            return torch.compile(f, backend="aot_eager", dynamic=False)
         if self.name == "mlx":
             import mlx.core as mx
 
             return mx.compile(f)
+        if self.name == "torch":
+            import torch
+
+            return torch.compile(f, backend="aot_eager", dynamic=False)
+        pytest.skip(f"{self.name} has no tracing compiler")
+        raise AssertionError  # pragma: no cover
+
+    def traced_value_and_grad(self, f: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+        """``(f(x, *rest), df/dx)`` with ``f`` under the framework's tracing compiler.
+
+        jax.jit of jax.value_and_grad; torch.compile (aot_eager: fake tensors and AOTAutograd
+        like inductor, without code generation) then autograd; mx.compile of mx.value_and_grad.
+        """
+        if self.name == "jax":
+            import jax
+
+            return jax.jit(jax.value_and_grad(f))
+        if self.name == "mlx":
+            import mlx.core as mx
+
+            return mx.compile(mx.value_and_grad(f))
+        if self.name == "torch":
+            import torch
+
+            compiled = torch.compile(f, backend="aot_eager", dynamic=False)
+
+            def run(x, *rest):
+                x = x.detach().clone().requires_grad_(True)
+                y = compiled(x, *rest)
+                (g,) = torch.autograd.grad(y, x, allow_unused=True)
+                return y.detach(), torch.zeros_like(x) if g is None else g
+
+            return run
         pytest.skip(f"{self.name} has no tracing compiler")
         raise AssertionError  # pragma: no cover
 

@@ -12,56 +12,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from backends._inputs import ARRAYS, Edit, N, T, at, both, setting, then, valid_call
 from sapo_conformance.compare import compare
 
 import sapo_ref
 from sapo_ref import spec
-
-N, T = 3, 4
-Edit = Callable[[dict[str, Any]], dict[str, Any]]
-ARRAYS = ("logp", "old_logp", "advantages", "mask")
-
-
-def valid_call() -> dict[str, Any]:
-    rng = np.random.default_rng(0)
-    old = np.log(rng.uniform(0.1, 1.0, size=(N, T)))
-    return {
-        "logp": old + rng.normal(scale=0.1, size=(N, T)),
-        "old_logp": old,
-        "advantages": np.array([1.0, -0.5, 0.25]),
-        "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool),
-    }
-
-
-def setting(**kw: Any) -> Edit:
-    return lambda c: {**c, **kw}
-
-
-def at(name: str, index: Any, value: float) -> Edit:
-    def edit(c):
-        x = np.array(c[name], dtype=float if name != "mask" else c[name].dtype)
-        x[index] = value
-        return {**c, name: x}
-
-    return edit
-
-
-def both(index: Any, logp: float, old_logp: float) -> Edit:
-    return lambda c: at("old_logp", index, old_logp)(at("logp", index, logp)(c))
-
-
-def then(*edits: Edit) -> Edit:
-    def edit(c):
-        for e in edits:
-            c = e(c)
-        return c
-
-    return edit
 
 
 def outside(name: str) -> list[tuple[str, float]]:
