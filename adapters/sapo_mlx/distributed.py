@@ -43,7 +43,7 @@ def concrete(flag: mx.array) -> bool | None:
     """
     try:
         return bool(flag.item())
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:
         if "transformations" in str(err):  # MLX: "... during function transformations ..."
             return None
         raise
