@@ -9,8 +9,9 @@ goes on:
 - an exception (``SystemExit`` and ``KeyboardInterrupt`` included) is caught in the worker;
 - an exit (``os._exit``), a signal (a segfault) or a hang ends the worker: the case fails
   ("worker exited with status 0 during case 2.1-00", "killed by SIGSEGV", "timed out after
-  60 s"), and the worker is started again for the next case; after :data:`MAX_LOSSES` losses
-  in a row the target's remaining cases fail unrun rather than cost a restart each.
+  60 s"), and the worker is started again for the next case; after :data:`MAX_TIMEOUTS`
+  time-outs or :data:`MAX_LOSSES` losses in a row, the target's remaining cases fail unrun
+  (with that reason) rather than cost a time limit or a restart each.
 
 The worker ignores SIGINT: Ctrl-C is the command's to handle. JAX targets get
 ``jax_enable_x64`` and the persistent compilation cache set in the worker before any array
@@ -25,7 +26,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from .targets import Target, UsageError, load_target
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_LOSSES",
+    "MAX_TIMEOUTS",
     "ImplError",
     "WorkerLost",
     "WorkerInfo",
@@ -54,7 +58,9 @@ DEFAULT_TIMEOUT = 60.0
 #: Time allowed for a worker to start and import its framework and target.
 START_TIMEOUT = 180.0
 #: Worker losses in a row after which a target's remaining cases fail without being run.
-MAX_LOSSES = 3
+MAX_LOSSES = 10
+#: Time-outs in a row after which the same happens (each one costs the whole time limit).
+MAX_TIMEOUTS = 3
 
 
 class ImplError(Exception):
@@ -257,6 +263,7 @@ class Worker:
         self._label = "start-up"
         self.info: WorkerInfo | None = None
         self.losses = 0  # in a row
+        self.timeouts = 0  # in a row
         self.last_loss = ""
         self.restarts = 0
 
@@ -270,7 +277,15 @@ class Worker:
             daemon=True,
             name=f"sapo-conformance worker: {self.target.name}",
         )
-        proc.start()
+        # "spawn" would re-import the caller's main script in the worker (running a script
+        # without a __main__ guard twice); the worker needs nothing from it.
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            proc.start()
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
         child.close()
         self._proc, self._conn = proc, parent
         self._send(
@@ -324,6 +339,7 @@ class Worker:
             )
             self._kill()
         self.losses += 1
+        self.timeouts = self.timeouts + 1 if timed_out is not None else 0
         self.last_loss = why
         return WorkerLost(why)
 
@@ -380,11 +396,16 @@ class Worker:
             raise self._lost(self._label)
         self._send(msg)
         status, payload = self._receive(self._deadline, self.timeout)
-        self.losses = 0
+        self.losses = self.timeouts = 0
         if status == "error":
             kind, text, clause = payload
             raise ImplError(kind, text, clause)
         return payload
+
+    @property
+    def given_up(self) -> bool:
+        """Too many losses in a row: the remaining cases are not worth a restart each."""
+        return self.losses >= MAX_LOSSES or self.timeouts >= MAX_TIMEOUTS
 
     def run(self, m: Materialized, options: dict, cotangent: float) -> Outcome:
         return self._call(("run", m, options, cotangent))
