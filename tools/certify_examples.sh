@@ -36,42 +36,10 @@ t0=$(now)
 CC=${CC:-cc} make -s -C "$ROOT/examples/c_port" OUT="$OUT/run_cases"
 EXPORT="$OUT/c_port"
 DTYPES=float64,float32,bfloat16,float16
-if "$CLI" export --help >/dev/null 2>&1; then
-    "$CLI" export "$EXPORT" --dtypes "$DTYPES"
-else  # before the CLI subcommands: the same functions from Python
-    "$PY" - "$EXPORT" "$DTYPES" <<'PYEOF'
-import sys
-from sapo_conformance.cases import generate_cases, golden_cases
-from sapo_conformance.cli import DEFAULT_CASES_PER_CLAUSE
-from sapo_conformance.protocol import export_cases
-
-out, dtypes = sys.argv[1], sys.argv[2].split(",")
-settings = {"seed": 0, "cases_per_clause": DEFAULT_CASES_PER_CLAUSE, "golden": True, "dtypes": dtypes,
-            "methods": None, "loss_aggs": None}
-export_cases(out, generate_cases(0, DEFAULT_CASES_PER_CLAUSE) + golden_cases(), dtypes, settings)
-PYEOF
-fi
+"$CLI" export "$EXPORT" --dtypes "$DTYPES"
 "$OUT/run_cases" "$EXPORT"
 c_status=0
-if "$CLI" judge --help >/dev/null 2>&1; then
-    "$CLI" judge "$EXPORT" --json "$OUT/c_port.json" --no-progress || c_status=$?
-else
-    "$PY" - "$EXPORT" "$OUT/c_port.json" <<'PYEOF' || c_status=$?
-import json, sys
-from sapo_conformance.protocol import judge_dir
-from sapo_conformance.report import render, to_json
-from sapo_conformance.verdict import diagnose
-
-suite, settings = judge_dir(sys.argv[1])
-render(suite, settings)
-for v in diagnose(suite):
-    print(v.line)
-print("file protocol:", json.dumps(settings["file_protocol"]["checks_done"]))
-with open(sys.argv[2], "w", encoding="utf-8") as fh:
-    json.dump(to_json(suite, settings), fh, indent=1)
-sys.exit(0 if suite.passed else 1)
-PYEOF
-fi
+"$CLI" judge "$EXPORT" --json "$OUT/c_port.json" --no-progress || c_status=$?
 t1=$(now)
 
 # --- 2. the autograd port through its driver plugin ----------------------------------------
