@@ -44,7 +44,8 @@ _DEFAULTS = spec.DATA["defaults"]
 def _inputs(
     config: LossConfig, logp, old_logp, advantages, mask, norm: Normalizer | None
 ) -> tuple[mx.array, ...]:
-    """The four arrays, the counts ``(n, R)`` and the shard's own counts, all as ``mx.array`` s."""
+    """The four arrays, the counts ``(n, R)`` and the shard's own counts (in the compute dtype),
+    all as ``mx.array`` s."""
     raw: tuple[Any, ...] = (logp, old_logp, advantages, mask)
     try:  # what the reference converts (lists) and what it rejects (floats, None), as it does
         namespace(*raw)
@@ -59,10 +60,12 @@ def _inputs(
     valid = mask if mask.dtype == mx.bool_ else mask != 0
     local = _counts(valid, config.count_empty_rows)
     given = local if norm is None else norm
-    counts = [
-        c if isinstance(c, mx.array) else mx.array(float(c), mx.float64)
-        for c in (given.num_tokens, given.num_rows, local.num_tokens, local.num_rows)
-    ]
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    with mx.stream(mx.cpu):  # float64 counts exist on the CPU device only (Metal has none)
+        counts = [
+            (c if isinstance(c, mx.array) else mx.array(float(c), mx.float64)).astype(dtype)
+            for c in (given.num_tokens, given.num_rows, local.num_tokens, local.num_rows)
+        ]
     return logp, old_logp, advantages, mask, *counts
 
 
@@ -83,7 +86,6 @@ def _forward(
     gradient are NaN where the flag holds."""
     dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     lp, olp, adv = (a.astype(dtype) for a in (logp, old_logp, advantages))
-    n, rows, local_n, local_rows = (c.astype(dtype) for c in (n, rows, local_n, local_rows))
     valid = mask if mask.dtype == mx.bool_ else mask != 0
     ev = evaluate(lp, olp, adv, valid, config, Normalizer(n, rows))
     found = faults(
