@@ -79,9 +79,9 @@ MIXED = {
     ("float32", "float32", "float64"): ("float64", "float32"),
     ("bfloat16", "float32", "float32"): ("float32", "bfloat16"),
     ("float16", "float32", "bfloat16"): ("float32", "float16"),
-    # all low precision: computed in float32 (clause 6.4), the loss stays float32
-    ("bfloat16", "bfloat16", "bfloat16"): ("float32", "bfloat16"),
-    ("float16", "float16", "float16"): ("float32", "float16"),
+    # all low precision: computed in float32 inside (clause 6.4), returned in the promoted dtype
+    ("bfloat16", "bfloat16", "bfloat16"): ("bfloat16", "bfloat16"),
+    ("float16", "float16", "float16"): ("float16", "float16"),
 }
 
 
