@@ -14,30 +14,46 @@ known-deviation diagnosis and repro as the command. Or call the fixture from you
 
 JAX float64 needs ``jax_enable_x64``, which a plugin must not switch on behind your back:
 enable it in your ``conftest.py`` or float64 JAX items skip with that reason.
+
+The plugin runs the function in the pytest process (your test session is already the
+supervisor); the ``sapo-conformance`` command runs every target in its own worker process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 
 __all__ = ["pytest_addoption", "pytest_generate_tests", "ConformanceFixture"]
 
-_RESULT: "pytest.StashKey[Any]" = pytest.StashKey()
+_RESULT: pytest.StashKey[Any] = pytest.StashKey()
 
 
 def pytest_addoption(parser: Any) -> None:
     g = parser.getgroup("sapo-conformance", "SAPO-family conformance suite (sapo_conformance)")
     g.addoption("--sapo-impl", default=None, metavar="MODULE:ATTR", help="function under test")
-    g.addoption("--sapo-framework", default=None, help="framework of --sapo-impl: numpy, torch, jax, mlx")
-    g.addoption("--sapo-target", default=None, metavar="NAME[,NAME]",
-                help="built-in targets (reference, reference-strict, torch, jax, mlx)")
+    g.addoption(
+        "--sapo-framework", default=None, help="framework of --sapo-impl: numpy, torch, jax, mlx"
+    )
+    g.addoption(
+        "--sapo-target",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="built-in targets (reference, reference-strict, torch, jax, mlx)",
+    )
     g.addoption("--sapo-dtypes", default=None, metavar="D[,D]", help="dtypes (default: all four)")
     g.addoption("--sapo-methods", default=None, metavar="M[,M]", help="only these methods")
     g.addoption("--sapo-loss-agg", default=None, metavar="A[,A]", help="only these aggregations")
-    g.addoption("--sapo-cases-per-clause", default=None, type=int, metavar="N", help="random cases per clause")
+    g.addoption(
+        "--sapo-cases-per-clause",
+        default=None,
+        type=int,
+        metavar="N",
+        help="random cases per clause",
+    )
     g.addoption("--sapo-seed", default=0, type=int, help="seed of the random cases")
 
 
@@ -66,11 +82,17 @@ def _plan(config: Any) -> _Plan:
         raise pytest.UsageError("--sapo-impl and --sapo-framework go together")
     names = _csv(config.getoption("--sapo-target")) or ([] if impl else ["reference"])
     targets = [builtin_target(n) for n in names] + ([impl_target(impl, fw)] if impl else [])
-    _restrict(targets, _csv(config.getoption("--sapo-methods")), _csv(config.getoption("--sapo-loss-agg")))
+    methods, aggs = (
+        _csv(config.getoption("--sapo-methods")),
+        _csv(config.getoption("--sapo-loss-agg")),
+    )
+    _restrict(targets, methods, aggs)
     per = config.getoption("--sapo-cases-per-clause")
     per = DEFAULT_CASES_PER_CLAUSE if per is None else per
     seed = config.getoption("--sapo-seed")
-    cases = generate_cases(seed=seed, per_clause=per) + golden_cases()
+    cases = (
+        generate_cases(seed=seed, per_clause=per, methods=methods, loss_aggs=aggs) + golden_cases()
+    )
     return _Plan(targets, cases, _csv(config.getoption("--sapo-dtypes")) or list(DTYPES), seed)
 
 
@@ -112,8 +134,13 @@ def check_clause(result: Any, target: str, clause: str, dtype: str) -> None:
         pytest.skip(f"target {target}: {run.skipped}")
     if dtype in run.dtype_skips:
         pytest.skip(f"target {target}: {run.dtype_skips[dtype]}")
-    mine = [r for r in result.results if r.target == target and r.dtype == dtype
-            and (clause in r.case.clauses or (clause == "7.1" and r.metrics_compared))]
+    mine = [
+        r
+        for r in result.results
+        if r.target == target
+        and r.dtype == dtype
+        and (clause in r.case.clauses or (clause == "7.1" and r.metrics_compared))
+    ]
     ran = [r for r in mine if r.status != "skip"]
     if not ran:
         pytest.skip(f"no applicable case for clause {clause} in {dtype}")
@@ -129,9 +156,17 @@ def check_clause(result: Any, target: str, clause: str, dtype: str) -> None:
 class ConformanceFixture:
     """What the ``sapo_conformance`` fixture gives: :meth:`check` runs the suite and asserts."""
 
-    def check(self, impl: Any, framework: str, *, dtypes: Sequence[str] | None = None,
-              methods: Sequence[str] | None = None, loss_aggs: Sequence[str] | None = None,
-              cases_per_clause: int = 2, seed: int = 0) -> Any:
+    def check(
+        self,
+        impl: Any,
+        framework: str,
+        *,
+        dtypes: Sequence[str] | None = None,
+        methods: Sequence[str] | None = None,
+        loss_aggs: Sequence[str] | None = None,
+        cases_per_clause: int = 2,
+        seed: int = 0,
+    ) -> Any:
         """Run the suite on ``impl`` (a callable or "MODULE:ATTR"); fail with every failure's text."""
         from .cases import DTYPES, generate_cases, golden_cases
         from .cli import _restrict
@@ -142,10 +177,17 @@ class ConformanceFixture:
         if isinstance(impl, str):
             target = impl_target(impl, framework)
         else:
-            target = Target(getattr(impl, "__name__", "impl"), framework, impl, getattr(impl, "__module__", "?"))
+            target = Target(
+                getattr(impl, "__name__", "impl"), framework, impl, getattr(impl, "__module__", "?")
+            )
             target.apply_capabilities(getattr(impl, "sapo_capabilities", None))
-        _restrict([target], list(methods) if methods else None, list(loss_aggs) if loss_aggs else None)
-        cases = generate_cases(seed=seed, per_clause=cases_per_clause) + golden_cases()
+        methods = list(methods) if methods else None
+        loss_aggs = list(loss_aggs) if loss_aggs else None
+        _restrict([target], methods, loss_aggs)
+        cases = generate_cases(
+            seed=seed, per_clause=cases_per_clause, methods=methods, loss_aggs=loss_aggs
+        )
+        cases += golden_cases()
         res = run_suite([target], cases, list(dtypes or DTYPES), seed)
         if res.runs[0].skipped:
             pytest.skip(res.runs[0].skipped)
