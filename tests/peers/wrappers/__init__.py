@@ -1,0 +1,44 @@
+"""Wrappers giving other projects' installed policy losses the suite's calling contract.
+
+Each module imports one peer's installed package (nothing of it is copied here) and exposes
+functions ``fn(logp, old_logp, advantages, mask, **options) -> loss`` with the options of
+``sapo_ref.policy_loss``, mapped onto the peer's own arguments, and an honest
+``fn.sapo_capabilities``. Run one with
+``PYTHONPATH=tests sapo-conformance --impl peers.wrappers.verl:sapo --framework torch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import sapo_ref
+
+__all__ = ["config", "per_token", "require"]
+
+
+def config(options: dict[str, Any], methods: tuple[str, ...]) -> sapo_ref.LossConfig:
+    """The resolved options (spec defaults filled in), refusing a method the wrapper lacks.
+
+    >>> config({"method": "grpo"}, ("grpo",)).eps_low
+    0.2
+    """
+    cfg = sapo_ref.resolve_config(**options)
+    require(cfg.method in methods, f"method {cfg.method!r} (this wrapper maps {methods})")
+    return cfg
+
+
+def per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [N] advantage broadcast to [N, T], the layout the peers' token losses take.
+
+    >>> per_token(torch.tensor([1.0, 2.0]), torch.zeros(2, 3)).shape
+    torch.Size([2, 3])
+    """
+    return advantages[:, None].expand_as(like) if advantages.ndim == 1 else advantages
+
+
+def require(ok: bool, what: str) -> None:
+    """Raise ``ValueError`` naming an option the peer cannot take (never a silent change)."""
+    if not ok:
+        raise ValueError(f"not supported by this peer: {what}")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up the venv of the opt-in "peers" test group (tests/peers): sapo-ref with torch and the test
+# tools, plus the real, pinned packages of other projects whose SAPO/GRPO/GSPO losses the group
+# runs the conformance suite on. Idempotent. Usage: bash tools/setup_peers.sh [VENV_DIR]
+# (default .venv-peers), then: VENV_DIR/bin/python -m pytest -m peers tests/peers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${1:-.venv-peers}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+pip=("$py" -m pip install -q --constraint tools/peers-constraints.txt)
+"$py" -m pip install -q --upgrade pip
+# PyTorch first and pinned (the constraints file keeps it there for every later step).
+"$py" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+"${pip[@]}" -e ".[torch,test]"
+# The peers, pinned, without their declared dependencies (see tools/peers-requirements.txt).
+"${pip[@]}" --no-deps "verl==0.9.1" "liger-kernel==0.8.5" "areal==1.0.4" "trinity-rft==0.6.0" \
+  "trl==1.16.0"
+"${pip[@]}" -r tools/peers-requirements.txt
+"$py" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "peers venv ready in $venv (torch $("$py" -c 'import torch; print(torch.__version__)'))"
