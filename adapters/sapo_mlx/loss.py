@@ -25,7 +25,6 @@ import mlx.core as mx
 import numpy as np
 
 from sapo_ref import spec
-from sapo_ref._xp import namespace
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig, resolve_config
 from sapo_ref.evaluate import evaluate
@@ -47,13 +46,14 @@ def _inputs(
     """The four arrays, the counts ``(n, R)`` and the shard's own counts (in the compute dtype),
     all as ``mx.array`` s."""
     raw: tuple[Any, ...] = (logp, old_logp, advantages, mask)
-    try:  # what the reference converts (lists) and what it rejects (floats, None), as it does
-        namespace(*raw)
-        raw = tuple(np.asarray(a) if isinstance(a, (list, tuple)) else a for a in raw)
-    except TypeError:
-        raw = tuple(np.asarray(a) for a in raw)
+    if not all(
+        _is_array(a) or isinstance(a, (bool, int, float, complex)) or a is None for a in raw
+    ):
+        # as the reference (array-api-compat): lists, strings, generators become NumPy arrays,
+        # while Python scalars and None stay and are rejected as "not an array" below
+        raw = tuple(a if _is_array(a) else np.asarray(a) for a in raw)
     # the reference's shape/dtype errors, on stand-ins: no data read, also while tracing
-    check_arrays(*(stand_in(a) if hasattr(a, "dtype") and hasattr(a, "shape") else a for a in raw))
+    check_arrays(*(stand_in(a) if _is_array(a) else a for a in raw))
     logp, old_logp, advantages, mask = (to_mx(a) for a in raw)
     if norm is not None and not isinstance(norm, Normalizer):
         raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
@@ -67,6 +67,10 @@ def _inputs(
             for c in (given.num_tokens, given.num_rows, local.num_tokens, local.num_rows)
         ]
     return logp, old_logp, advantages, mask, *counts
+
+
+def _is_array(a: Any) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
 def _forward(
@@ -213,7 +217,7 @@ def policy_loss(
     works under ``mx.compile``, ``mx.vmap`` and ``mx.value_and_grad``.
 
     Computed in the promoted dtype of ``logp``, ``old_logp`` and ``advantages`` (bfloat16 and
-    float16 in float32); ``mx.grad`` returns ``logp``'s dtype. Eagerly (also under ``mx.grad``)
+    float16 in float32) and returned in it; ``mx.grad`` returns ``logp``'s dtype (clause 8.9). Eagerly (also under ``mx.grad``)
     the data are checked as the reference checks them, which reads one flag back from the device;
     under ``mx.compile``/``mx.vmap`` shape, dtype and option errors still raise and invalid data
     make the loss and the gradient NaN (clause 8.7).
@@ -258,6 +262,9 @@ def policy_loss(
         loss, _, bad = _core(config, normalizer is not None)(*args)
     if concrete(bad):  # eager: raise the reference's error (only now computed, on this path)
         _raise(config, args)
+    promoted = mx.result_type(logp, old_logp, advantages)
+    if loss.dtype != promoted:  # bfloat16/float16: computed in float32, returned as given
+        loss = loss.astype(promoted)
     out: dict[str, mx.array] = {}
     if metrics:
         with mx.stream(mx.cpu) if cpu else nullcontext():
