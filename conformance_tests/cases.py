@@ -343,7 +343,7 @@ def _g_empty(rng):  # 3.6: empty rows excluded from R by default
 def _g_no_token(rng):  # 3.7: no valid token: loss 0, gradient 0 (clean padding: one cause)
     lp, old, adv, m = _batch(rng)
     m[:] = False
-    lp, old = _clean(lp, m), _clean(old, m)
+    lp, old, adv = _clean(lp, m), _clean(old, m), _clean(adv, m)
     method = _pick(rng, sapo_ref.METHOD_NAMES)
     return dict(inputs=(lp, old, adv, m), options=_opts(rng, method, m.shape[1]), fd=False)
 
@@ -374,7 +374,7 @@ def _g_zero_adv(rng):  # 5.1: A = 0 with any ratio, r = inf included
     huge = zero & m & (rng.random(adv.shape) < 0.5)
     lp = np.where(huge, old + rng.choice([30.0, 200.0, np.inf], size=lp.shape), lp)
     return dict(
-        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        inputs=(_clean(lp, m), _clean(old, m), _clean(adv, m), m),
         options=_opts(rng, method, m.shape[1]),
         fd=False,
     )
@@ -415,7 +415,7 @@ def _g_sapo_extreme(rng):  # 5.3 / 6.3: SAPO at extreme valid log-ratios, exact 
             if np.any(row == np.inf) and np.any(row == -np.inf):
                 lp[i] = np.where(m[i] & (delta[i] == -np.inf), old[i], lp[i])
     return dict(
-        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        inputs=(_clean(lp, m), _clean(old, m), _clean(adv, m), m),
         options=_opts(rng, method, m.shape[1]),
         fd=False,
         extra=("2.1" if method == "sapo" else "2.3",),
@@ -436,7 +436,7 @@ def _g_clip_extreme(rng):  # 5.4: clipped methods at extreme ratios, +inf loss w
     if rng.random() < 0.4:
         opts["dual_clip"] = 3.0
     return dict(
-        inputs=(_clean(lp, m), _clean(old, m), adv, m),
+        inputs=(_clean(lp, m), _clean(old, m), _clean(adv, m), m),
         options=opts,
         fd=False,
         extra=(spec.METHODS[method].clause,),
@@ -503,7 +503,7 @@ def _g_no_clamp(rng):  # 6.2: valid |delta| past 20 where a +-20 clamp changes t
             opts.pop("tau_pos", None), opts.pop("tau_neg", None)  # w(0) = sech^2(tau/2) near 1
         if method in ("gspo", "gspo-token"):
             opts.update({"eps_low": 0.2, "eps_high": 0.2})
-        lp, old = _clean(lp, m), _clean(old, m)
+        lp, old, adv = _clean(lp, m), _clean(old, m), _clean(adv, m)
         if _clamp_changes(lp, old, adv, m, opts):
             break
     return dict(

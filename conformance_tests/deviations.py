@@ -415,23 +415,41 @@ def _garbage(m: Materialized) -> np.ndarray:
 
 
 def nan_through_mask(plan: Plan, param: dict) -> bool:
-    """Masking by multiplication: NaN loss; the gradient at padding (and, for a sequence ratio,
-    in rows with garbage) is whatever the code gives, elsewhere the model's."""
+    """Masking by multiplication. With NaN/inf in the padding: NaN loss; the gradient at padding
+    (and, for a sequence ratio, in rows with garbage) is whatever the code gives, elsewhere the
+    model's. With clean padding it still shows where a sequence ratio's row gradient is
+    infinite: inf * 0 = NaN at that row's padding."""
     garbage = _garbage(plan.m)
-    if not garbage.any():
-        return False
     seq = plan.config.sequence_value
+    if garbage.any():
 
-    def post(plan, loss, grad, got):
+        def post(plan, loss, grad, got):
+            if grad is None:
+                return math.nan, None
+            free = ~plan.m.mask
+            if seq:
+                free |= garbage.any(axis=1, keepdims=True)
+            other = got.grad if got is not None and np.shape(got.grad) == grad.shape else grad
+            return math.nan, np.where(free, other, grad)
+
+        plan.posts.append(post)
+        return True
+    mask = plan.m.mask
+    if not plan.config.spreads_gradient or mask.all():
+        return False
+    rows = ~np.isfinite(plan.m.want_grad).all(axis=1, keepdims=True) & ~mask.all(
+        axis=1, keepdims=True
+    )
+    if not rows.any():
+        return False
+
+    def spread_post(plan, loss, grad, got):
         if grad is None:
-            return math.nan, None
-        free = ~plan.m.mask
-        if seq:
-            free |= garbage.any(axis=1, keepdims=True)
-        other = got.grad if got is not None and np.shape(got.grad) == grad.shape else grad
-        return math.nan, np.where(free, other, grad)
+            return loss, grad
+        bad = ~np.isfinite(grad).all(axis=1, keepdims=True) & ~plan.m.mask
+        return loss, np.where(bad, np.nan, grad)
 
-    plan.posts.append(post)
+    plan.posts.append(spread_post)
     return True
 
 
@@ -774,18 +792,27 @@ def candidate_params(
     m: Materialized | None = None,
     options: dict | None = None,
     got: Outcome | None = None,
+    value_tol: spec.Tolerance | None = None,
+    grad_tol: spec.Tolerance | None = None,
 ) -> list[dict[str, Any]]:
-    """The TOML defaults of ``dev`` plus what its fit proposes from one failing case."""
+    """The TOML defaults of ``dev`` plus what its fit proposes from one failing case. With
+    tolerances, a proposal is kept only if it reproduces the case alone: a case whose failure
+    has several causes (a clamp and a dual clip) proposes nothing rather than a wrong value."""
     out = [dict(p) for p in dev.params] or [{}]
     fit = FITS.get(dev.model or "")
     if fit is not None and m is not None and got is not None:
         try:
             with np.errstate(all="ignore"):
-                for p in fit(m, options or {}, got):
-                    if p not in out:
-                        out.append(p)
+                proposals = fit(m, options or {}, got)
         except Exception:  # a fit that cannot run on this case proposes nothing
-            pass
+            proposals = []
+        for p in proposals:
+            if p in out:
+                continue
+            if value_tol is not None and grad_tol is not None:
+                if not reproduces(m, options or {}, (Applied(dev, p),), got, value_tol, grad_tol):
+                    continue
+            out.append(p)
     return out
 
 
@@ -869,7 +896,7 @@ def identify(
     for dev in CATALOGUE:
         if dev.model is None:
             continue
-        for param in candidate_params(dev, m, options, got):
+        for param in candidate_params(dev, m, options, got, value_tol, grad_tol):
             if reproduces(m, options, (Applied(dev, param),), got, value_tol, grad_tol):
                 (loose if dev.precision else found).append(dev)
                 break

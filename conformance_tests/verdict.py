@@ -277,18 +277,21 @@ def diagnose(result: Any, *, max_set: int = MAX_SET) -> list[Verdict]:
 
 
 def _params(dev: Deviation, failing: list[_Failing]) -> list[dict]:
-    """The TOML defaults of ``dev``, then the parameters its fit proposes most often."""
+    """The TOML defaults of ``dev``, then the parameters its fit proposes most often (each
+    proposal checked to reproduce its case alone)."""
     out: list[dict] = [dict(p) for p in dev.params] or [{}]
     counts: dict[tuple, int] = {}
+    first: dict[tuple, dict] = {}
     for f in failing:
-        for p in candidate_params(dev, f.m, f.options, f.got):
+        for p in candidate_params(dev, f.m, f.options, f.got, f.vt, f.gt):
             if p not in out:
                 key = tuple(sorted(p.items()))
                 counts[key] = counts.get(key, 0) + 1
+                first.setdefault(key, p)
     for key in sorted(counts, key=lambda k: -counts[k]):
         if len(out) >= _MAX_PARAMS:
             break
-        out.append(dict(key))
+        out.append(first[key])
     return out
 
 

@@ -170,8 +170,9 @@ def careful_loss(
         A = ops.where(valid, adv, zero)
     if "ratio-float32" in bugs:  # float64 inputs, log-ratio cast to float32 (SkyRL)
         delta = ops.astype(ops.astype(delta, ops.float32), cd)
-    if "clamp20" in bugs:
-        delta = ops.clamp(delta, -20.0, 20.0)
+    clamp = [float(b[len("clamp") :]) for b in bugs if b.startswith("clamp")]  # "clamp20": +-20
+    if clamp:
+        delta = ops.clamp(delta, -clamp[0], clamp[0])
     lengths = ops.sum(ops.where(valid, one, zero), axis=1)
     if "divide-by-T" in bugs:
         lengths = ops.full(lengths, float(lp.shape[1]))
@@ -215,8 +216,9 @@ def careful_loss(
         el, eh, c = cfg.eps_low, cfg.eps_high, cfg.dual_clip
         if "eps-swapped" in bugs:
             el, eh = eh, el
-        if "always-dual-clip" in bugs and cfg.method == "grpo" and c is None:
-            c = 3.0  # verl's clip_ratio_c default
+        always = [b for b in bugs if b.startswith("always-dual-clip")]  # "always-dual-clip=2.5"
+        if always and cfg.method == "grpo" and c is None:
+            c = float(always[0].partition("=")[2] or 3.0)  # verl's clip_ratio_c default: 3
         if "gspo-no-dual-clip" in bugs and cfg.method != "grpo":
             c = None
         pos, neg = A > 0, A < 0
