@@ -1,22 +1,25 @@
-"""sapo_torch under ``torch.compile(fullgraph=True)``: no graph break, same numbers as eager.
+"""sapo_torch under ``torch.compile``: no graph break, same numbers as eager, checks kept.
 
 Few cases on purpose (compilation is slow on 2 shared cores): the default call in float32, a
 sequence method with per-token advantages, and bfloat16 with a tensor normalizer. Agreement is
 judged with the spec's tolerance of the dtype, eager being the reference of the compiled path,
-and both against ``sapo_ref``.
+and both against ``sapo_ref``. Clause 8.7 (issue 11): shape checks raise at trace time, and data
+that raises eagerly makes the compiled loss and every gradient entry NaN.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import sapo_torch
+import sapo_torch  # noqa: E402 (after the torch skip)
 
-import sapo_ref
-from sapo_ref import spec
+import sapo_ref  # noqa: E402 (after the torch skip)
+from sapo_ref import Normalizer, spec  # noqa: E402 (after the torch skip)
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -113,3 +116,95 @@ def test_compiled_keeps_expm1_precision_at_large_tau(method: str) -> None:
     )
     _close(loss, np.asarray(ref.loss), "float32", "value")
     _close(lp.grad, ref.grad, "float32", "grad")
+
+
+def _valid() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(3, 5, generator=g) - 0.5
+    return {
+        "logp": old + 0.2 * torch.randn(3, 5, generator=g),
+        "old_logp": old,
+        "advantages": torch.tensor([1.0, -0.5, 0.0]),
+        "mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool(),
+    }
+
+
+SHAPE_ERRORS = {
+    # issue 11: [1, T] broadcast silently to a wrong loss; [N, 1] gave a fake-tensor RuntimeError
+    "old_logp [1, T]": ("old_logp", lambda x: x[:1], "old_logp must have the shape of logp"),
+    "mask [1, T]": ("mask", lambda x: x[:1], "mask must have the shape of logp"),
+    "advantages [N, 1]": ("advantages", lambda x: x[:, None], "advantages must have shape"),
+}
+
+
+@pytest.mark.clause("8.1", "8.7")
+@pytest.mark.parametrize("case", list(SHAPE_ERRORS))
+def test_shapes_are_checked_at_trace_time(case: str) -> None:
+    """A ValueError with the reference's message; under fullgraph=True Dynamo reports it as an
+    'Observed exception' whose text holds the same message (PyTorch's behaviour)."""
+    key, edit, message = SHAPE_ERRORS[case]
+    x = _valid()
+    x[key] = edit(x[key])
+
+    def step(logp, old_logp, advantages, mask):
+        return sapo_torch.policy_loss(logp, old_logp, advantages, mask)[0]
+
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=message):
+        torch.compile(step)(**x)
+    with pytest.raises(Exception, match=message):
+        torch.compile(step, fullgraph=True)(**x)
+
+
+def _edit(x: dict, key: str, index: tuple, value: float) -> dict:
+    x = dict(x)
+    x[key] = x[key].clone()
+    x[key][index] = value
+    return x
+
+
+def _int_mask(x: dict) -> dict:
+    m = x["mask"].to(torch.int64)
+    m[0, 4] = 2
+    return {**x, "mask": m}
+
+
+POISON = {
+    "mask holding 2": ("sapo", _int_mask, None),
+    "NaN logp at a valid token, A = 0": (
+        "sapo",
+        lambda x: _edit(x, "logp", (2, 1), math.nan),
+        None,
+    ),
+    "NaN old_logp, grpo": ("grpo", lambda x: _edit(x, "old_logp", (1, 3), math.nan), None),
+    "inf advantage": ("sapo", lambda x: _edit(x, "advantages", (1,), math.inf), None),
+    "gspo row with +inf and -inf": (
+        "gspo",
+        lambda x: _edit(_edit(x, "logp", (1, 0), math.inf), "logp", (1, 2), -math.inf),
+        None,
+    ),
+    "normalizer (0, 0)": ("sapo", lambda x: x, (0.0, 0.0)),
+    "normalizer below the shard's counts": ("sapo", lambda x: x, (9.0, 2.0)),
+    "normalizer NaN": ("sapo", lambda x: x, (math.nan, 3.0)),
+}
+
+
+@pytest.mark.clause("8.2", "8.5", "8.6", "5.5", "8.7", "8.8")
+@pytest.mark.parametrize("case", list(POISON))
+def test_invalid_data_poisons_loss_and_gradient_when_compiled(case: str) -> None:
+    method, edit, counts = POISON[case]
+    x = edit(_valid())
+
+    def step(logp, old_logp, advantages, mask, n, r):
+        norm = None if n is None else Normalizer(n, r)
+        return sapo_torch.policy_loss(
+            logp, old_logp, advantages, mask, method=method, normalizer=norm
+        )[0]
+
+    n, r = (None, None) if counts is None else (torch.tensor(c) for c in counts)
+    with pytest.raises(ValueError):  # eagerly: the reference's error
+        step(**x, n=n, r=r)
+    lp = x["logp"].clone().requires_grad_(True)
+    loss = torch.compile(step, fullgraph=True)(lp, x["old_logp"], x["advantages"], x["mask"], n, r)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(lp.grad).all(), (loss, lp.grad)

@@ -1,4 +1,4 @@
-r"""sapo_torch: the SAPO-family policy losses of :mod:`sapo_ref` as one fused PyTorch autograd node.
+r"""sapo_torch: the SAPO-family policy losses of :mod:`sapo_ref` as one PyTorch autograd node.
 
 .. math::
 
@@ -6,10 +6,11 @@ r"""sapo_torch: the SAPO-family policy losses of :mod:`sapo_ref` as one fused Py
     f^\text{SAPO}(r) = \frac{4}{\tau}\,\sigma\big(\tau (r-1)\big)
 
 :func:`policy_loss` has the reference's keywords, defaults, validation messages and numerics
-(selection masking, exact saturation, no clamp). Its forward computes the loss and the
-closed-form gradient in one pass and saves only the gradient (one [N, T] buffer in the input
-dtype) for backward; it runs eagerly, under ``torch.compile(fullgraph=True)`` and under
-``torch.func`` transforms, on any device. bfloat16/float16 are computed in float32.
+(selection masking, exact saturation, no clamp): token SAPO through one fused pass, every other
+method through the reference's own array-API code on tensors. The forward computes the loss,
+the closed-form gradient (and the metrics, on request) together and saves only the gradient
+(one [N, T] buffer) for backward; it runs eagerly, under ``torch.compile(fullgraph=True)`` and
+under ``torch.func`` transforms, on any device. bfloat16/float16 are computed in float32.
 
 >>> import torch, sapo_torch
 >>> logp = torch.zeros(2, 3, requires_grad=True)
@@ -25,18 +26,17 @@ Importing this package imports PyTorch, NumPy and :mod:`sapo_ref`, and no other 
 
 from __future__ import annotations
 
-from ._function import FusedPolicyLoss, compute_dtype
+from ._function import PolicyLossFunction, compute_dtype
 from .capabilities import CAPABILITIES
-from .loss import check_inputs, policy_loss, policy_metrics
+from .loss import check_inputs, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAPABILITIES",
-    "FusedPolicyLoss",
+    "PolicyLossFunction",
     "__version__",
     "check_inputs",
     "compute_dtype",
     "policy_loss",
-    "policy_metrics",
 ]

@@ -1,11 +1,11 @@
-r"""The fused autograd node: forward computes :math:`\mathcal{L}` and :math:`g = \partial\mathcal{L}/\partial\log\pi_\theta`
-together and saves only :math:`g` (one [N, T] buffer in the input dtype); backward is
-:math:`\bar{\ell}\, g` for the upstream cotangent :math:`\bar{\ell}`.
+r"""The autograd node: forward computes :math:`\mathcal{L}`, :math:`g = \partial\mathcal{L}/\partial\log\pi_\theta`
+(and the metrics, on request) together and saves only :math:`g`; backward is :math:`\bar{\ell}\,g` for
+``logp`` and :math:`-\bar{\ell}\,g` for ``old_logp`` (0 for ``gspo-token``, clause 8.9), the latter
+only when it is requested.
 
 Written with ``setup_context`` and ``generate_vmap_rule = True`` so that ``torch.func.grad``,
 ``torch.func.vmap`` and ``torch.compile(fullgraph=True)`` trace through it. First-order only: the
-saved gradient is a constant to autograd, so a second derivative through this node is not
-available (the losses' Hessians are not part of the spec).
+saved gradient is a constant to autograd (second derivatives are not part of the spec).
 """
 
 from __future__ import annotations
@@ -17,26 +17,43 @@ import torch
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig
 
-from ._kernels import loss_and_grad
+from ._kernels import forward_pass
 
-__all__ = ["FusedPolicyLoss", "compute_dtype"]
+__all__ = ["PolicyLossFunction", "compute_dtype", "promoted_dtype"]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32 (clause 6.4).
+def promoted_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The promoted dtype of the inputs: the dtype of the loss (clause 8.9).
 
     >>> import torch
-    >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+    >>> promoted_dtype(torch.float16, torch.bfloat16), promoted_dtype(torch.bfloat16)
+    (torch.float32, torch.bfloat16)
+    """
+    out = dtypes[0]
+    for dt in dtypes[1:]:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The promoted dtype of the inputs, with float16/bfloat16 computed in float32 (clause 6.4, 8.9).
+
+    >>> import torch
+    >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float32, torch.float64)
     (torch.float32, torch.float64)
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if promoted_dtype(*dtypes) == torch.float64 else torch.float32
 
 
-class FusedPolicyLoss(torch.autograd.Function):
-    """``apply(logp, old_logp, advantages, valid, num_tokens, num_rows, config) -> (loss, grad)``.
+class PolicyLossFunction(torch.autograd.Function):
+    """``apply(logp, old_logp, advantages, valid, num_tokens, num_rows, poison, config, metrics)
+    -> (loss, grad, metric_values)``.
 
-    ``num_tokens``/``num_rows`` are the global counts (floats or 0-d tensors) or both ``None``;
-    ``grad`` is returned only so that it can be saved: it is marked non-differentiable.
+    ``num_tokens``/``num_rows``: the global counts (floats or 0-d tensors) or both ``None``.
+    ``poison``: ``None`` or a 0-d bool tensor; when true, the loss and every gradient entry are NaN
+    (clause 8.7, invalid data under tracing). ``grad`` and ``metric_values`` (the metrics stacked in
+    ``sapo_ref.metric_keys`` order, empty unless ``metrics``) are outputs only so that they can be
+    saved and returned: they are non-differentiable.
     """
 
     generate_vmap_rule = True
@@ -49,32 +66,48 @@ class FusedPolicyLoss(torch.autograd.Function):
         valid: torch.Tensor,
         num_tokens: Any,
         num_rows: Any,
+        poison: torch.Tensor | None,
         config: LossConfig,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cdt = compute_dtype(logp.dtype)
-        norm = None
-        if num_tokens is not None:
-            device = logp.device
-            norm = Normalizer(
-                torch.as_tensor(num_tokens, dtype=cdt, device=device),
-                torch.as_tensor(num_rows, dtype=cdt, device=device),
-            )
-        loss, grad = loss_and_grad(logp, old_logp, advantages, valid, config, norm, cdt)
-        return loss, grad.to(logp.dtype)
+        metrics: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        promoted = promoted_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+        cdt = compute_dtype(promoted)
+        norm = None if num_tokens is None else Normalizer(num_tokens, num_rows)
+        loss, grad, values = forward_pass(
+            logp, old_logp, advantages, valid, config, norm, cdt, metrics
+        )
+        if poison is not None:
+            loss = torch.where(poison, torch.nan, loss)
+            grad = torch.where(poison, torch.nan, grad)
+        stacked = torch.stack(list(values.values())) if values else loss.new_empty(0)
+        # Saved in logp's dtype, or unrounded when old_logp's derivative may need more digits.
+        wide = old_logp.dtype != logp.dtype and config.method != "gspo-token"
+        return loss.to(promoted), grad if wide else grad.to(logp.dtype), stacked
 
     @staticmethod
-    def setup_context(
-        ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
-    ) -> None:
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.set_materialize_grads(False)  # no [N, T] zeros for the unused output's gradient
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        logp, old_logp = inputs[0], inputs[1]
+        _, grad, values = output
+        ctx.mark_non_differentiable(grad, values)
+        ctx.set_materialize_grads(False)  # no [N, T] zeros for the unused outputs' gradients
+        ctx.old_dtype = old_logp.dtype
+        ctx.old_zero = inputs[7].method == "gspo-token"  # old_logp only inside sg[s_i]
+        ctx.logp_dtype = logp.dtype
         ctx.save_for_backward(grad)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _unused: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor | None, *_unused: Any) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        if grad_loss is None:  # grads are not materialised: nothing flows into the loss
-            return None, None, None, None, None, None, None
-        # grad_loss is 0-d (per vmapped sample): the product keeps grad's dtype, rounded once.
-        return grad * grad_loss, None, None, None, None, None, None
+        d_logp = d_old = None
+        if grad_loss is not None:  # None: nothing flows into the loss (grads not materialised)
+            # grad_loss is 0-d (per vmapped sample): the product keeps grad's dtype, rounded once.
+            g = grad * grad_loss
+            if ctx.needs_input_grad[0]:
+                d_logp = g.to(ctx.logp_dtype)
+            if ctx.needs_input_grad[1]:
+                d_old = (
+                    torch.zeros_like(g, dtype=ctx.old_dtype)
+                    if ctx.old_zero
+                    else -g.to(ctx.old_dtype)
+                )
+        return d_logp, d_old, None, None, None, None, None, None, None

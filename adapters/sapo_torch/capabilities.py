@@ -25,20 +25,21 @@ CAPABILITIES: dict[str, Any] = {
     "tolerance_deviations": {},
     "notes": (
         (
-            "bfloat16/float16 are computed in float32; the gradient is returned in the input "
-            "dtype and the loss is float32 (float64 for float64 inputs)."
+            "bfloat16/float16 are computed in float32; the loss is returned in the promoted "
+            "dtype of the inputs and the gradient in the dtype of logp (clause 8.9)."
         ),
         (
-            "Metrics are opt-in (policy_loss(..., metrics=True)) so that the default call is "
-            "one lean pass; they are computed by sapo_ref's own code on the detached inputs."
+            "Metrics are opt-in (policy_loss(..., metrics=True)) and computed in the same pass: "
+            "the fused token-SAPO pass folds their reductions in; other methods run "
+            "sapo_ref.compute_metrics on the same evaluation."
         ),
         (
-            "Data checks (clauses 5.5, 8.5, 8.6, a normalizer smaller than the shard's own "
-            "counts) are the reference's only; a non-bool mask's 0/1 check runs eagerly (one "
-            "host sync), not under torch.compile."
+            "Eager calls raise the reference's data errors; under torch.compile and torch.func "
+            "transforms shape/dtype/option checks raise at trace time and invalid data makes "
+            "the loss and every gradient entry NaN (clause 8.7)."
         ),
         (
-            "First-order only: the fused node saves the closed-form gradient, so second "
+            "First-order only: the node saves the closed-form gradient, so second "
             "derivatives through it are not available."
         ),
     ),

@@ -25,45 +25,94 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sapo_ref.aggregation import Normalizer
-from sapo_ref.aggregation import normalizer as _local_normalizer
+from sapo_ref.aggregation import Normalizer, normalizer
+from sapo_ref.validation import faults, raise_faults
 
-__all__ = ["allreduce_sum_hook", "global_normalizer", "local_counts"]
+__all__ = ["allreduce_sum_hook", "global_normalizer", "local_counts", "valid_tokens"]
+
+
+def _traced() -> bool:
+    return bool(torch.compiler.is_compiling()) or bool(torch._C._are_functorch_transforms_active())
+
+
+def _binary(mask: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether a non-bool mask holds only 0 and 1 (one read of the mask for integers)."""
+    if mask.is_floating_point():
+        return torch.equal(mask, valid.to(mask.dtype))  # NaN and 0.5 differ from 1
+    lo, hi = torch.aminmax(mask)
+    return bool(lo >= 0) and bool(hi <= 1)
+
+
+def valid_tokens(mask: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, Any]:
+    """``(valid, bad)``: the boolean mask and, under tracing, a 0-d bool tensor that holds when a
+    value is not 0/1 (``None`` eagerly, where such a mask raises the reference's ValueError)."""
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return valid, None
+    if _traced():
+        return valid, ((mask != 0) & (mask != 1)).any()
+    if not _binary(mask, valid):
+        z = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        try:
+            raise_faults(faults(z, z, z, mask, valid, sequence=False))
+        except ValueError as err:  # the reference's message, about this argument
+            raise ValueError(str(err).replace("mask", name, 1)) from None
+    return valid, None
+
+
+def _masks(mask: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(mask, torch.Tensor):
+        named = [("mask", mask)]
+    elif isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
+        named = [(f"mask[{k}]", m) for k, m in enumerate(mask)]
+    else:
+        raise TypeError(
+            f"mask must be a torch.Tensor or a sequence of them; got {type(mask).__name__}"
+        )
+    if not named:
+        raise ValueError(
+            "mask must be a tensor or a non-empty sequence of tensors; got an empty sequence"
+        )
+    for name, m in named:
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(m).__name__}")
+        if m.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [N, T]; got shape {tuple(m.shape)}")
+        if m.is_complex():
+            raise TypeError(f"{name} must be boolean or hold 0/1; got dtype {m.dtype}")
+    return named
 
 
 def local_counts(
     mask: torch.Tensor | Sequence[torch.Tensor], *, count_empty_rows: bool = False
-) -> torch.Tensor:
-    r"""This process's counts :math:`(n, R)` as a float64 tensor of shape [2] on the mask's device.
+) -> Normalizer:
+    r"""This process's counts :math:`(n, R)` (clause 3.6), 0-d float64 tensors on the mask's device.
 
-    ``mask`` is one [N, T] mask or a sequence of micro-batch masks (each padded to its own T).
-    float64 keeps counts exact up to :math:`2^{53}` (float32 would stop at :math:`2^{24}` tokens).
+    ``mask`` is one [N, T] mask or a sequence of micro-batch masks (each padded to its own T);
+    counted by :func:`sapo_ref.normalizer`. float64 keeps counts exact up to :math:`2^{53}`. A mask
+    value other than 0/1 raises the reference's ValueError (under tracing: NaN counts, which
+    ``policy_loss`` turns into a NaN loss and gradient, clause 8.7).
 
     >>> import torch
-    >>> local_counts([torch.tensor([[1, 1, 0]]), torch.tensor([[0, 0], [1, 0]])]).tolist()
-    [3.0, 2.0]
+    >>> local_counts([torch.tensor([[1, 1, 0]]), torch.tensor([[0, 0], [1, 0]])])
+    Normalizer(num_tokens=tensor(3., dtype=torch.float64), num_rows=tensor(2., dtype=torch.float64))
     """
-    masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
-    if not masks:
-        raise ValueError(
-            "mask must be a tensor or a non-empty sequence of tensors; got an empty sequence"
+    if not isinstance(count_empty_rows, bool):
+        raise TypeError(f"count_empty_rows must be a bool; got {type(count_empty_rows).__name__}")
+    named = _masks(mask)
+    device = named[0][1].device
+    total = None
+    for name, m in named:
+        valid, bad = valid_tokens(m.detach(), name)
+        c = normalizer(valid, count_empty_rows=count_empty_rows)
+        n, r = (
+            torch.as_tensor(v, dtype=torch.float64, device=device)
+            for v in (c.num_tokens, c.num_rows)
         )
-    for k, m in enumerate(masks):
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"mask[{k}] must be a torch.Tensor; got {type(m).__name__}")
-    device = masks[0].device
-    parts = []
-    for m in masks:
-        c = _local_normalizer(m.detach(), count_empty_rows=count_empty_rows)
-        parts.append(
-            torch.stack(
-                [
-                    torch.as_tensor(v, dtype=torch.float64, device=device)
-                    for v in (c.num_tokens, c.num_rows)
-                ]
-            )
-        )
-    return torch.stack(parts).sum(dim=0)
+        if bad is not None:
+            n = torch.where(bad, torch.nan, n)
+        total = Normalizer(n, r) if total is None else total + Normalizer(n, r)
+    return total
 
 
 def global_normalizer(
@@ -94,7 +143,8 @@ def global_normalizer(
     >>> global_normalizer(torch.tensor([[1, 0], [0, 0]]), count_empty_rows=True)  # no process group
     Normalizer(num_tokens=tensor(1., dtype=torch.float64), num_rows=tensor(2., dtype=torch.float64))
     """
-    counts = local_counts(mask, count_empty_rows=count_empty_rows)
+    local = local_counts(mask, count_empty_rows=count_empty_rows)
+    counts = torch.stack([local.num_tokens, local.num_rows])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     elif group is not None:

@@ -1,40 +1,47 @@
-r"""``sapo_torch.policy_loss``: the reference's loss as one fused autograd node."""
+r"""``sapo_torch.policy_loss``: the reference's loss as one autograd node, checked as the spec says."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from sapo_ref import spec
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig, resolve_config
-from sapo_ref.evaluate import evaluate
-from sapo_ref.loss import _check_normalizer
-from sapo_ref.metrics import compute_metrics
-from sapo_ref.validation import check_arrays
+from sapo_ref.loss import _check_normalizer_type
+from sapo_ref.metrics import metric_keys
+from sapo_ref.validation import (
+    Fault,
+    any_fault,
+    check_arrays,
+    faults,
+    normalizer_faults,
+    raise_faults,
+)
 
-from ._function import FusedPolicyLoss, compute_dtype
-from ._kernels import local_counts
+from ._function import PolicyLossFunction, compute_dtype
+from ._namespace import TORCH
+from .distributed import local_counts
 
-__all__ = ["check_inputs", "policy_loss", "policy_metrics"]
+__all__ = ["check_inputs", "policy_loss"]
 
 _DEFAULTS = spec.DATA["defaults"]
 
 
-def _tracing() -> bool:
-    """True under torch.compile/torch.jit tracing, where no check may read tensor data."""
-    return bool(torch.compiler.is_compiling()) or bool(torch.jit.is_tracing())
+def _traced() -> bool:
+    """True where tensor values cannot be read: torch.compile, torch.jit tracing, torch.func."""
+    return (
+        bool(torch.compiler.is_compiling())
+        or bool(torch.jit.is_tracing())
+        or bool(torch._C._are_functorch_transforms_active())
+    )
 
 
 def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
-    """Shapes and dtypes of clause 8.1-8.2 with the reference's messages (``sapo_ref.check_arrays``).
-
-    Besides shapes and dtypes, a mask that is not boolean has its values checked (0/1, clause 8.2):
-    that reads data, one host sync on an accelerator, so pass a ``bool`` mask on the hot path.
-    :func:`policy_loss` skips this call under ``torch.compile`` (a traced graph cannot raise on
-    data, and tracing the array-API plumbing of the checks only slows compilation): call it
-    once eagerly, or run the step eagerly once, to validate a compiled training step's inputs.
+    """Types, shapes and dtypes (clause 8.1, 8.2) with the reference's messages; reads no values,
+    so :func:`policy_loss` runs it under ``torch.compile`` too (at trace time).
 
     >>> import torch
     >>> check_inputs(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
@@ -42,26 +49,57 @@ def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
     ...
     ValueError: advantages must have shape [N] = (2,) or [N, T] = (2, 3); got (3,)
     """
-    for name, x in (
-        ("logp", logp),
-        ("old_logp", old_logp),
-        ("advantages", advantages),
-        ("mask", mask),
-    ):
-        if not isinstance(x, torch.Tensor):
+    given = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
+    for name, x in given.items():
+        if isinstance(x, torch.Tensor) or x is None or isinstance(x, (bool, int, float, complex)):
+            continue  # tensors, and what check_arrays names as not an array
+        # Other objects as the reference sees them (it converts what array-api-compat does not
+        # know): so that a string, or a string array, gets the reference's dtype message.
+        a = x if hasattr(x, "dtype") else np.asarray(x)
+        if _real_dtype(a.dtype, bool_ok=True):  # numeric, but not a tensor
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    check_arrays(logp, old_logp, advantages, mask)
+        given[name] = a
+    check_arrays(*given.values())
 
 
-def _normalizer_args(normalizer: Normalizer | None) -> tuple[Any, Any]:
+def _real_dtype(dtype: Any, bool_ok: bool = False) -> bool:
+    """Whether ``dtype`` (torch's or NumPy's) is real: floating or integral (or bool)."""
+    if dtype is None:
+        return False
+    if isinstance(dtype, torch.dtype):
+        return (bool_ok or dtype != torch.bool) and not dtype.is_complex
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).kind in ("fiub" if bool_ok else "fiu")
+    except TypeError:
+        return False
+
+
+def _counts(normalizer: Any) -> tuple[Any, Any]:
+    """The normalizer's counts as floats or 0-d tensors (clause 8.8 types); values are checked
+    against the shard's own counts later, with the data."""
     if normalizer is None:
         return None, None
-    fields = (getattr(normalizer, "num_tokens", None), getattr(normalizer, "num_rows", None))
-    if not isinstance(normalizer, Normalizer) or all(isinstance(v, (int, float)) for v in fields):
-        # Type and, for Python numbers, finite and >= 0: the reference's check and messages.
-        # Tensor counts stay on device unchecked (no sync); no shard-vs-global comparison either.
-        normalizer = _check_normalizer(normalizer, Normalizer(0.0, 0.0))
-    return normalizer.num_tokens, normalizer.num_rows
+    _check_normalizer_type(normalizer)
+    out = []
+    for name in ("num_tokens", "num_rows"):
+        v = getattr(normalizer, name)
+        dtype = getattr(v, "dtype", None)
+        if dtype is not None and not _real_dtype(dtype):
+            raise TypeError(
+                f"normalizer {name} must be a real number or a 0-d real array; got dtype {dtype}"
+            )
+        out.append(v if isinstance(v, torch.Tensor) else float(v))
+    return out[0], out[1]
+
+
+def _binary(mask: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether a non-bool mask holds only 0 and 1 (one read of the mask for integers)."""
+    if mask.is_floating_point():
+        return torch.equal(mask, valid.to(mask.dtype))  # NaN and 0.5 differ from 1
+    lo, hi = torch.aminmax(mask)
+    return bool(lo >= 0) and bool(hi <= 1)
 
 
 def policy_loss(
@@ -82,7 +120,7 @@ def policy_loss(
     normalizer: Normalizer | None = None,
     metrics: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-8) as one fused autograd node.
+    r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-8) as one autograd node.
 
     .. math::
 
@@ -93,42 +131,41 @@ def policy_loss(
     with :math:`x_{it}` the token ratio :math:`r_{it} = e^{\log\pi_\theta-\log\pi_\text{old}}` (``sapo``,
     ``grpo``) or the sequence ratio :math:`s_i` (``sapo-seq``, ``gspo``, ``gspo-token``), :math:`f` the
     method's gate and :math:`\rho/D` the aggregation, exactly as :func:`sapo_ref.policy_loss`: same
-    keywords, defaults (from the spec) and validation messages; selection masking, exact
-    saturation, no clamp.
+    keywords, defaults (from the spec), validation and messages; selection masking, exact
+    saturation, no clamp. Token SAPO runs a fused pass; every other method runs the reference's
+    own array-API code on the tensors.
 
-    The forward pass computes the loss and the gradient together and saves only the gradient
-    ([N, T], in the dtype of ``logp``); backward multiplies it by the upstream cotangent. Works
-    eagerly, under ``torch.compile(fullgraph=True)``, ``torch.func.grad``/``vmap``, on any device.
+    The forward pass computes the loss, the gradient (and the metrics, when asked) together and
+    saves only the gradient ([N, T], in the dtype of ``logp``); backward multiplies it by the
+    upstream cotangent. Works eagerly, under ``torch.compile(fullgraph=True)``,
+    ``torch.func.grad``/``vmap``, on any device.
 
     Args:
-        logp: [N, T] log-probabilities under the current policy, float64/float32/bfloat16/float16;
-            the only input the loss is differentiated against.
-        old_logp: [N, T] behaviour-policy log-probabilities (treated as a constant).
+        logp: [N, T] log-probabilities under the current policy, float64/float32/bfloat16/float16.
+        old_logp: [N, T] behaviour-policy log-probabilities; its gradient, when it requires one,
+            is the true derivative (clause 8.9): minus that of ``logp``, 0 for ``gspo-token``.
         advantages: [N] per-sequence or [N, T] per-token advantages (a constant).
-        mask: [N, T] ``bool`` (recommended: no data check) or 0/1 integers/floats. Invalid
-            positions may hold anything, NaN and inf included.
+        mask: [N, T] ``bool`` (fastest) or 0/1 integers/floats. Invalid positions may hold
+            anything, NaN and inf included.
         method, loss_agg, tau_pos, tau_neg, eps_low, eps_high, dual_clip, norm_length,
             count_empty_rows: as :func:`sapo_ref.policy_loss`.
-        normalizer: global counts (``sapo_ref.Normalizer`` of Python numbers or 0-d tensors, e.g.
-            from ``sapo_torch.distributed.global_normalizer``) for a micro-batch or a rank's shard
+        normalizer: global counts (``sapo_ref.Normalizer`` of numbers or 0-d tensors, e.g. from
+            :func:`sapo_torch.distributed.global_normalizer`) for a micro-batch or a rank's shard
             (clause 3.8): the shard's loss and gradient are then its exact share of the global ones.
-            Python-number counts are checked as the reference does (finite, >= 0); tensor counts
-            stay on the device unchecked, and no count is compared with the shard's own (both
-            would need a host sync).
-        metrics: also compute the clause 7.1 metrics (opt-in, so the default call stays one lean
-            pass). They come from :func:`policy_metrics`, a second pass of the reference's own
-            array-API code: several times the cost of the loss in eager mode (log them every k
-            steps), fused by ``torch.compile`` when the step is compiled.
+        metrics: also return the clause 7.1 metrics, computed in the same pass.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` a 0-d tensor (float64 for float64 inputs, float32 otherwise:
-        low precision is computed in float32, clause 6.4) whose gradient w.r.t. ``logp`` has
-        ``logp``'s dtype; ``metrics`` a dict of detached 0-d tensors keyed as
-        ``sapo_ref.metric_keys(method)`` when ``metrics=True``, else ``{}``. No host sync.
+        ``(loss, metrics)``: ``loss`` a 0-d tensor in the promoted dtype of ``logp``,
+        ``old_logp`` and ``advantages`` (computed in float32 when that is bfloat16/float16,
+        clause 6.4, 8.9) whose gradient w.r.t. ``logp`` has ``logp``'s dtype; ``metrics`` a dict
+        of detached 0-d tensors in the computation dtype keyed as ``sapo_ref.metric_keys(method)``
+        when ``metrics=True``, else ``{}``.
 
     Raises:
-        ValueError, TypeError: clause 8 (options, shapes, dtypes), with the reference's messages.
-        Data checks (NaN at valid tokens, clause 5.5/8.5/8.6) are the reference's only.
+        ValueError, TypeError: clause 8 (options, shapes, dtypes, data, normalizer), with the
+        reference's messages. Eager data checks read values (one host sync on an accelerator).
+        Under ``torch.compile`` or ``torch.func`` transforms the shape, dtype and option checks
+        still raise; invalid data makes the loss and every gradient entry NaN (clause 8.7).
 
     Example:
         >>> import torch, sapo_torch
@@ -159,40 +196,77 @@ def policy_loss(
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
     )
-    if not _tracing():
-        check_inputs(logp, old_logp, advantages, mask)
-    num_tokens, num_rows = _normalizer_args(normalizer)
+    if not isinstance(metrics, bool):
+        raise TypeError(f"metrics must be a bool; got {type(metrics).__name__}")
+    check_inputs(logp, old_logp, advantages, mask)
+    num_tokens, num_rows = _counts(normalizer)
+    if normalizer is not None:  # counts as floats or tensors: what the checks can compare
+        normalizer = Normalizer(num_tokens, num_rows)
     valid = mask if mask.dtype == torch.bool else mask != 0
-    loss, _ = FusedPolicyLoss.apply(logp, old_logp, advantages, valid, num_tokens, num_rows, config)
+    traced = _traced()
+    # Token SAPO checks its data after the pass, from the loss (see _data_faults); others before.
+    checked_after = config.method == "sapo" and not traced
+    poison = None
+    if traced or not checked_after:
+        found = _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer)
+        if traced:
+            poison = any_fault(found, TORCH)
+        else:
+            raise_faults(found)
+    elif mask.dtype != torch.bool and not _binary(mask, valid):
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
+    elif normalizer is not None and bool(
+        any_fault(normalizer_faults(normalizer, _local(valid, config), TORCH), TORCH)
+    ):  # the full checks, so that bad data is reported before the normalizer, as the reference does
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, normalizer))
+    loss, _, values = PolicyLossFunction.apply(
+        logp, old_logp, advantages, valid, num_tokens, num_rows, poison, config, metrics
+    )
+    if checked_after and not bool(torch.isfinite(loss.detach())):
+        # Every data fault makes the fused pass's loss non-finite (a NaN or infinite advantage
+        # times p > 0, or a NaN log-ratio): only then are the checks run, to raise their error.
+        # A loss that overflows from valid data is +-inf and is returned (clause 5.4).
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
     if not metrics:
         return loss, {}
-    return loss, policy_metrics(logp, old_logp, advantages, valid, config)
+    return loss, dict(zip(metric_keys(config.method), values.unbind()))
 
 
-def policy_metrics(
+def _local(valid: torch.Tensor, config: LossConfig) -> Normalizer:
+    return local_counts(valid, count_empty_rows=config.count_empty_rows)
+
+
+def _data_faults(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    valid: torch.Tensor,
     config: LossConfig,
-) -> dict[str, torch.Tensor]:
-    r"""The clause 7.1 metrics as detached 0-d tensors in the compute dtype, no host sync.
-
-    Computed by the reference's own code (:func:`sapo_ref.evaluate` and
-    :func:`sapo_ref.compute_metrics`, array-API generic) on the detached inputs, so every
-    definition is the spec's; a separate pass, which is why ``policy_loss`` makes it opt-in.
-
-    >>> import torch, sapo_ref
-    >>> m = policy_metrics(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1),
-    ...                    torch.ones(1, 2, dtype=torch.bool), sapo_ref.resolve_config("sapo"))
-    >>> float(m["gate/mean"]), float(m["tokens"])   # on-policy: w = 1
-    (1.0, 2.0)
-    """
-    with torch.no_grad():
-        cdt = compute_dtype(logp.dtype)
-        lp, olp, adv = (x.detach().to(cdt) for x in (logp, old_logp, advantages))
-        valid = mask if mask.dtype == torch.bool else mask != 0
-        # Metrics do not depend on the denominator: this batch's counts suffice.
-        norm = local_counts(valid, valid.sum(-1), config.count_empty_rows, cdt)
-        ev = evaluate(lp, olp, adv, valid, config, norm)
-        return dict(compute_metrics(ev, config))
+    normalizer: Normalizer | None,
+) -> tuple[Any, ...]:
+    """sapo_ref's data checks (clauses 5.5, 8.2, 8.5, 8.6, 8.8) in the computation dtype."""
+    cdt = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    lp, olp, adv = (x.detach().to(cdt) for x in (logp, old_logp, advantages))
+    local = None if normalizer is None else _local(valid, config)
+    traced_counts = normalizer is not None and _traced()
+    found = faults(
+        lp,
+        olp,
+        adv,
+        mask,
+        valid,
+        sequence=config.sequence_value,
+        normalizer=None if traced_counts else normalizer,
+        local=local,
+    )
+    if traced_counts:
+        # sapo_ref's normalizer_faults formats its message from the counts' values (float()),
+        # which Dynamo cannot trace: the same clause 8.8 condition, for poisoning only.
+        n, r = (
+            torch.as_tensor(v, dtype=torch.float64)
+            for v in (normalizer.num_tokens, normalizer.num_rows)
+        )
+        ok = torch.isfinite(n) & torch.isfinite(r) & (n >= local.num_tokens) & (r >= local.num_rows)
+        found += (Fault("normalizer", "8.8", "normalizer counts are invalid", ~ok, unit=""),)
+    return found
