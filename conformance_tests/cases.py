@@ -47,6 +47,8 @@ __all__ = [
 DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
 #: Clip-method ratios stay at least this far (relative) from a kink (clause 2.5).
 KINK_DISTANCE = 1e-3
+#: Shapes of the advantages: "token" [N, T], "sequence" [N] (the capability's names).
+ADVANTAGE_SHAPES: tuple[str, ...] = ("sequence", "token")
 #: Options of the third-party contract (issue 3); count_empty_rows and normalizer are not in it.
 CONTRACT_OPTIONS = (
     "method",
@@ -164,6 +166,12 @@ def _old(rng: np.random.Generator, n: int, t: int) -> np.ndarray:
 
 
 def _adv(rng: np.random.Generator, n: int, t: int, per_token: bool | None = None) -> np.ndarray:
+    """Advantages [N, T] or [N]; a preferred shape the subset does not allow gives the other."""
+    shapes = _SUBSET["advantages"]
+    if per_token is not None and ("token" if per_token else "sequence") not in shapes:
+        per_token = not per_token
+    elif per_token is None and len(shapes) == 1:
+        per_token = shapes[0] == "token"
     if per_token is None:
         per_token = bool(rng.random() < 0.5)
     shape = (n, t) if per_token else (n,)
@@ -257,6 +265,7 @@ class _NotApplicable(Exception):
 _SUBSET: dict[str, tuple[str, ...]] = {
     "methods": sapo_ref.METHOD_NAMES,
     "loss_aggs": sapo_ref.LOSS_AGG_NAMES,
+    "advantages": ADVANTAGE_SHAPES,
 }
 
 
@@ -273,6 +282,7 @@ def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> str:
 
 
 def _g_adv_per_token(rng):  # 1.5: per-token advantages, sequence methods pair s_i with A_it
+    _allowed("advantages", ("token",))
     lp, old, adv, m = _batch(rng, per_token=True)
     method = _pick(rng, ("sapo-seq", "gspo", "gspo-token", "sapo", "grpo"))
     opts = _opts(rng, method, m.shape[1])
@@ -371,7 +381,8 @@ def _g_zero_adv(rng):  # 5.1: A = 0 with any ratio, r = inf included
     zero = rng.random(adv.shape) < 0.5
     adv[zero] = 0.0
     method = _pick(rng, ("sapo", "grpo"))
-    huge = zero & m & (rng.random(adv.shape) < 0.5)
+    zero = np.broadcast_to(zero if zero.ndim == 2 else zero[:, None], m.shape)
+    huge = zero & m & (rng.random(m.shape) < 0.5)
     lp = np.where(huge, old + rng.choice([30.0, 200.0, np.inf], size=lp.shape), lp)
     return dict(
         inputs=(_clean(lp, m), _clean(old, m), _clean(adv, m), m),
@@ -546,11 +557,14 @@ def generate_cases(
     clauses: tuple[str, ...] | None = None,
     methods: Iterable[str] | None = None,
     loss_aggs: Iterable[str] | None = None,
+    advantages: Iterable[str] | None = None,
 ) -> list[Case]:
     """``per_clause`` seeded cases for every clause with a generator (deterministic in
     ``(seed, clause, k)``), drawn inside a subset of ``methods`` and ``loss_aggs`` when given:
     every clause that can apply to the subset gets the same ``per_clause`` cases as a full run;
-    one that cannot (GSPO's clause for a SAPO-only subset) gets none.
+    one that cannot (GSPO's clause for a SAPO-only subset) gets none. ``advantages`` (a subset
+    of ``("sequence", "token")``) restricts the advantages' shape the same way (clause 1.5's
+    per-token cases need "token").
 
     >>> [c.id for c in generate_cases(seed=3, per_clause=2, clauses=("2.1",))]
     ['2.1-00', '2.1-01']
@@ -563,8 +577,14 @@ def generate_cases(
     subset = {
         "methods": tuple(sapo_ref.METHOD_NAMES if methods is None else methods),
         "loss_aggs": tuple(sapo_ref.LOSS_AGG_NAMES if loss_aggs is None else loss_aggs),
+        "advantages": tuple(ADVANTAGE_SHAPES if advantages is None else advantages),
     }
-    for kind, names in (("methods", sapo_ref.METHOD_NAMES), ("loss_aggs", sapo_ref.LOSS_AGG_NAMES)):
+    known = {
+        "methods": sapo_ref.METHOD_NAMES,
+        "loss_aggs": sapo_ref.LOSS_AGG_NAMES,
+        "advantages": ADVANTAGE_SHAPES,
+    }
+    for kind, names in known.items():
         unknown = [v for v in subset[kind] if v not in names]
         if unknown:
             raise ValueError(f"{kind}: unknown {unknown}; expected a subset of {list(names)}")

@@ -465,7 +465,9 @@ def _spread_rows(nan: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 def exp_overflow_grad(plan: Plan, param: dict) -> bool:
-    """Naive exp(delta): inf ratio times a zero derivative (saturated sigmoid, clip) is NaN."""
+    """Naive exp(delta): inf ratio times a zero derivative (saturated sigmoid, clip) is NaN;
+    a sequence ratio spreads it over its row, and with ``padding = "nan"`` also onto the row's
+    padding (0 * NaN through a masked mean)."""
     cfg = plan.config
     over = _overflowing(plan)
     adv = _full(plan.adv, plan.m.mask)
@@ -476,8 +478,68 @@ def exp_overflow_grad(plan: Plan, param: dict) -> bool:
     if not nan.any():
         return False
     nan = _spread_rows(nan, plan)
+    if param.get("padding") == "nan":
+        if not cfg.spreads_gradient or plan.m.mask[nan.any(axis=1)].all():
+            return False
+        nan = np.broadcast_to(nan.any(axis=1, keepdims=True), nan.shape)
     plan.posts.append(
         lambda plan, loss, grad, got: (loss, None if grad is None else np.where(nan, np.nan, grad))
+    )
+    return True
+
+
+def exp_overflow_value(plan: Plan, param: dict) -> bool:
+    """A clipped method's term -A * exp(x) computed as written: where exp(x) overflows the
+    compute dtype at an A < 0 token without dual clip, the term is +inf (the spec's value is
+    the correctly rounded finite c A r of clause 5.4), and so is its gradient (the whole row's
+    for a sequence ratio)."""
+    cfg = plan.config
+    if cfg.is_soft or cfg.dual_clip is not None:
+        return False
+    over = _overflowing(plan) & (_full(plan.adv, plan.m.mask) < 0)
+    if not over.any():
+        return False
+    inf = _spread_rows(over, plan)
+
+    def post(plan, loss, grad, got):
+        loss = None if loss is None else (math.nan if loss == -math.inf else math.inf)
+        return loss, None if grad is None else np.where(inf, np.inf, grad)
+
+    plan.posts.append(post)
+    return True
+
+
+def nan_grad_through_where(plan: Plan, param: dict) -> bool:
+    """The value selected with where(mask, x, 0), so it is right, but its backward sends
+    0 * NaN (0 * inf) to padding: NaN gradient at padding positions holding non-finite garbage
+    (``at = "nonfinite"``) or also huge finite garbage whose exp overflows (``at = "garbage"``)."""
+    lp, old, adv, mask = _f64(plan.m)
+    bad = ~np.isfinite(lp) | ~np.isfinite(old) | ~np.isfinite(_full(adv, mask))
+    if param.get("at", "nonfinite") == "garbage":
+        with np.errstate(all="ignore"):
+            bad |= np.abs(lp - old) > _compute_log_max(plan.m)
+    nan = ~mask & bad
+    if not nan.any():
+        return False
+    plan.posts.append(
+        lambda plan, loss, grad, got: (loss, None if grad is None else np.where(nan, np.nan, grad))
+    )
+    return True
+
+
+def stop_gradient_difference_nan(plan: Plan, param: dict) -> bool:
+    """GSPO-token written as logp - sg(logp) + sg(log s): at a valid token with an infinite logp,
+    inf - inf = NaN in the value and in that token's gradient."""
+    if plan.config.method != "gspo-token":
+        return False
+    nan = plan.m.mask & np.isinf(_f64(plan.m)[0])
+    if not nan.any():
+        return False
+    plan.posts.append(
+        lambda plan, loss, grad, got: (
+            math.nan,
+            None if grad is None else np.where(nan, np.nan, grad),
+        )
     )
     return True
 
@@ -659,6 +721,9 @@ MODELS: dict[str, Model] = {
         missing_four_over_tau,
         nan_through_mask,
         exp_overflow_grad,
+        exp_overflow_value,
+        nan_grad_through_where,
+        stop_gradient_difference_nan,
         zero_adv_nan,
         empty_batch_nan,
         gspo_as_token,
@@ -699,6 +764,9 @@ STAGE: dict[str, int] = {
     "sign_flipped": 5,
     "constant_factor": 6,
     "exp_overflow_grad": 7,
+    "exp_overflow_value": 7,
+    "stop_gradient_difference_nan": 7,
+    "nan_grad_through_where": 9,
     "zero_adv_nan": 7,
     "empty_batch_nan": 8,
     "nan_through_mask": 9,

@@ -157,3 +157,17 @@ def test_subset_with_unknown_names_is_rejected():
         generate_cases(0, 1, methods=["sapo", "ppo"])
     with pytest.raises(ValueError, match="loss_aggs"):
         generate_cases(0, 1, loss_aggs=["mean"])
+
+
+def test_subset_of_advantage_shapes():
+    """``advantages=["sequence"]`` (a peer that takes [N] advantages only) draws every clause
+    but 1.5 (per-token advantages) with [N] advantages, the same count per clause."""
+    seq = generate_cases(seed=1, per_clause=3, advantages=["sequence"])
+    assert {c.advantages.ndim for c in seq} == {1}
+    clauses = {c.id.split("-")[0] for c in seq}
+    assert clauses == set(GENERATORS) - {"1.5"}
+    assert len(seq) == 3 * len(clauses)
+    tok = generate_cases(seed=1, per_clause=3, advantages=["token"])
+    assert {c.advantages.ndim for c in tok} == {2} and len(tok) == 3 * len(GENERATORS)
+    with pytest.raises(ValueError, match="advantages"):
+        generate_cases(0, 1, advantages=["row"])
