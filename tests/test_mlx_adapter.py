@@ -225,14 +225,14 @@ def test_metrics_keyword():
 def test_copies_out_of_the_trace_are_bit_exact():
     """The forward's inputs are copied out of mx.grad's trace through same-size integers: every
     dtype comes back bit for bit (memoryview alone would turn float64 into float32)."""
-    from sapo_mlx.loss import _detached
+    from sapo_mlx.tracing import detached
 
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3, 5)) * 10.0 ** rng.integers(-300, 300, (3, 5))
     values[0, :3] = [np.nan, np.inf, -0.0]
     arrays = [sapo_mlx.to_mx(values, d) for d in ("float64", "float32", "bfloat16", "float16")]
     arrays += [mx.array(values > 0), mx.array(rng.integers(0, 2, (3, 5)), mx.int8)]
-    for a, b in zip(arrays, _detached(tuple(arrays))):
+    for a, b in zip(arrays, detached(tuple(arrays))):
         assert a.dtype == b.dtype and a.shape == b.shape
         bits = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[a.dtype.size]
         assert np.array_equal(np.array(a.view(bits)), np.array(b.view(bits)))

@@ -29,27 +29,13 @@ from sapo_ref.validation import check_arrays, faults, raise_faults
 
 from .convert import stand_in, to_mx
 from .namespace import MLX
+from .tracing import concrete
 
-__all__ = ["global_normalizer", "local_counts", "concrete"]
-
-
-def concrete(flag: mx.array) -> bool | None:
-    """The value of a 0-d boolean ``flag``, or ``None`` while ``mx.compile``/``mx.vmap`` trace
-    (arrays have no values then; ``mx.grad`` alone evaluates eagerly).
-
-    >>> import mlx.core as mx
-    >>> concrete(mx.array(True)), mx.compile(lambda x: mx.array(concrete(x) is None))(mx.array(1))
-    (True, array(True, dtype=bool))
-    """
-    try:
-        return bool(flag.item())
-    except (ValueError, RuntimeError) as err:
-        if "transformations" in str(err):  # MLX: "... during function transformations ..."
-            return None
-        raise
+__all__ = ["global_normalizer", "local_counts", "valid_counts"]
 
 
-def _counts(valid: mx.array, count_empty_rows: bool) -> Normalizer:
+def valid_counts(valid: mx.array, count_empty_rows: bool) -> Normalizer:
+    """The counts of a boolean mask as 0-d float64 arrays, unchecked (``policy_loss`` checks)."""
     # float64 exists on the CPU device only (Metal has none); counts are exact to 2**53 tokens.
     cpu = mx.default_device() != mx.cpu
     with mx.stream(mx.cpu) if cpu else nullcontext():
@@ -87,7 +73,7 @@ def local_counts(mask: Any, *, count_empty_rows: bool = False) -> Normalizer:
         found = faults(z, z, z, mask, valid, sequence=False)
         if concrete(MLX.any(found[0].where)):  # the mask's 0/1 check; nothing to raise traced
             raise_faults(found)
-    return _counts(valid, bool(count_empty_rows))
+    return valid_counts(valid, bool(count_empty_rows))
 
 
 def global_normalizer(

@@ -32,8 +32,9 @@ from sapo_ref.metrics import compute_metrics
 from sapo_ref.validation import any_fault, check_arrays, faults, raise_faults
 
 from .convert import compute_dtype, stand_in, to_mx
-from .distributed import _counts, concrete
+from .distributed import valid_counts
 from .namespace import MLX
+from .tracing import concrete, detached
 
 __all__ = ["policy_loss"]
 
@@ -58,7 +59,7 @@ def _inputs(
     if norm is not None and not isinstance(norm, Normalizer):
         raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
     valid = mask if mask.dtype == mx.bool_ else mask != 0
-    local = _counts(valid, config.count_empty_rows)
+    local = valid_counts(valid, config.count_empty_rows)
     given = local if norm is None else norm
     dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     with mx.stream(mx.cpu):  # float64 counts exist on the CPU device only (Metal has none)
@@ -106,37 +107,6 @@ def _forward(
     return mx.where(bad, math.nan, ev.loss), mx.where(bad, math.nan, ev.grad), bad
 
 
-_BITS = {
-    1: mx.uint8,
-    2: mx.uint16,
-    4: mx.uint32,
-    8: mx.uint64,
-}  # same-size integers: bit-exact copies
-
-
-def _detached(args: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
-    """Copies of ``args`` that belong to no trace, or ``args`` while ``mx.compile``/``mx.vmap``
-    trace (no values to copy).
-
-    MLX runs an ``mx.compile`` d function op by op when its inputs are being traced by
-    ``mx.grad``; on copies (a memory copy, about 1% of the loss) it runs the fused kernels,
-    which halves the eager ``value_and_grad`` time. The custom VJP supplies the gradient, so
-    the forward need not be connected to the inputs.
-    """
-    try:
-        return tuple(
-            mx.array(memoryview(a))
-            if a.dtype == mx.bool_
-            # through integers: memoryview would turn float64 into float32, and has no bfloat16
-            else mx.array(memoryview(a.view(_BITS[a.dtype.size]))).view(a.dtype)
-            for a in args
-        )
-    except (ValueError, RuntimeError) as err:
-        if "transformations" in str(err):  # MLX: "... during function transformations ..."
-            return args
-        raise
-
-
 @cache
 def _core(config: LossConfig, check_normalizer: bool) -> Any:
     """The ``mx.custom_function`` of ``config``: ``(logp, old_logp, advantages, mask, n, R,
@@ -148,7 +118,7 @@ def _core(config: LossConfig, check_normalizer: bool) -> Any:
 
     @mx.custom_function
     def core(*args):
-        return fused(*_detached(args))
+        return fused(*detached(args))
 
     @core.vjp
     def core_vjp(primals, cotangents, outputs):
