@@ -1,7 +1,7 @@
 """Clauses 3.8-3.9 in JAX: a batch sharded over 4 host CPU devices reproduces the unsharded one.
 
 The rows are sharded over a mesh axis ``"data"`` (one device holds empty rows only); inside
-``jax.shard_map`` :func:`sapo_jax.sharding.global_normalizer` ``psum``s the counts and the
+``jax.shard_map`` :func:`sapo_jax.distributed.global_normalizer` ``psum``s the counts and the
 per-device losses are ``psum``med. Checked against the reference on the full batch for every
 method, aggregation and empty-row setting, plus gradient accumulation with ``lax.scan`` inside
 each device and the gradient of a replicated parameter, with and without ``check_vma``.
@@ -17,21 +17,19 @@ import subprocess
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sapo_jax = pytest.importorskip("sapo_jax")
-from sapo_jax.sharding import global_normalizer
-
-sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
-import _distributed_batches as db
+# pytest's pythonpath has tests/; the worker runs this file as a script, which puts it there too.
+import _distributed_batches as db  # noqa: E402
+from sapo_jax.distributed import global_normalizer, local_counts  # noqa: E402
 
 DEVICES = 4
 TIMEOUT = 400  # seconds; one XLA compilation per config: measured 37-73 s on 2 busy cores
@@ -59,7 +57,9 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
 # --8<-- [start:jax_step]
 def device_loss(logp, old_logp, advantages, mask, *, count_empty_rows=False, **options):
     """Inside ``shard_map`` over ``"data"``: this device's exact share of the batch loss."""
-    norm = global_normalizer(mask, "data", count_empty_rows=count_empty_rows)  # psum of counts
+    norm = global_normalizer(
+        mask, count_empty_rows=count_empty_rows, axis_name="data"
+    )  # psum of counts
     loss, _metrics = sapo_jax.policy_loss(
         logp, old_logp, advantages, mask, normalizer=norm, **options
     )
@@ -86,7 +86,7 @@ def _config_step(logp, old, adv, mask, *, count_empty_rows, **options):
     """Loss (psum), logp-gradient and counts of one config, inside shard_map."""
     device = partial(device_loss, count_empty_rows=count_empty_rows, **options)
     loss, grad = jax.value_and_grad(device)(logp, old, adv, mask)
-    norm = global_normalizer(mask, "data", count_empty_rows=count_empty_rows)
+    norm = global_normalizer(mask, count_empty_rows=count_empty_rows, axis_name="data")
     return jax.lax.psum(loss, "data"), grad, jnp.stack([norm.num_tokens, norm.num_rows])
 
 
@@ -94,7 +94,7 @@ def _scan_step(logp, old, adv, mask, *, count_empty_rows, **options):
     """Micro-batches of one row scanned on each device; the counts cover every micro-batch of
     the step and are reduced before the first loss; losses and gradients are summed."""
     micro = lambda a: a.reshape(a.shape[0], 1, *a.shape[1:])
-    norm = global_normalizer(micro(mask), "data", count_empty_rows=count_empty_rows)
+    norm = global_normalizer(micro(mask), count_empty_rows=count_empty_rows, axis_name="data")
 
     def body(total, xs):
         lp, o, a, m = xs
@@ -253,7 +253,7 @@ def test_global_normalizer_on_one_device(count_empty):
     mesh = jax.make_mesh((1,), ("data",))
 
     def counts(m):
-        norm = global_normalizer(m, "data", count_empty_rows=count_empty)
+        norm = global_normalizer(m, count_empty_rows=count_empty, axis_name="data")
         return jnp.stack([norm.num_tokens, norm.num_rows])
 
     f = jax.shard_map(counts, mesh=mesh, in_specs=P("data"), out_specs=P())
@@ -266,10 +266,42 @@ def test_global_normalizer_on_one_device(count_empty):
 
 @pytest.mark.jax
 def test_local_counts_rejects_a_vector():
-    from sapo_jax.sharding import local_counts
-
     with pytest.raises(ValueError, match=r"mask must have shape \[..., N, T\]"):
         local_counts(jnp.ones(3, bool))
+
+
+@pytest.mark.jax
+@pytest.mark.clause("3.6", "3.8")
+@pytest.mark.parametrize("count_empty", [False, True])
+def test_local_counts_are_the_references(count_empty):
+    import sapo_ref
+
+    mask = _data(np.random.default_rng(4))["mask"]
+    want = sapo_ref.normalizer(mask, count_empty_rows=count_empty)
+    got = local_counts(jnp.asarray(mask.astype(np.int32)), count_empty_rows=count_empty)
+    assert (float(got.num_tokens), float(got.num_rows)) == (want.num_tokens, want.num_rows)
+    assert sapo_jax.normalizer is local_counts  # the name it had first
+
+
+@pytest.mark.jax
+def test_sharding_is_a_deprecated_alias():
+    import importlib
+
+    import sapo_jax.distributed
+
+    sys.modules.pop("sapo_jax.sharding", None)
+    with pytest.warns(DeprecationWarning, match="sapo_jax.distributed"):
+        sharding = importlib.import_module("sapo_jax.sharding")
+    assert sharding.local_counts is sapo_jax.distributed.local_counts
+    mesh = jax.make_mesh((1,), ("data",))
+    mask = jax.device_put(jnp.array([[1, 1, 0], [0, 0, 0]]), NamedSharding(mesh, P("data")))
+
+    def counts(m):
+        norm = sharding.global_normalizer(m, "data")  # axis_name positional, as it was
+        return jnp.stack([norm.num_tokens, norm.num_rows])
+
+    f = jax.shard_map(counts, mesh=mesh, in_specs=P("data"), out_specs=P())
+    assert f(mask).tolist() == [2.0, 1.0]
 
 
 if __name__ == "__main__":

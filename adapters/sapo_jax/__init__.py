@@ -18,9 +18,20 @@ configuration: float64 needs ``jax.config.update("jax_enable_x64", True)`` by th
 
 from __future__ import annotations
 
+from . import distributed
 from .capabilities import CAPABILITIES
-from .counts import normalizer
+from .distributed import local_counts
 from .inputs import Float64TruncationWarning
 from .loss import policy_loss
 
-__all__ = ["CAPABILITIES", "Float64TruncationWarning", "normalizer", "policy_loss"]
+#: The batch's own counts, as :func:`sapo_jax.distributed.local_counts` (the name it had first).
+normalizer = local_counts
+
+__all__ = [
+    "CAPABILITIES",
+    "Float64TruncationWarning",
+    "distributed",
+    "local_counts",
+    "normalizer",
+    "policy_loss",
+]

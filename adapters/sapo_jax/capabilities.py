@@ -30,9 +30,11 @@ CAPABILITIES: dict[str, Any] = {
     "grad_dtype": "input",
     "metrics": True,
     "normalizer": True,
-    # NaN/inf at valid tokens and non-0/1 mask values are not detected (values are traced).
-    "data_checks": False,
-    "differentiable": ("logp",),
+    # Clause 8.7: concrete inputs raise the reference's errors; under jit/vmap tracing invalid
+    # data makes the loss and every gradient entry NaN.
+    "data_checks": "eager: raise; traced: NaN",
+    # Clause 8.9: d/d old_logp is the true derivative; advantages and mask get zeros.
+    "differentiable": ("logp", "old_logp"),
     "transforms": ("jit", "grad", "value_and_grad", "vjp", "vmap", "shard_map"),
     # Declared tolerance deviations from spec [tolerances], by dtype, with the reason: none.
     "tolerance_deviations": {},

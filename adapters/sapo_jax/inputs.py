@@ -1,9 +1,9 @@
-r"""Inputs of :func:`sapo_jax.policy_loss`: conversion to JAX, the compute dtype, the shape and
-dtype checks of clause 8.1-8.2, and the normaliser counts :math:`(n, R)` of clause 3.
+r"""Inputs of :func:`sapo_jax.policy_loss`: conversion to JAX, the shape and dtype checks of
+clause 8.1-8.2 (the reference's own function, so the same messages), the computation dtype of
+clause 8.9 and the normaliser's type (clause 8.8).
 
-Everything here is decided from shapes and dtypes only, which are static under ``jax.jit``,
-so it runs once per trace and never synchronises with the device. Data checks (NaN at a valid
-token, mask values other than 0/1, clause 8.2, 8.5, 8.6) need values and stay the reference's.
+Everything here reads shapes and dtypes only, which are static under ``jax.jit``, so it runs
+once per trace and never synchronises with the device.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.validation import check_arrays
 
 __all__ = [
     "Float64TruncationWarning",
-    "check_signature",
+    "as_inputs",
     "compute_dtype",
-    "normalizer_counts",
-    "to_jax",
+    "check_normalizer",
     "x64_enabled",
 ]
+
+NAMES = ("logp", "old_logp", "advantages", "mask")
 
 
 class Float64TruncationWarning(UserWarning):
@@ -40,18 +42,39 @@ def x64_enabled() -> bool:
     return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
-def to_jax(**arrays: Any) -> tuple[Any, ...]:
-    """The named inputs as JAX arrays (tracers pass through), warning once per call with
-    :class:`Float64TruncationWarning` when a float64 host array would silently become float32.
+def _stand_in_dtype(dtype: Any) -> Any:
+    # NumPy has no bfloat16 in the array API sense: a float32 stand-in is in the same category.
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biuf":
+        return dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.dtype(np.float32)
+    return dtype  # object, str, complex, ...: check_arrays names them
 
-    JAX converts float64 NumPy arrays to float32 without a word when x64 is off; under an
-    outer ``jax.jit`` that has already happened before this function sees the tracers.
+
+@functools.lru_cache(maxsize=512)
+def _check_signature(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+    # check_arrays reads only shapes and dtypes: empty NumPy stand-ins give its exact errors for
+    # tracers, JAX arrays and host arrays of any dtype alike. Failures are not cached.
+    check_arrays(*(np.empty(shape, _stand_in_dtype(dt)) for shape, dt in signature))
+
+
+def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any, ...]:
+    """The four inputs checked (clause 8.1, 8.2) and as JAX arrays (tracers pass through).
+
+    Warns :class:`Float64TruncationWarning` once per call when a float64 host array would
+    silently become float32 (JAX converts it without a word when x64 is off; under an outer
+    ``jax.jit`` that has already happened before this function sees the tracers).
     """
+    arrays = tuple(
+        x if isinstance(x, jax.Array) else np.asarray(x) for x in (logp, old_logp, advantages, mask)
+    )
+    _check_signature(tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays))
     if not x64_enabled():
         lost = [
             name
-            for name, x in arrays.items()
-            if not isinstance(x, jax.Array) and getattr(x, "dtype", None) == jnp.float64
+            for name, x in zip(NAMES, arrays)
+            if isinstance(x, np.ndarray) and x.dtype == np.float64
         ]
         if lost:
             warnings.warn(
@@ -62,54 +85,24 @@ def to_jax(**arrays: Any) -> tuple[Any, ...]:
                 Float64TruncationWarning,
                 stacklevel=3,
             )
-    return tuple(x if isinstance(x, jax.Array) else jnp.asarray(x) for x in arrays.values())
+    return tuple(x if isinstance(x, jax.Array) else jnp.asarray(x) for x in arrays)
 
 
-@functools.lru_cache(maxsize=512)
-def _check_cached(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
-    # check_arrays reads shapes and dtypes, plus mask values for a non-boolean mask: stand-in
-    # zeros of the same shape and dtype (concrete even inside a trace) pass that data check,
-    # which only the reference can do. Failures raise, and lru_cache does not keep them.
-    with jax.ensure_compile_time_eval():
-        check_arrays(*(jnp.zeros(shape, dtype) for shape, dtype in signature))
-
-
-def check_signature(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
-    """Clause 8.1-8.2 shape and dtype checks with the reference's messages, from shapes and
-    dtypes only (works on tracers; cached per signature)."""
-    _check_cached(
-        tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in (logp, old_logp, advantages, mask))
-    )
-
-
-def compute_dtype(logp_dtype: Any, old_logp_dtype: Any) -> Any:
-    """The dtype the loss is computed in: the wider of the two log-probability dtypes, at
-    least float32 (bfloat16 and float16 are computed in float32, clause 6.4).
+def compute_dtype(*dtypes: Any) -> Any:
+    """The dtype the loss is computed in (clause 8.9): the promoted floating dtype of ``logp``,
+    ``old_logp`` and ``advantages``, at least float32 (bfloat16 and float16 are computed in
+    float32, clause 6.4).
 
     >>> import jax.numpy as jnp
-    >>> compute_dtype(jnp.bfloat16, jnp.bfloat16)
+    >>> compute_dtype(jnp.bfloat16, jnp.bfloat16, jnp.float16)
     dtype('float32')
     """
-    return jnp.promote_types(jnp.promote_types(logp_dtype, old_logp_dtype), jnp.float32)
+    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def normalizer_counts(norm: Any) -> tuple[Any, Any]:
-    """The two counts of a :class:`sapo_ref.Normalizer` as 0-d JAX arrays (values may be
-    Python numbers, 0-d arrays or tracers, e.g. the result of ``jax.lax.psum``).
-
-    Only types and shapes are checked here; the reference also checks the values.
-    """
-    if not isinstance(norm, Normalizer):
+def check_normalizer(norm: Any) -> Normalizer | None:
+    """``norm`` as given, after the reference's type check (clause 8.8; its values are checked
+    with the data: eagerly they raise, under tracing they poison)."""
+    if norm is not None and not isinstance(norm, Normalizer):
         raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
-    out = []
-    for name in ("num_tokens", "num_rows"):
-        value = jnp.asarray(getattr(norm, name))
-        if value.ndim != 0 or not (
-            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
-        ):
-            raise TypeError(
-                f"normalizer.{name} must be a real 0-d count; got dtype {value.dtype} "
-                f"and shape {tuple(value.shape)}"
-            )
-        out.append(value)
-    return out[0], out[1]
+    return norm

@@ -9,8 +9,8 @@ from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import resolve_config
 from sapo_ref.metrics import metric_keys
 
-from .inputs import check_signature, normalizer_counts, to_jax
-from .vjp import run
+from .inputs import as_inputs, check_normalizer
+from .vjp import loss_and_metrics
 
 __all__ = ["policy_loss"]
 
@@ -103,11 +103,10 @@ def policy_loss(
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
     )
-    logp, old_logp, advantages, mask = to_jax(
-        logp=logp, old_logp=old_logp, advantages=advantages, mask=mask
-    )
-    check_signature(logp, old_logp, advantages, mask)
-    counts = None if normalizer is None else normalizer_counts(normalizer)
-    loss, metrics = run(logp, old_logp, advantages, mask, counts, config=config)
+    logp, old_logp, advantages, mask = as_inputs(logp, old_logp, advantages, mask)
+    norm = check_normalizer(normalizer)
+    counts = None if norm is None else (norm.num_tokens, norm.num_rows)
+    static = (config, logp.dtype, old_logp.dtype)
+    loss, metrics = loss_and_metrics(static, logp, old_logp, advantages, mask, counts)
     # JAX returns dicts with sorted keys; give them back in the spec's order.
     return loss, {key: metrics[key] for key in metric_keys(method)}

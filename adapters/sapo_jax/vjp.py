@@ -1,116 +1,180 @@
-r"""The loss as a ``jax.custom_vjp`` whose backward is the closed-form gradient.
+r"""The loss as a ``jax.custom_vjp`` over the one formula, :func:`sapo_ref.evaluate.evaluate`.
 
-The forward evaluates the loss with :func:`sapo_jax.kernel.evaluate_jax` (the reference's
-formulas, arranged for XLA: selection masking, exact saturation, no clamp) and keeps ONE
-residual, the gradient :math:`G = \partial\mathcal{L}/\partial\log\pi_\theta` [N, T]. The backward is
+The forward evaluates the loss, its closed-form gradient :math:`G = \partial\mathcal{L}/\partial
+\log\pi_\theta` and the metrics with the reference's own array-API code on ``jax.numpy``, and
+keeps ``G`` as the one residual. The backward scales it by the cotangent (clause 8.9):
 
 .. math::
 
-    \bar{\log\pi_\theta} = \bar{\mathcal{L}}\; G ,
+    \bar{\log\pi_\theta} = \bar{\mathcal{L}}\,G,\qquad
+    \bar{\log\pi_\text{old}} = -\bar{\mathcal{L}}\,G\ \ (\text{0 for gspo-token}),\qquad
+    \bar A = \bar m = 0,
 
 so ``jax.grad`` never differentiates through ``exp``/``sigmoid`` (no :math:`0\cdot\infty`, no NaN
-from masked garbage) and costs one fused multiply.
+from masked garbage).
+
+Invalid data (clause 8.7): with concrete inputs the reference's ``ValueError`` is raised; under
+tracing (``jax.jit``, ``jax.vmap``) the loss and every gradient entry are NaN.
+
+Small eager inputs (the conformance suite's, a notebook's) are padded to a shape bucket, with
+the method parameters traced: one compiled program then serves every shape, parameter value and
+advantage layout of a method and aggregation. Masked padding changes no bit (clause 6.1); the
+unpadded counts are passed as the normaliser, so ``count_empty_rows`` stays right.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
+import numpy as np
 
+from sapo_ref import aggregation
 from sapo_ref.aggregation import Normalizer
-from sapo_ref.config import LossConfig
-from sapo_ref.evaluate import Evaluation
+from sapo_ref.config import PARAM_NAMES, LossConfig
+from sapo_ref.evaluate import evaluate
 from sapo_ref.metrics import compute_metrics
+from sapo_ref.validation import any_fault, faults, raise_faults
 
+from .distributed import _counts
 from .inputs import compute_dtype
-from .kernel import evaluate_jax
 
-__all__ = ["loss_and_metrics", "run"]
+__all__ = ["loss_and_metrics"]
 
-# Inputs the loss is not differentiable in; differentiating it in them is an error, not a
-# silent zero (a policy loss treats them as constants: wrap them in jax.lax.stop_gradient).
-_CONSTANT_INPUTS = ("old_logp", "advantages")
-
-
-def _evaluation(
-    config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_rows
-) -> Evaluation:
-    norm = None if num_tokens is None else Normalizer(num_tokens, num_rows)
-    return evaluate_jax(logp, old_logp, advantages, valid, config, norm)
+#: Eager inputs with at most this many entries are padded to a bucket (see the module doc).
+SMALL = 1 << 14
+#: The smallest bucket: every shape up to [8, 64] shares one program.
+MIN_BUCKET = (8, 64)
+_TRACED_PARAMS = (*PARAM_NAMES, "norm_length")
 
 
-def _value(primal):
-    return None if primal is None else primal.value
+def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, local, params):
+    """Loss, metrics, gradient (compute dtype) and the fault flag; poisoned where it holds."""
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    lp, olp, adv = (x.astype(dtype) for x in (logp, old_logp, advantages))
+    valid = mask if mask.dtype == jnp.bool_ else mask != 0
+    if local is None:
+        local = _counts(valid, config.count_empty_rows).astype(dtype)
+    local = Normalizer(local[0], local[1])
+    norm = None if norm is None else Normalizer(norm[0], norm[1])
+    if params is not None:
+        config = dataclasses.replace(config, **params)
+    found = faults(
+        lp, olp, adv, mask, valid, sequence=config.sequence_value, normalizer=norm, local=local
+    )
+    bad = any_fault(found, jnp)
+    ev = evaluate(lp, olp, adv, valid, config, local if norm is None else norm)
+    nan = jnp.asarray(math.nan, dtype)
+    loss = jnp.where(bad, nan, ev.loss)
+    grad = jnp.where(bad, nan, ev.grad)
+    return loss, compute_metrics(ev, config), grad, bad
+
+
+_kernel = jax.jit(_kernel_impl, static_argnums=(0,))
+
+
+def _is_concrete(*args: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+
+
+def _bucket(n: int, t: int) -> tuple[int, int] | None:
+    if n * t > SMALL:
+        return None
+    return max(MIN_BUCKET[0], 1 << (n - 1).bit_length()), max(
+        MIN_BUCKET[1], 1 << (t - 1).bit_length()
+    )
+
+
+def _host_arrays(config: LossConfig, logp, old_logp, advantages, mask):
+    """NumPy copies in the compute dtype, the valid mask and the counts (local, used)."""
+    dtype = np.dtype(compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype))
+    lp, olp, adv = (np.asarray(x).astype(dtype) for x in (logp, old_logp, advantages))
+    m = np.asarray(mask)
+    valid = m if m.dtype == np.bool_ else m != 0
+    local = aggregation.normalizer(valid, count_empty_rows=config.count_empty_rows)
+    return lp, olp, adv, m, valid, local
+
+
+def _raise_data_errors(config: LossConfig, logp, old_logp, advantages, mask, norm) -> None:
+    """The reference's ``ValueError`` for concrete inputs that the kernel flagged (clause 8.7)."""
+    lp, olp, adv, m, valid, local = _host_arrays(config, logp, old_logp, advantages, mask)
+    if norm is not None:
+        norm = Normalizer(*(float(np.asarray(c)) for c in norm))
+    with np.errstate(over="ignore", invalid="ignore"):
+        found = faults(
+            lp, olp, adv, m, valid, sequence=config.sequence_value, normalizer=norm, local=local
+        )
+    raise_faults(found)
+
+
+def _bucketed(config: LossConfig, shape, logp, old_logp, advantages, mask, norm):
+    """The kernel on inputs padded to ``shape`` with the method parameters traced."""
+    lp, olp, adv, m, _, local = _host_arrays(config, logp, old_logp, advantages, mask)
+    n, t = lp.shape
+    if adv.ndim == 1:  # one layout, one program: [N] advantages broadcast along the rows
+        adv = np.broadcast_to(adv[:, None], (n, t))
+    pad = ((0, shape[0] - n), (0, shape[1] - t))
+    dtype = lp.dtype
+    arrays = [np.pad(x, pad) for x in (lp, olp, adv, m.astype(dtype))]
+    as_counts = lambda c: (np.asarray(c[0], dtype), np.asarray(c[1], dtype))
+    used = None if norm is None else as_counts(norm)
+    params = {k: getattr(config, k) for k in _TRACED_PARAMS if getattr(config, k) is not None}
+    if not config.is_soft:
+        params["dual_clip"] = math.inf if config.dual_clip is None else config.dual_clip
+    static = dataclasses.replace(
+        config, count_empty_rows=False, **dict.fromkeys(params, 1.0)
+    )  # one program per method and aggregation: the values are traced
+    loss, metrics, grad, bad = _kernel(
+        static,
+        *arrays,
+        used,
+        as_counts((local.num_tokens, local.num_rows)),
+        params,
+    )
+    return loss, metrics, jnp.asarray(np.asarray(grad)[:n, :t]), bad
+
+
+def _forward(config: LossConfig, logp, old_logp, advantages, mask, norm):
+    concrete = _is_concrete(logp, old_logp, advantages, mask, norm)
+    shape = _bucket(*logp.shape) if concrete else None
+    if shape is not None:
+        loss, metrics, grad, bad = _bucketed(config, shape, logp, old_logp, advantages, mask, norm)
+    else:
+        loss, metrics, grad, bad = _kernel(
+            config, logp, old_logp, advantages, mask, norm, None, None
+        )
+    if concrete and bool(bad):
+        _raise_data_errors(config, logp, old_logp, advantages, mask, norm)
+    return loss, metrics, grad
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def loss_and_metrics(
-    config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_rows
-) -> tuple[Any, dict[str, Any]]:
-    """Loss (0-d) and clause-7 metrics of arrays already in the compute dtype; the counts are
-    0-d arrays, or both ``None`` for this batch's own.
+def loss_and_metrics(static, logp, old_logp, advantages, mask, norm):
+    """Loss (0-d) and clause-7 metrics; ``static`` is ``(config, logp dtype, old_logp dtype)``
+    and ``norm`` ``None`` or the counts ``(num_tokens, num_rows)``.
 
-    Differentiable in ``logp`` only; metrics carry no gradient (they are diagnostics).
+    Metrics carry no gradient (they are diagnostics).
     """
-    ev = _evaluation(config, logp, old_logp, advantages, valid, num_tokens, num_rows)
-    return ev.loss, compute_metrics(ev, config)
+    loss, metrics, _ = _forward(static[0], logp, old_logp, advantages, mask, norm)
+    return loss, metrics
 
 
-def _fwd(config: LossConfig, logp, old_logp, advantages, valid, num_tokens, num_rows):
-    for name, arg in zip(_CONSTANT_INPUTS, (old_logp, advantages)):
-        if arg.perturbed:
-            raise TypeError(
-                f"sapo_jax.policy_loss is differentiable with respect to logp only; {name} is "
-                f"being differentiated. It is a constant of the policy loss: pass "
-                f"jax.lax.stop_gradient({name})"
-            )
-    ev = _evaluation(
-        config,
-        logp.value,
-        old_logp.value,
-        advantages.value,
-        valid.value,
-        _value(num_tokens),
-        _value(num_rows),
-    )
-    return (ev.loss, compute_metrics(ev, config)), ev.grad
+def _fwd(static, logp, old_logp, advantages, mask, norm):
+    loss, metrics, grad = _forward(static[0], logp, old_logp, advantages, mask, norm)
+    return (loss, metrics), grad
 
 
-def _bwd(config: LossConfig, grad, cotangents):
-    ct_loss = cotangents[0]  # metric cotangents are ignored: metrics are detached
-    if isinstance(ct_loss, SymbolicZero):
-        return (None,) * 6
-    return (ct_loss * grad, None, None, None, None, None)
+def _bwd(static, grad, cotangents):
+    config, logp_dtype, old_dtype = static
+    g = cotangents[0].astype(grad.dtype) * grad  # metric cotangents are ignored
+    # old_logp enters through logp - old_logp, except in gspo-token (only inside sg[s_i]).
+    old_enters = config.spreads_gradient or not config.sequence_value
+    d_old = (-g).astype(old_dtype) if old_enters else None
+    return g.astype(logp_dtype), d_old, None, None, None
 
 
-loss_and_metrics.defvjp(_fwd, _bwd, symbolic_zeros=True)
-
-
-@partial(jax.jit, static_argnames=("config",))
-def run(logp, old_logp, advantages, mask, counts, *, config: LossConfig):
-    """Cast to the compute dtype, count, and call :func:`loss_and_metrics` (jitted once per
-    configuration and input signature: eager calls do not dispatch op by op, and an outer
-    ``jax.jit`` simply inlines it).
-
-    ``counts`` is ``None`` (this batch's own counts) or the pair ``(num_tokens, num_rows)``.
-    The cast back of the gradient to ``logp.dtype`` is the transpose of the cast here.
-    """
-    dtype = compute_dtype(logp.dtype, old_logp.dtype)
-    valid = mask if mask.dtype == jnp.bool_ else mask != 0
-    if counts is None:
-        num_tokens = num_rows = None
-    else:
-        num_tokens, num_rows = (jax.lax.stop_gradient(c).astype(dtype) for c in counts)
-    return loss_and_metrics(
-        config,
-        logp.astype(dtype),
-        old_logp.astype(dtype),
-        advantages.astype(dtype),
-        valid,
-        num_tokens,
-        num_rows,
-    )
+loss_and_metrics.defvjp(_fwd, _bwd)
