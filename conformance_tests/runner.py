@@ -46,7 +46,7 @@ from .compare import Comparison, compare
 from .deviations import Deviation, identify
 from .drivers import Outcome, get_driver
 from .targets import Target, UsageError, tolerance_for
-from .worker import InProcess, WorkerLost, WorkerPool, describe
+from .worker import Failure, InProcess, WorkerLost, WorkerPool, describe
 
 __all__ = [
     "CaseResult",
@@ -275,19 +275,15 @@ def _metric_check(m: Materialized, got: dict[str, float], tol: spec.Tolerance) -
     return c
 
 
-def _fd_check(
-    executor: Any, target: Target, m: Materialized, out: Outcome, seed: int
-) -> Comparison | None:
+def _fd_points(
+    target: Target, m: Materialized, seed: int
+) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The random direction ``v`` and the four points ``logp + s v`` of the check, or None
+    where it does not apply."""
     # gspo-token's gradient is not its value's derivative by design (a stop-gradient, clause 2.8).
     if target.tolerance_deviations.get(m.dtype):  # declared less accurate than float64
         return None
-    if (
-        m.dtype != "float64"
-        or not m.case.fd
-        or m.case.method == "gspo-token"
-        or not np.isfinite(out.loss)
-        or not np.all(np.isfinite(out.grad))
-    ):
+    if m.dtype != "float64" or not m.case.fd or m.case.method == "gspo-token":
         return None
     if not np.isfinite(m.want_loss) or not m.mask.any():
         return None
@@ -295,10 +291,12 @@ def _fd_check(
     v = np.where(m.mask, rng.normal(size=m.mask.shape), 0.0)
     v /= max(np.abs(v).max(), 1e-300)
     h = FD_STEP
-    lp, lm, lp2, lm2 = executor.values(
-        m, dict(m.case.options), [m.logp + s * v for s in (h, -h, 2 * h, -2 * h)]
-    )
-    fd = (8.0 * (lp - lm) - (lp2 - lm2)) / (12.0 * h)
+    return v, [m.logp + s * v for s in (h, -h, 2 * h, -2 * h)]
+
+
+def _fd_check(out: Outcome, v: np.ndarray, losses: list[float]) -> Comparison:
+    lp, lm, lp2, lm2 = losses
+    fd = (8.0 * (lp - lm) - (lp2 - lm2)) / (12.0 * FD_STEP)
     directional = float(np.sum(out.grad * v))
     c = compare("fd", directional, fd, spec.TOLERANCES["float32"]["grad"])
     if not c.ok:
@@ -347,38 +345,45 @@ def run_case(
     res = CaseResult(target.name, m.dtype, case, "pass", materialized=m)
     vt, gt = tolerance_for(target, m.dtype, "value"), tolerance_for(target, m.dtype, "grad")
     cot = cotangent_for(seed, case.id)
+    fd_plan = _fd_points(target, m, seed)
+    extra = dict(target.metrics_option) if target.metrics_option and target.metrics else None
     try:
         executor.begin_case(f"{case.id} ({m.dtype})")
-        out = executor.run(m, dict(case.options), cot)
+        calls = executor.case(
+            m, dict(case.options), cot, None if fd_plan is None else fd_plan[1], extra
+        )
     except WorkerLost as err:
         return _failed(res, f"worker: {err.reason}")
-    except Exception as err:  # the function raised on a valid case, or broke the contract
-        e = describe(err)
-        return _failed(res, f"{e.kind}: {e.text}", e.clause)
-    res.outcome = out
+    except Exception as err:  # the whole request failed (e.g. SystemExit in a worker)
+        f = describe(err)
+        return _failed(res, f"{f.kind}: {f.text}", f.clause)
+    if isinstance(calls.out, Failure):  # the function raised on a valid case, or broke the contract
+        return _failed(res, f"{calls.out.kind}: {calls.out.text}", calls.out.clause)
+    out = res.outcome = calls.out
     res.checks.append(compare("loss", out.loss, m.want_loss, vt))
     res.checks.append(compare("grad", out.grad, m.want_grad, gt))
-    try:
-        fd = _fd_check(executor, target, m, out, seed)
-    except WorkerLost as err:
-        return _failed(res, f"worker: {err.reason} (finite-difference calls)")
-    except Exception as err:
-        e = describe(err)
-        if e.clause:
-            return _failed(res, f"{e.kind}: {e.text}", e.clause)
-        fd = Comparison(
-            "fd", False, 1, 1, np.inf, np.inf, (), np.nan, np.nan, f"fd: {e.kind}: {e.text}"
+    if isinstance(calls.fd, Failure):
+        if calls.fd.clause:
+            return _failed(res, f"{calls.fd.kind}: {calls.fd.text}", calls.fd.clause)
+        res.checks.append(
+            Comparison(
+                "fd",
+                False,
+                1,
+                1,
+                np.inf,
+                np.inf,
+                (),
+                np.nan,
+                np.nan,
+                f"fd: {calls.fd.kind}: {calls.fd.text}",
+            )
         )
-    if fd is not None:
-        res.checks.append(fd)
+    elif calls.fd is not None and fd_plan is not None:
+        res.checks.append(_fd_check(out, fd_plan[0], calls.fd))
     metrics = out.metrics
-    if target.metrics_option and target.metrics:  # opt-in metrics: a second call asks for them
-        try:
-            metrics = executor.run(m, {**case.options, **target.metrics_option}, cot).metrics
-        except WorkerLost as err:
-            return _failed(res, f"worker: {err.reason} (the call with {target.metrics_option})")
-        except Exception as err:
-            e = describe(err)
+    if extra is not None:  # opt-in metrics: the second call asked for them
+        if isinstance(calls.extra, Failure):
             res.checks.append(
                 Comparison(
                     "metrics",
@@ -390,11 +395,13 @@ def run_case(
                     (),
                     np.nan,
                     np.nan,
-                    f"metrics: the call with {target.metrics_option}: {e.kind}: {e.text}",
+                    f"metrics: the call with {extra}: {calls.extra.kind}: {calls.extra.text}",
                 )
             )
             res.metrics_compared = True
             metrics = None
+        else:
+            metrics = calls.extra.metrics if calls.extra is not None else None
     if metrics is not None and target.metrics:
         res.metrics_compared = True
         res.checks.append(_metric_check(m, metrics, vt))

@@ -44,6 +44,8 @@ __all__ = [
     "MAX_LOSSES",
     "MAX_TIMEOUTS",
     "ImplError",
+    "Failure",
+    "CaseCalls",
     "WorkerLost",
     "WorkerInfo",
     "InProcess",
@@ -63,14 +65,22 @@ MAX_LOSSES = 10
 MAX_TIMEOUTS = 3
 
 
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong in a call of the implementation: ``kind`` "raised" or "contract", a
+    one-line ``text``, and the clause a contract failure breaks (6.5: an input modified)."""
+
+    kind: str
+    text: str
+    clause: str | None = None
+
+
 class ImplError(Exception):
-    """The implementation raised or broke the contract on a case (the worker survived).
+    """The implementation raised or broke the contract on a case (the worker survived)."""
 
-    ``kind`` is "raised" or "contract"; ``clause`` the clause a contract failure breaks."""
-
-    def __init__(self, kind: str, text: str, clause: str | None = None) -> None:
-        super().__init__(text)
-        self.kind, self.text, self.clause = kind, text, clause
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.text)
+        self.failure = failure
 
 
 class WorkerLost(Exception):
@@ -81,18 +91,36 @@ class WorkerLost(Exception):
         self.reason = reason
 
 
-def describe(err: BaseException) -> ImplError:
-    """An exception of the implementation as an :class:`ImplError` (kind, one-line text)."""
+def describe(err: BaseException) -> Failure:
+    """An exception of the implementation as a :class:`Failure` (kind, one-line text)."""
     if isinstance(err, ImplError):
-        return err
+        return err.failure
     if isinstance(err, SystemExit):
-        return ImplError("raised", f"the implementation called sys.exit({err.code!r}) (SystemExit)")
+        return Failure("raised", f"the implementation called sys.exit({err.code!r}) (SystemExit)")
     if isinstance(err, KeyboardInterrupt):
-        return ImplError("raised", "the implementation raised KeyboardInterrupt")
+        return Failure("raised", "the implementation raised KeyboardInterrupt")
     text = str(err).splitlines()[0] if str(err) else ""
     if isinstance(err, ConformanceError):
-        return ImplError("contract", f"{type(err).__name__}: {text}", err.clause)
-    return ImplError("raised", f"{type(err).__name__}: {text}")
+        return Failure("contract", f"{type(err).__name__}: {text}", err.clause)
+    return Failure("raised", f"{type(err).__name__}: {text}")
+
+
+@dataclass
+class CaseCalls:
+    """Every call one case makes, in one request: the main call, the loss at the
+    finite-difference points (when asked and the main call was finite), and the call with
+    the opt-in metrics option (when asked). Each is its result or the :class:`Failure`."""
+
+    out: Outcome | Failure
+    fd: list[float] | Failure | None = None
+    extra: Outcome | Failure | None = None
+
+
+def _attempt(call: Any) -> Any:
+    try:
+        return call()
+    except Exception as err:  # the implementation's; BaseException ends the whole request
+        return describe(err)
 
 
 @dataclass
@@ -148,6 +176,25 @@ class InProcess:
                 device=self.device,
                 mask_dtype=self.target.mask_dtype,
             )
+
+    def case(
+        self,
+        m: Materialized,
+        options: dict,
+        cotangent: float,
+        fd_points: list[np.ndarray] | None,
+        extra_options: dict | None,
+    ) -> CaseCalls:
+        """All the calls of one case (see :class:`CaseCalls`)."""
+        out = _attempt(lambda: self.run(m, options, cotangent))
+        if isinstance(out, Failure):
+            return CaseCalls(out)
+        calls = CaseCalls(out)
+        if fd_points is not None and np.isfinite(out.loss) and np.all(np.isfinite(out.grad)):
+            calls.fd = _attempt(lambda: self.values(m, options, fd_points))
+        if extra_options is not None:
+            calls.extra = _attempt(lambda: self.run(m, {**options, **extra_options}, cotangent))
+        return calls
 
     def values(self, m: Materialized, options: dict, points: list[np.ndarray]) -> list[float]:
         with np.errstate(all="ignore"):
@@ -216,15 +263,17 @@ def _serve(conn: Any) -> None:
             elif op == "values":
                 assert runner is not None
                 reply = ("ok", runner.values(*msg[1:]))
+            elif op == "case":
+                assert runner is not None
+                reply = ("ok", runner.case(*msg[1:]))
             else:
-                reply = ("error", ("contract", f"unknown request {op!r}", None))
+                reply = ("error", Failure("contract", f"unknown request {op!r}"))
         except BaseException as err:  # SystemExit, KeyboardInterrupt: the implementation's
-            e = describe(err)
-            reply = ("error", (e.kind, e.text, e.clause))
+            reply = ("error", describe(err))
         try:
             conn.send(reply)
         except Exception as err:  # an unpicklable reply
-            conn.send(("error", ("contract", f"the result cannot be sent back: {err}", None)))
+            conn.send(("error", Failure("contract", f"the result cannot be sent back: {err}")))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -374,8 +423,7 @@ class Worker:
         if status == "usage":
             raise UsageError(payload)
         if status == "error":
-            _kind, text, _ = payload
-            lost = WorkerLost(f"loading {self.target.origin} failed: {text}")
+            lost = WorkerLost(f"loading {self.target.origin} failed: {payload.text}")
             self._kill()
             raise lost
         self.info = payload
@@ -398,8 +446,7 @@ class Worker:
         status, payload = self._receive(self._deadline, self.timeout)
         self.losses = self.timeouts = 0
         if status == "error":
-            kind, text, clause = payload
-            raise ImplError(kind, text, clause)
+            raise ImplError(payload)
         return payload
 
     @property
@@ -409,6 +456,17 @@ class Worker:
 
     def run(self, m: Materialized, options: dict, cotangent: float) -> Outcome:
         return self._call(("run", m, options, cotangent))
+
+    def case(
+        self,
+        m: Materialized,
+        options: dict,
+        cotangent: float,
+        fd_points: list[np.ndarray] | None,
+        extra_options: dict | None,
+    ) -> CaseCalls:
+        """All the calls of one case in one round trip (see :class:`CaseCalls`)."""
+        return self._call(("case", m, options, cotangent, fd_points, extra_options))
 
     def values(self, m: Materialized, options: dict, points: list[np.ndarray]) -> list[float]:
         return self._call(("values", m, options, points))
