@@ -74,37 +74,33 @@ def _is_array(a: Any) -> bool:
     return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
-def _forward(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    n,
-    rows,
-    local_n,
-    local_rows,
-    *,
-    config: LossConfig,
-    check_normalizer: bool,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Loss, gradient w.r.t. ``logp`` (compute dtype) and the clause 8.7 fault flag; loss and
-    gradient are NaN where the flag holds."""
+def _forward(*args: mx.array, config: LossConfig, check_normalizer: bool) -> tuple[mx.array, ...]:
+    """Loss, gradient w.r.t. ``logp`` (compute dtype) and the clause 8.7 fault flag of
+    ``args = (logp, old_logp, advantages, mask, n, R, n_local, R_local)``; loss and gradient
+    are NaN where the flag holds."""
+    lp, olp, adv, _, valid = _in_compute_dtype(args)
+    ev = evaluate(lp, olp, adv, valid, config, Normalizer(args[4], args[5]))
+    bad = any_fault(_faults(config, args, check_normalizer), MLX)
+    return mx.where(bad, math.nan, ev.loss), mx.where(bad, math.nan, ev.grad), bad
+
+
+def _in_compute_dtype(args: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    """``(logp, old_logp, advantages)`` in the compute dtype, the mask, and ``mask != 0``."""
+    logp, old_logp, advantages, mask = args[:4]
     dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     lp, olp, adv = (a.astype(dtype) for a in (logp, old_logp, advantages))
-    valid = mask if mask.dtype == mx.bool_ else mask != 0
-    ev = evaluate(lp, olp, adv, valid, config, Normalizer(n, rows))
-    found = faults(
-        lp,
-        olp,
-        adv,
-        mask,
-        valid,
+    return lp, olp, adv, mask, mask if mask.dtype == mx.bool_ else mask != 0
+
+
+def _faults(config: LossConfig, args: tuple[mx.array, ...], check_normalizer: bool) -> tuple:
+    """sapo_ref's data checks of the call (clauses 5.5, 8.2, 8.5, 8.6, 8.8)."""
+    n, rows, local_n, local_rows = args[4:]
+    return faults(
+        *_in_compute_dtype(args),
         sequence=config.sequence_value,
         normalizer=Normalizer(n, rows) if check_normalizer else None,
         local=Normalizer(local_n, local_rows) if check_normalizer else None,
     )
-    bad = any_fault(found, MLX)
-    return mx.where(bad, math.nan, ev.loss), mx.where(bad, math.nan, ev.grad), bad
 
 
 @cache
@@ -243,19 +239,4 @@ def policy_loss(
 
 
 def _raise(config: LossConfig, args: tuple[mx.array, ...]) -> None:
-    logp, old_logp, advantages, mask, n, rows, local_n, local_rows = args
-    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
-    lp, olp, adv = (a.astype(dtype) for a in (logp, old_logp, advantages))
-    valid = mask if mask.dtype == mx.bool_ else mask != 0
-    raise_faults(
-        faults(
-            lp,
-            olp,
-            adv,
-            mask,
-            valid,
-            sequence=config.sequence_value,
-            normalizer=Normalizer(n, rows),
-            local=Normalizer(local_n, local_rows),
-        )
-    )
+    raise_faults(_faults(config, args, check_normalizer=True))
