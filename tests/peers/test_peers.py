@@ -165,10 +165,10 @@ GAPS = {
     "mean), which the exp-overflow-grad model leaves at 0",
     "trl:grpo": "exp-overflow-value is not in the catalogue (golden:grpo/overflow-band-finite) "
     "and 4 deviations exceed verdict.MAX_SET = 3",
-    "liger:sapo": "no drawn case shows nan-through-mask or zero-adv-nan to a target limited to "
-    "sapo / seq-mean-token-mean / per-sequence advantages: cases are drawn before the capability "
-    "filter, and the garbage-padding golden vectors for sapo use other aggregations or per-token "
-    "advantages",
+    "liger:sapo": "no case shows nan-through-mask or zero-adv-nan to a target that declares "
+    "advantages per sequence only: the masking generator (clause 6.1) always draws per-token "
+    "advantages, and the garbage-padding and zero-advantage golden vectors for sapo use per-token "
+    "advantages or another aggregation",
     "liger:grpo": "exp-overflow-value is not in the catalogue; zero-adv-nan is not named: the NaN "
     "an overflowing sequence ratio puts on the row's padding is not modelled "
     "(golden:gspo/zero-advantage)",
@@ -252,5 +252,43 @@ def test_wrappers_refuse_what_the_peer_cannot_compute() -> None:
         ran += 1
     liger = _target("liger:sapo").fn
     with pytest.raises(ValueError, match="advantages per token"):
-        liger(logp, logp, torch.ones(2, 3, dtype=torch.float64), mask)
+        liger(logp, logp, torch.ones(2, 3, dtype=torch.float64), mask, count_empty_rows=True)
+    for wrapper, options in [("trl:sapo", {}), ("verl:sapo", {"count_empty_rows": True})]:
+        with pytest.raises(ValueError, match="count_empty_rows"):
+            _target(wrapper).fn(logp, logp, adv_seq, mask, **options)
     assert ran == len(refused)
+
+
+def test_liger_fused_path_equals_the_wrapped_chunk_loss() -> None:
+    """Liger's product path (hidden states and LM head in, its own analytic backward) equals the
+    wrapped chunk loss on the log-probabilities it computes, with autograd through log_softmax:
+    the wrapper tests what a Liger user runs. Peer against peer, float32 rounding."""
+    torch = pytest.importorskip("torch")
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    wrappers = pytest.importorskip("peers.wrappers.liger")
+    gen = torch.Generator().manual_seed(0)
+    n, t, h, v = 3, 5, 4, 7
+    hidden = torch.randn(n, t, h, generator=gen)
+    head = torch.randn(v, h, generator=gen)
+    ids = torch.randint(0, v, (n, t), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([0.7, -1.2, 0.4])
+    with torch.no_grad():
+        logp0 = torch.log_softmax(hidden @ head.T, -1).gather(-1, ids[..., None])[..., 0]
+    old = logp0 + 0.3 * torch.randn(n, t, generator=gen)
+    for loss_type in ("sapo", "grpo"):
+        fused = chunked.LigerFusedLinearGRPOLoss(
+            beta=0.0, compiled=False, chunk_size=n, loss_type=loss_type, use_ref_model=False
+        )
+        h_fused = hidden.clone().requires_grad_(True)
+        out = fused(h_fused, head, ids, mask.int(), adv, old_per_token_logps=old)
+        loss_fused = out[0] if isinstance(out, tuple) else out
+        loss_fused.backward()
+        h_eager = hidden.clone().requires_grad_(True)
+        logp = torch.log_softmax(h_eager @ head.T, -1).gather(-1, ids[..., None])[..., 0]
+        fn = getattr(wrappers, loss_type)
+        loss = fn(logp, old, adv, mask, method=loss_type, count_empty_rows=True)
+        loss.backward()
+        torch.testing.assert_close(loss_fused, loss, rtol=2e-6, atol=1e-7)
+        scale = float(h_eager.grad.abs().max())
+        torch.testing.assert_close(h_fused.grad, h_eager.grad, rtol=1e-5, atol=1e-6 * scale)

@@ -18,14 +18,28 @@ import sapo_ref
 __all__ = ["config", "per_token", "require"]
 
 
-def config(options: dict[str, Any], methods: tuple[str, ...]) -> sapo_ref.LossConfig:
-    """The resolved options (spec defaults filled in), refusing a method the wrapper lacks.
+def config(
+    options: dict[str, Any], methods: tuple[str, ...], empty_rows: str | None = None
+) -> sapo_ref.LossConfig:
+    """The resolved options (spec defaults filled in), refusing a method the wrapper lacks and,
+    for the row-averaging aggregations, the other empty-row convention than the peer's
+    (``empty_rows`` = "counted" or "excluded"; None when the peer only has token-mean).
 
-    >>> config({"method": "grpo"}, ("grpo",)).eps_low
+    >>> config({"method": "grpo"}, ("grpo",), "excluded").eps_low
     0.2
+    >>> config({"method": "grpo"}, ("grpo",), "counted")
+    Traceback (most recent call last):
+    ...
+    ValueError: not supported by this peer: count_empty_rows=False (the peer's empty rows are counted)
     """
     cfg = sapo_ref.resolve_config(**options)
     require(cfg.method in methods, f"method {cfg.method!r} (this wrapper maps {methods})")
+    if empty_rows is not None and cfg.loss_agg != "token-mean":
+        counted = empty_rows == "counted"
+        require(
+            bool(cfg.count_empty_rows) == counted,
+            f"count_empty_rows={bool(cfg.count_empty_rows)} (the peer's empty rows are {empty_rows})",
+        )
     return cfg
 
 

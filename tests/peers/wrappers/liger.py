@@ -49,13 +49,13 @@ def _call(logp, old_logp, advantages, mask, cfg, loss_type: str, level: str):
 
 def sapo(logp, old_logp, advantages, mask, **options):
     """Liger ``loss_type="sapo"`` (token level only)."""
-    cfg = config(options, ("sapo",))
+    cfg = config(options, ("sapo",), "counted")
     return _call(logp, old_logp, advantages, mask, cfg, "sapo", "token")
 
 
 def grpo(logp, old_logp, advantages, mask, **options):
     """Liger ``loss_type`` grpo / bnpo / dr_grpo; sequence level is GSPO; ``delta`` the dual clip."""
-    cfg = config(options, ("grpo", "gspo"))
+    cfg = config(options, ("grpo", "gspo"), "counted")
     level = "token" if cfg.method == "grpo" else "sequence"
     return _call(logp, old_logp, advantages, mask, cfg, _GRPO_LOSS_TYPE[cfg.loss_agg], level)
 

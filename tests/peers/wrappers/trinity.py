@@ -18,7 +18,7 @@ __all__ = ["sapo"]
 
 def sapo(logp, old_logp, advantages, mask, **options):
     """Trinity ``SAPOPolicyLossFn(tau_pos, tau_neg, loss_agg_mode)``."""
-    cfg = config(options, ("sapo",))
+    cfg = config(options, ("sapo",), "counted")
     fn = SAPOPolicyLossFn(
         backend="verl", tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, loss_agg_mode=cfg.loss_agg
     )

@@ -86,14 +86,14 @@ def _call(logp, old_logp, advantages, mask, cfg, loss_type: str, level: str):
 
 def sapo(logp, old_logp, advantages, mask, **options):
     """TRL ``loss_type="sapo"``; ``importance_sampling_level="sequence"`` is ``sapo-seq``."""
-    cfg = config(options, ("sapo", "sapo-seq"))
+    cfg = config(options, ("sapo", "sapo-seq"), "counted")
     level = "token" if cfg.method == "sapo" else "sequence"
     return _call(logp, old_logp, advantages, mask, cfg, "sapo", level)
 
 
 def grpo(logp, old_logp, advantages, mask, **options):
     """TRL ``loss_type`` grpo / bnpo / dr_grpo / luspo; sequence level is GSPO; ``delta``."""
-    cfg = config(options, ("grpo", "gspo"))
+    cfg = config(options, ("grpo", "gspo"), "counted")
     level = "token" if cfg.method == "grpo" else "sequence"
     return _call(logp, old_logp, advantages, mask, cfg, _GRPO_LOSS_TYPE[cfg.loss_agg], level)
 

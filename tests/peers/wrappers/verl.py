@@ -49,14 +49,14 @@ def _batch_info(cfg) -> dict[str, Any]:
 
 def sapo(logp, old_logp, advantages, mask, **options):
     """verl ``loss_mode="sapo"`` (``compute_policy_loss_sapo``)."""
-    cfg = config(options, ("sapo",))
+    cfg = config(options, ("sapo",), "excluded")
     actor = _actor_config(tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg)
     return _call("sapo", logp, old_logp, advantages, mask, cfg.loss_agg, actor)
 
 
 def vanilla(logp, old_logp, advantages, mask, **options):
     """verl ``loss_mode="vanilla"`` (PPO/GRPO clip; ``clip_ratio_c`` is verl's dual clip)."""
-    cfg = config(options, ("grpo",))
+    cfg = config(options, ("grpo",), "excluded")
     fields: dict[str, Any] = dict(
         clip_ratio_low=cfg.eps_low, clip_ratio_high=cfg.eps_high, global_batch_info=_batch_info(cfg)
     )
@@ -67,7 +67,7 @@ def vanilla(logp, old_logp, advantages, mask, **options):
 
 def gspo(logp, old_logp, advantages, mask, **options):
     """verl ``loss_mode="gspo"`` (written in the GSPO-token form; has no dual clip option)."""
-    cfg = config(options, ("gspo-token",))
+    cfg = config(options, ("gspo-token",), "excluded")
     actor = _actor_config(
         clip_ratio_low=cfg.eps_low, clip_ratio_high=cfg.eps_high, global_batch_info=_batch_info(cfg)
     )
