@@ -46,7 +46,7 @@ from .compare import Comparison, compare
 from .deviations import Deviation, identify
 from .drivers import Outcome, get_driver
 from .targets import Target, UsageError, tolerance_for
-from .worker import Failure, InProcess, WorkerLost, WorkerPool, describe
+from .worker import Failure, InProcess, WorkerLost, WorkerPool, describe, gather
 
 __all__ = [
     "CaseResult",
@@ -349,9 +349,11 @@ def run_case(
     extra = dict(target.metrics_option) if target.metrics_option and target.metrics else None
     try:
         executor.begin_case(f"{case.id} ({m.dtype})")
-        calls = executor.case(
-            m, dict(case.options), cot, None if fd_plan is None else fd_plan[1], extra
-        )
+        points = None if fd_plan is None else fd_plan[1]
+        if hasattr(executor, "case"):  # one request for every call of the case
+            calls = executor.case(m, dict(case.options), cot, points, extra)
+        else:
+            calls = gather(executor, m, dict(case.options), cot, points, extra)
     except WorkerLost as err:
         return _failed(res, f"worker: {err.reason}")
     except Exception as err:  # the whole request failed (e.g. SystemExit in a worker)

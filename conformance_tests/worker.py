@@ -46,6 +46,7 @@ __all__ = [
     "ImplError",
     "Failure",
     "CaseCalls",
+    "gather",
     "WorkerLost",
     "WorkerInfo",
     "InProcess",
@@ -114,6 +115,28 @@ class CaseCalls:
     out: Outcome | Failure
     fd: list[float] | Failure | None = None
     extra: Outcome | Failure | None = None
+
+
+def gather(
+    executor: Any,
+    m: Materialized,
+    options: dict,
+    cotangent: float,
+    fd_points: list[np.ndarray] | None,
+    extra_options: dict | None,
+) -> CaseCalls:
+    """The calls of one case through an executor's ``run`` and ``values`` (any object with
+    those two methods and ``begin_case`` is an executor; a worker answers the whole
+    :class:`CaseCalls` in one request)."""
+    out = _attempt(lambda: executor.run(m, options, cotangent))
+    if isinstance(out, Failure):
+        return CaseCalls(out)
+    calls = CaseCalls(out)
+    if fd_points is not None and np.isfinite(out.loss) and np.all(np.isfinite(out.grad)):
+        calls.fd = _attempt(lambda: executor.values(m, options, fd_points))
+    if extra_options is not None:
+        calls.extra = _attempt(lambda: executor.run(m, {**options, **extra_options}, cotangent))
+    return calls
 
 
 def _attempt(call: Any) -> Any:
@@ -186,15 +209,7 @@ class InProcess:
         extra_options: dict | None,
     ) -> CaseCalls:
         """All the calls of one case (see :class:`CaseCalls`)."""
-        out = _attempt(lambda: self.run(m, options, cotangent))
-        if isinstance(out, Failure):
-            return CaseCalls(out)
-        calls = CaseCalls(out)
-        if fd_points is not None and np.isfinite(out.loss) and np.all(np.isfinite(out.grad)):
-            calls.fd = _attempt(lambda: self.values(m, options, fd_points))
-        if extra_options is not None:
-            calls.extra = _attempt(lambda: self.run(m, {**options, **extra_options}, cotangent))
-        return calls
+        return gather(self, m, options, cotangent, fd_points, extra_options)
 
     def values(self, m: Materialized, options: dict, points: list[np.ndarray]) -> list[float]:
         with np.errstate(all="ignore"):
