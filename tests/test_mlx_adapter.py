@@ -10,14 +10,16 @@ import warnings
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx.core")
+
+import mlx.core as mx
+import sapo_mlx
+
+import sapo_ref
+from sapo_ref import Normalizer, spec
+from sapo_ref.evaluate import evaluate
+
 pytestmark = pytest.mark.mlx
-
-import sapo_mlx  # noqa: E402 (after importorskip)
-
-import sapo_ref  # noqa: E402 (after importorskip)
-from sapo_ref import Normalizer, spec  # noqa: E402 (after importorskip)
-from sapo_ref.evaluate import evaluate  # noqa: E402 (after importorskip)
 
 F64 = spec.TOLERANCES["float64"]
 OPTIONS = {

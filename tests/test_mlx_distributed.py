@@ -21,7 +21,7 @@ pytest.importorskip("mlx.core")
 import sapo_ref
 from sapo_ref import spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.mlx]
 
 WORKER = textwrap.dedent(
     """
@@ -77,6 +77,7 @@ def _launcher() -> str | None:
     return str(sibling) if sibling.exists() else shutil.which("mlx.launch")
 
 
+@pytest.mark.clause("3.8", "3.9")
 @pytest.mark.parametrize("count_empty_rows", [False, True])
 @pytest.mark.parametrize(
     "method,loss_agg",

@@ -12,6 +12,8 @@ pytest.importorskip("mlx.core")
 
 import sapo_mlx
 
+pytestmark = pytest.mark.mlx
+
 MODULES = ["sapo_mlx"] + [f"sapo_mlx.{m.name}" for m in pkgutil.iter_modules(sapo_mlx.__path__)]
 
 

@@ -11,15 +11,17 @@ import math
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx.core")
+
+import mlx.core as mx
+import sapo_mlx
+from sapo_mlx.distributed import global_normalizer, local_counts
+
+import sapo_ref
+from sapo_ref import Normalizer
+from sapo_ref.sharding import global_normalizer as sapo_ref_global_normalizer
+
 pytestmark = pytest.mark.mlx
-
-import sapo_mlx  # noqa: E402 (after importorskip)
-from sapo_mlx.distributed import global_normalizer, local_counts  # noqa: E402 (after importorskip)
-
-import sapo_ref  # noqa: E402 (after importorskip)
-from sapo_ref import Normalizer  # noqa: E402 (after importorskip)
-from sapo_ref.sharding import global_normalizer as sapo_ref_global_normalizer  # noqa: E402 (after importorskip)
 
 N, T = 3, 4
 ARRAYS = ("logp", "old_logp", "advantages", "mask")

@@ -10,15 +10,18 @@ import math
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx.core")
+pytest.importorskip("mpmath")
+
+import mlx.core as mx
+import mpmath
+import sapo_mlx
+from sapo_mlx.namespace import MLX, accurate_sum
+
+import sapo_ref
+from sapo_ref import spec
+
 pytestmark = pytest.mark.mlx
-mpmath = pytest.importorskip("mpmath")
-
-import sapo_mlx  # noqa: E402 (after importorskip)
-from sapo_mlx.namespace import MLX, accurate_sum  # noqa: E402 (after importorskip)
-
-import sapo_ref  # noqa: E402 (after importorskip)
-from sapo_ref import spec  # noqa: E402 (after importorskip)
 
 GOLDEN = spec.TOLERANCES["golden"]["value"]  # the reference-vs-mpmath row of the table
 F64 = spec.TOLERANCES["float64"]
