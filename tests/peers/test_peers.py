@@ -153,31 +153,21 @@ PEERS = [
 ]
 
 
-#: What the suite cannot yet name, per wrapper (checked 16:15 UTC): these tests keep their
-#: assertion and are strict xfails, so they start failing loudly once the gap is closed.
+#: What the suite cannot name yet, per wrapper (state of the suite at 16:15 UTC): these tests
+#: keep their assertion and are strict xfails, so they fail loudly once the gap is closed. All
+#: three are coverage gaps (the deviations are in the catalogue; no drawn or golden case that the
+#: declared capabilities admit shows them), checked by calling the wrappers directly.
 GAPS = {
-    "verl:vanilla": "4 deviations and the verdict composes at most 3 (verdict.MAX_SET): "
-    "empty-batch-nan is left out in float64 and the empty-batch cases stay unexplained",
-    "verl:gspo": "5 deviations, more than verdict.MAX_SET = 3, and "
-    "stop-gradient-difference-nan is not in the catalogue",
-    "trl:sapo": "4 deviations, more than verdict.MAX_SET = 3; zero-adv-nan not named; an "
-    "overflowing sequence ratio also puts NaN on the row's padding (0 * NaN through the masked "
-    "mean), which the exp-overflow-grad model leaves at 0",
-    "trl:grpo": "exp-overflow-value is not in the catalogue (golden:grpo/overflow-band-finite) "
-    "and 4 deviations exceed verdict.MAX_SET = 3",
     "liger:sapo": "no case shows nan-through-mask or zero-adv-nan to a target that declares "
     "advantages per sequence only: the masking generator (clause 6.1) always draws per-token "
     "advantages, and the garbage-padding and zero-advantage golden vectors for sapo use per-token "
     "advantages or another aggregation",
-    "liger:grpo": "exp-overflow-value is not in the catalogue; zero-adv-nan is not named: the NaN "
-    "an overflowing sequence ratio puts on the row's padding is not modelled "
-    "(golden:gspo/zero-advantage)",
-    "areal:sapo": "nan-grad-through-where is not in the catalogue (case 6.1-07: value right, NaN "
-    "gradient at padding)",
-    "areal:ppo": "exp-overflow-value and nan-grad-through-where are not in the catalogue, and 5 "
-    "deviations exceed verdict.MAX_SET = 3",
-    "trinity:sapo": "nan-grad-through-where is not in the catalogue (garbage-padding cases: value "
-    "right, NaN gradient at padding)",
+    "liger:grpo": "no case shows exp-overflow-value to a target that declares advantages per "
+    "sequence only: golden:grpo/overflow-band-finite has per-token advantages (Liger gives inf "
+    "for -A exp(710) with A = -0.5, whose reference value is finite)",
+    "areal:ppo": "no case shows exp-overflow-grad to a token-mean-only grpo/gspo target: it needs "
+    "A > 0 at an overflowing log-ratio (AReaL gives a NaN gradient there, checked directly), and "
+    "the overflow generators draw their aggregation before the capability filter",
 }
 
 
@@ -292,3 +282,67 @@ def test_liger_fused_path_equals_the_wrapped_chunk_loss() -> None:
         torch.testing.assert_close(loss_fused, loss, rtol=2e-6, atol=1e-7)
         scale = float(h_eager.grad.abs().max())
         torch.testing.assert_close(h_fused.grad, h_eager.grad, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_the_coverage_gaps_are_real_deviations() -> None:
+    """The deviations the suite cannot show to three wrappers (GAPS) are there, on inputs built
+    for them, against the reference: the expected sets are facts about the peers."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import sapo_ref
+
+    def run(wrapper, logp, old, adv, mask, **options):
+        lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+        args = (torch.tensor(old, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64))
+        loss = _target(wrapper).fn(lp, *args, torch.tensor(mask), **options)
+        loss.backward()
+        ref = sapo_ref.policy_loss(
+            np.array(logp), np.array(old), np.array(adv), np.array(mask), **options
+        )
+        return float(loss.detach()), lp.grad.numpy(), float(ref.loss), np.asarray(ref.grad)
+
+    mask = [[True, True, False], [True, True, True]]
+    counted = {"count_empty_rows": True}
+    # Liger sapo, nan-through-mask: NaN in padding makes the loss NaN; the reference ignores it.
+    got, _, want, _ = run(
+        "liger:sapo",
+        [[-0.5, -1.0, np.nan], [-0.2, -0.3, -0.4]],
+        [[-0.4, -1.1, 0.0], [-0.2, -0.3, -0.4]],
+        [1.0, -1.0],
+        mask,
+        **counted,
+    )
+    assert np.isnan(got) and np.isfinite(want)
+    # Liger sapo, zero-adv-nan: A = 0 on a row whose ratio overflows: NaN gradient, reference 0.
+    _, grad, _, ref_grad = run(
+        "liger:sapo",
+        [[800.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
+        [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
+        [0.0, -1.0],
+        mask,
+        **counted,
+    )
+    assert np.isnan(grad[0, 0]) and ref_grad[0, 0] == 0.0
+    # Liger grpo, exp-overflow-value: -A exp(710) with A = -0.5 is finite; Liger gives inf.
+    got, _, want, _ = run(
+        "liger:grpo",
+        [[710.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
+        [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
+        [-0.5, 1.0],
+        mask,
+        method="grpo",
+        **counted,
+    )
+    assert np.isinf(got) and np.isfinite(want)
+    # AReaL ppo, exp-overflow-grad: A > 0 at an overflowing ratio, clipped: NaN gradient, ref 0.
+    _, grad, _, ref_grad = run(
+        "areal:ppo",
+        [[800.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
+        [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
+        [1.0, -1.0],
+        mask,
+        method="grpo",
+        loss_agg="token-mean",
+    )
+    assert np.isnan(grad[0, 0]) and ref_grad[0, 0] == 0.0
