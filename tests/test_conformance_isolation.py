@@ -414,13 +414,33 @@ def test_device_cpu_runs_and_is_recorded(tmp_path):
     [
         (["--target", "reference", "--device", "gpu"], "runs on the CPU only"),
         (["--target", "torch", "--device", "cuda:7"], "torch device 'cuda:7' is not available"),
+        (["--target", "jax", "--device", "tpu"], "JAX device 'tpu' is not available"),
+        (["--target", "mlx", "--device", "metal"], "MLX device 'metal' is not a device name"),
     ],
 )
 def test_absent_device_is_a_skip_with_the_reason_not_a_pass(tmp_path, argv, reason):
-    if "torch" in argv:
-        pytest.importorskip("torch")
+    if argv[1] != "reference":
+        pytest.importorskip(argv[1])
     code, data = _run(tmp_path, [*argv, *FAST])
     assert code == 1  # nothing was checked
     t = data["targets"][0]
     assert t["status"] == "skipped" and reason in t["reason"]
     assert any(reason in u for u in data["unchecked"])
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """The workers never re-run the caller's script (multiprocessing "spawn" would)."""
+    import subprocess
+
+    script = tmp_path / "certify.py"
+    log = tmp_path / "ran.log"
+    script.write_text(
+        "from sapo_conformance.cli import main\n"
+        f"open({str(log)!r}, 'a').write('x')\n"
+        "raise SystemExit(main(['--target', 'reference', '--quick', '--no-progress', '--dtypes', 'float64']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert log.read_text() == "x"
