@@ -11,9 +11,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from sapo_conformance.cli import main
 from sapo_conformance.report import json_schema
+
+import sapo_ref
 
 THIRD_PARTY = textwrap.dedent(
     '''
@@ -55,7 +56,9 @@ QUICK = ["--quick", "--no-progress"]
 
 def test_reference_passes_and_writes_valid_reports(tmp_path):
     j, md = tmp_path / "r.json", tmp_path / "r.md"
-    code = main(["--target", "reference,reference-strict", *QUICK, "--json", str(j), "--markdown", str(md)])
+    code = main(
+        ["--target", "reference,reference-strict", *QUICK, "--json", str(j), "--markdown", str(md)]
+    )
     assert code == 0
     data = json.loads(j.read_text())
     jsonschema.validate(data, json_schema())
@@ -67,7 +70,9 @@ def test_reference_passes_and_writes_valid_reports(tmp_path):
 
 def test_third_party_failure_exits_1_with_clause_deviation_and_repro(third_party, tmp_path):
     j = tmp_path / "r.json"
-    code = main(["--impl", "thirdparty_sapo:flipped", "--framework", "numpy", *QUICK, "--json", str(j)])
+    code = main(
+        ["--impl", "thirdparty_sapo:flipped", "--framework", "numpy", *QUICK, "--json", str(j)]
+    )
     assert code == 1
     data = json.loads(j.read_text())
     jsonschema.validate(data, json_schema())
@@ -77,8 +82,13 @@ def test_third_party_failure_exits_1_with_clause_deviation_and_repro(third_party
     assert f["clauses"]
     # The repro is runnable: it rebuilds the inputs and calls the implementation.
     code_text = f["repro"]
-    out = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True,
-                         cwd=third_party, env={**os.environ, "PYTHONPATH": str(third_party)})
+    out = subprocess.run(
+        [sys.executable, "-c", code_text],
+        capture_output=True,
+        text=True,
+        cwd=third_party,
+        env={**os.environ, "PYTHONPATH": str(third_party)},
+    )
     assert out.returncode == 0, out.stderr
     assert "loss" in out.stdout
 
@@ -89,13 +99,40 @@ def test_third_party_correct_exits_0(third_party):
 
 def test_capabilities_attribute_and_method_restriction(third_party, tmp_path):
     j = tmp_path / "r.json"
-    assert main(["--impl", "thirdparty_sapo:sapo_only", "--framework", "numpy", *QUICK, "--json", str(j)]) == 0
+    assert (
+        main(
+            [
+                "--impl",
+                "thirdparty_sapo:sapo_only",
+                "--framework",
+                "numpy",
+                *QUICK,
+                "--json",
+                str(j),
+            ]
+        )
+        == 0
+    )
     data = json.loads(j.read_text())
     t = data["targets"][0]
     assert t["methods"] == ["sapo"] and "float16" in t["dtype_skips"]
     # Without the attribute, --methods restricts the cases instead.
-    assert main(["--impl", "thirdparty_sapo:good", "--framework", "numpy", "--methods", "grpo",
-                 "--loss-agg", "token-mean", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "--impl",
+                "thirdparty_sapo:good",
+                "--framework",
+                "numpy",
+                "--methods",
+                "grpo",
+                "--loss-agg",
+                "token-mean",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,25 +166,68 @@ def test_console_script_runs_from_the_install(tmp_path):
     exe = Path(sys.executable).parent / "sapo-conformance"
     if not exe.exists():
         pytest.skip("console script not installed next to this interpreter")
-    out = subprocess.run([str(exe), "--target", "reference", "--quick", "--no-progress"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [str(exe), "--target", "reference", "--quick", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS" in out.stdout
 
 
 def _pytest(args, cwd, extra_path):
     env = {**os.environ, "PYTHONPATH": str(extra_path)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs",
-                           "sapo_conformance", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--pyargs",
+            "sapo_conformance",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def test_pytest_plugin_items_per_clause_and_dtype(third_party, tmp_path):
-    ok = _pytest(["--sapo-impl", "thirdparty_sapo:good", "--sapo-framework", "numpy",
-                  "--sapo-cases-per-clause", "1", "--sapo-dtypes", "float64,float32"], tmp_path, third_party)
+    ok = _pytest(
+        [
+            "--sapo-impl",
+            "thirdparty_sapo:good",
+            "--sapo-framework",
+            "numpy",
+            "--sapo-cases-per-clause",
+            "1",
+            "--sapo-dtypes",
+            "float64,float32",
+        ],
+        tmp_path,
+        third_party,
+    )
     assert ok.returncode == 0, ok.stdout[-3000:]
     assert " passed" in ok.stdout
-    bad = _pytest(["--sapo-impl", "thirdparty_sapo:flipped", "--sapo-framework", "numpy",
-                   "--sapo-cases-per-clause", "1", "--sapo-dtypes", "float64"], tmp_path, third_party)
+    bad = _pytest(
+        [
+            "--sapo-impl",
+            "thirdparty_sapo:flipped",
+            "--sapo-framework",
+            "numpy",
+            "--sapo-cases-per-clause",
+            "1",
+            "--sapo-dtypes",
+            "float64",
+        ],
+        tmp_path,
+        third_party,
+    )
     assert bad.returncode == 1
     assert "thirdparty_sapo:flipped-2.1-float64" in bad.stdout
     assert "sign-flipped" in bad.stdout  # same diagnosis as the CLI
@@ -155,20 +235,68 @@ def test_pytest_plugin_items_per_clause_and_dtype(third_party, tmp_path):
 
 def test_pytest_fixture_check(third_party):
     import thirdparty_sapo
-
     from sapo_conformance.pytest_plugin import ConformanceFixture
 
-    res = ConformanceFixture().check(thirdparty_sapo.good, "numpy", dtypes=["float64"], cases_per_clause=1)
+    res = ConformanceFixture().check(
+        thirdparty_sapo.good, "numpy", dtypes=["float64"], cases_per_clause=1
+    )
     assert res.passed
     with pytest.raises(pytest.fail.Exception, match="conformance failures"):
-        ConformanceFixture().check("thirdparty_sapo:flipped", "numpy", dtypes=["float64"], cases_per_clause=1)
+        ConformanceFixture().check(
+            "thirdparty_sapo:flipped", "numpy", dtypes=["float64"], cases_per_clause=1
+        )
 
 
 def test_import_and_plugin_pull_in_no_framework(tmp_path):
     """The plugin loads in every pytest run: importing the package must import no framework."""
-    code = ("import sys, json, sapo_conformance, sapo_conformance.pytest_plugin, sapo_conformance.cli; "
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import sys, json, sapo_conformance, sapo_conformance.pytest_plugin, sapo_conformance.cli; "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    leaked = sorted(m for m in json.loads(out.stdout) if m.split(".")[0] in ("torch", "jax", "jaxlib", "mlx"))
+    leaked = sorted(
+        m for m in json.loads(out.stdout) if m.split(".")[0] in ("torch", "jax", "jaxlib", "mlx")
+    )
     assert not leaked, leaked
+
+
+def test_a_requested_target_outside_the_requested_dtypes_is_a_usage_error(capsys):
+    assert main(["--target", "reference", "--dtypes", "bfloat16", *QUICK]) == 2
+    assert "declare no dtype among --dtypes bfloat16" in capsys.readouterr().err
+
+
+def test_nothing_checked_is_not_a_pass():
+    from sapo_conformance import builtin_target, generate_cases, run_suite
+
+    res = run_suite([builtin_target("reference")], generate_cases(0, 1), ["bfloat16"])
+    assert not res.failures and not res.passed
+    assert res.unchecked() == ["0 cases checked in total"]
+    t = builtin_target("reference")
+    t.requested = True
+    t.methods = ("gspo",)  # a requested target whose cases are all outside what it declares
+    res = run_suite([t], [c for c in generate_cases(0, 1) if c.method == "sapo"], ["float64"])
+    assert not res.passed
+    assert res.unchecked()[0].startswith("target reference float64: 0 cases checked:")
+
+
+def test_export_and_judge_subcommands(tmp_path):
+    from sapo_conformance.protocol import load_inputs, read_manifest, write_result
+
+    d = tmp_path / "port"
+    assert main(["export", str(d), "--quick", "--dtypes", "float64", "--methods", "sapo"]) == 0
+    manifest = read_manifest(d)
+    for entry in manifest["cases"]:
+        ins = load_inputs(d, entry)
+        r = sapo_ref.policy_loss(
+            ins["logp"], ins["old_logp"], ins["advantages"], ins["mask"], **entry["options"]
+        )
+        write_result(d, entry, r.loss, r.grad)
+    j = tmp_path / "judge.json"
+    assert main(["judge", str(d), "--json", str(j), "--no-progress"]) == 0
+    data = json.loads(j.read_text())
+    jsonschema.validate(data, json_schema())
+    assert data["passed"] and data["totals"]["pass"] == len(manifest["cases"])
+    (d / "results" / f"{manifest['cases'][0]['name']}.json").unlink()
+    assert main(["judge", str(d), "--json", str(j), "--no-progress"]) == 1
+    assert main(["judge", str(tmp_path / "nowhere"), "--no-progress"]) == 2
