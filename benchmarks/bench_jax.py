@@ -1,11 +1,12 @@
 """Jitted value_and_grad of sapo_jax.policy_loss vs jax.grad of a straightforward jnp formula.
 
 Both sides are timed in the same run, interleaved, on the same inputs ([256, 8192] float32 by
-default, CPU): the ratio is what matters on a shared machine. Run:
+default, CPU): the ratio is what matters on a shared machine. The median and the minimum of
+each side are printed (the minimum is each side's best case, steadier under load), with the
+load average at the start and the end. Run:
 
-    /work/venv/bin/python benchmarks/bench_jax.py            # sapo, seq-mean-token-mean
-    /work/venv/bin/python benchmarks/bench_jax.py --all      # every method, quick
-    /work/venv/bin/python benchmarks/bench_jax.py --rows 64 --cols 2048 --repeats 50
+    .venv/bin/python benchmarks/bench_jax.py --all      # every method
+    .venv/bin/python benchmarks/bench_jax.py --method sapo --rows 64 --cols 2048 --repeats 50
 
 The baseline is what a porter writes first: the formula in jnp with mask selection, the sigmoid
 gate and the mean, differentiated by ``jax.grad`` (XLA fuses it). It has no exact saturation and
@@ -15,6 +16,7 @@ no metrics; sapo_jax's metrics are returned but unused, so XLA removes them (see
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -100,7 +102,14 @@ def bench(method: str, rows: int, cols: int, repeats: int, metrics: bool) -> dic
             wall, cpu = time_fn(fn, args, chunk)
             times[name + "_wall"] += wall
             times[name + "_cpu"] += cpu
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out.update({"min_" + k: min(v) * 1e3 for k, v in times.items()})
+    return out
+
+
+def load() -> str:
+    """The 1-, 5- and 15-minute load averages (what `uptime` prints)."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -116,20 +125,23 @@ def main() -> None:
     repeats = max(10, a.repeats // 3) if a.all else a.repeats
     print(
         f"jax {jax.__version__}, {jax.devices()[0].platform}, [{a.rows}, {a.cols}] float32, "
-        f"jit(value_and_grad), seq-mean-token-mean, medians of {repeats} interleaved calls"
+        f"jit(value_and_grad), seq-mean-token-mean, {repeats} interleaved calls each"
         + (", metrics returned" if a.metrics else "")
+        + f"; {load()}"
     )
     print(
         f"{'method':<12}{'sapo_jax ms':>12}{'plain ms':>10}{'ratio':>7}  |"
-        f"{'sapo_jax cpu ms':>16}{'plain cpu ms':>13}{'cpu ratio':>10}"
+        f"{'min sapo_jax':>13}{'min plain':>10}{'ratio':>7}"
     )
     for m in methods:
         r = bench(m, a.rows, a.cols, repeats, a.metrics)
         print(
             f"{m:<12}{r['ours_wall']:>12.2f}{r['plain_wall']:>10.2f}"
-            f"{r['ours_wall'] / r['plain_wall']:>7.2f}  |{r['ours_cpu']:>16.2f}{r['plain_cpu']:>13.2f}"
-            f"{r['ours_cpu'] / r['plain_cpu']:>10.2f}"
+            f"{r['ours_wall'] / r['plain_wall']:>7.2f}  |{r['min_ours_wall']:>13.2f}"
+            f"{r['min_plain_wall']:>10.2f}{r['min_ours_wall'] / r['min_plain_wall']:>7.2f}",
+            flush=True,
         )
+    print(f"end: {load()}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
+import operator
+from functools import partial, reduce
 from typing import Any
 
 import jax
@@ -34,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sapo_ref import aggregation
-from sapo_ref.aggregation import Normalizer
+from sapo_ref.aggregation import Normalizer, row_lengths
 from sapo_ref.config import PARAM_NAMES, LossConfig
 from sapo_ref.evaluate import evaluate
 from sapo_ref.metrics import compute_metrics
-from sapo_ref.validation import any_fault, faults, raise_faults
+from sapo_ref.validation import Fault, any_fault, faults, raise_faults
 
-from .distributed import _counts
 from .inputs import compute_dtype
 
 __all__ = ["loss_and_metrics"]
@@ -58,7 +58,11 @@ def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, loc
     lp, olp, adv = (x.astype(dtype) for x in (logp, old_logp, advantages))
     valid = mask if mask.dtype == jnp.bool_ else mask != 0
     if local is None:
-        local = _counts(valid, config.count_empty_rows).astype(dtype)
+        # The row lengths evaluate computes too (XLA merges the two): exact below 2**24 tokens
+        # in float32, like the lengths the formula divides by.
+        lengths = row_lengths(valid, dtype)
+        rows = lengths.shape[0] if config.count_empty_rows else jnp.sum(lengths > 0)
+        local = (jnp.sum(lengths), jnp.asarray(rows, dtype))
     local = Normalizer(local[0], local[1])
     norm = None if norm is None else Normalizer(norm[0], norm[1])
     if params is not None:
@@ -66,7 +70,7 @@ def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, loc
     found = faults(
         lp, olp, adv, mask, valid, sequence=config.sequence_value, normalizer=norm, local=local
     )
-    bad = any_fault(found, jnp)
+    bad = _any_fault(found)
     ev = evaluate(lp, olp, adv, valid, config, local if norm is None else norm)
     nan = jnp.asarray(math.nan, dtype)
     loss = jnp.where(bad, nan, ev.loss)
@@ -75,6 +79,14 @@ def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, loc
 
 
 _kernel = jax.jit(_kernel_impl, static_argnums=(0,))
+
+
+def _any_fault(found: tuple[Fault, ...]) -> Any:
+    """:func:`sapo_ref.validation.any_fault` with the [N, T] checks or-ed before ONE reduction
+    (XLA on CPU writes each reduced boolean array to memory: one instead of four or five)."""
+    tokens = [f.where for f in found if f.unit == "token"]
+    rest = tuple(f for f in found if f.unit != "token")
+    return any_fault(rest, jnp) | jnp.any(reduce(operator.or_, tokens))
 
 
 def _is_concrete(*args: Any) -> bool:
