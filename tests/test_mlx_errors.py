@@ -15,6 +15,7 @@ pytest.importorskip("mlx.core")
 
 import mlx.core as mx
 import sapo_mlx
+from backends._inputs import ARRAYS, N, T, at, both, setting, then, valid_call
 from sapo_mlx.distributed import global_normalizer, local_counts
 
 import sapo_ref
@@ -23,53 +24,29 @@ from sapo_ref.sharding import global_normalizer as sapo_ref_global_normalizer
 
 pytestmark = pytest.mark.mlx
 
-N, T = 3, 4
-ARRAYS = ("logp", "old_logp", "advantages", "mask")
-
-
-def valid_call() -> dict:
-    rng = np.random.default_rng(0)
-    old = np.log(rng.uniform(0.1, 1.0, size=(N, T)))
-    return {
-        "logp": old + rng.normal(scale=0.1, size=(N, T)),
-        "old_logp": old,
-        "advantages": np.array([1.0, -0.5, 0.25]),
-        "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=np.float32),
-    }
-
-
-def _at(name, index, value, **options):
-    def edit(c):
-        x = np.array(c[name])
-        x[index] = value
-        return {**c, name: x, **options}
-
-    return edit
-
-
+#: A 0/1 float mask, so that its values can be broken (the shared call's mask is boolean).
+FLOAT_MASK = setting(mask=valid_call()["mask"].astype(np.float32))
 DATA_ERRORS = {
-    "mask value 2": _at("mask", (0, 0), 2.0),
-    "mask value -1": _at("mask", (0, 0), -1.0),
-    "mask value 0.5": _at("mask", (1, 3), 0.5),
-    "mask value NaN": _at("mask", (2, 3), math.nan),
-    "NaN advantage": _at("advantages", 0, math.nan),
-    "inf advantage": _at("advantages", 1, -math.inf),
-    "NaN logp": _at("logp", (0, 1), math.nan),
-    "NaN old_logp": _at("old_logp", (1, 0), math.nan),
-    "inf - inf": lambda c: _at("old_logp", (0, 0), math.inf)(_at("logp", (0, 0), math.inf)(c)),
-    "gspo row with +inf and -inf": lambda c: _at("logp", (0, 1), -math.inf, method="gspo")(
-        _at("logp", (0, 0), math.inf)(c)
+    "mask value 2": then(FLOAT_MASK, at("mask", (0, 0), 2.0)),
+    "mask value -1": then(FLOAT_MASK, at("mask", (0, 0), -1.0)),
+    "mask value 0.5": then(FLOAT_MASK, at("mask", (1, 3), 0.5)),
+    "mask value NaN": then(FLOAT_MASK, at("mask", (2, 3), math.nan)),
+    "NaN advantage": at("advantages", 0, math.nan),
+    "inf advantage": at("advantages", 1, -math.inf),
+    "NaN logp": at("logp", (0, 1), math.nan),
+    "NaN old_logp": at("old_logp", (1, 0), math.nan),
+    "inf - inf": both((0, 0), math.inf, math.inf),
+    "gspo row with +inf and -inf": then(
+        at("logp", (0, 0), math.inf), at("logp", (0, 1), -math.inf), setting(method="gspo")
     ),
-    "sapo-seq difference overflows both ways": lambda c: _at("old_logp", (0, 1), 1.7e308)(
-        _at("logp", (0, 1), -1.7e308, method="sapo-seq")(
-            _at("old_logp", (0, 0), -1.7e308)(_at("logp", (0, 0), 1.7e308)(c))
-        )
+    "sapo-seq difference overflows both ways": then(
+        both((0, 0), 1.7e308, -1.7e308), both((0, 1), -1.7e308, 1.7e308), setting(method="sapo-seq")
     ),
-    "normalizer (0, 0)": lambda c: {**c, "normalizer": Normalizer(0.0, 0.0)},
-    "normalizer below the shard": lambda c: {**c, "normalizer": Normalizer(5.0, 3.0)},
-    "normalizer -5": lambda c: {**c, "normalizer": Normalizer(-5.0, 3.0)},
-    "normalizer NaN": lambda c: {**c, "normalizer": Normalizer(10.0, math.nan)},
-    "normalizer inf": lambda c: {**c, "normalizer": Normalizer(math.inf, 3.0)},
+    "normalizer (0, 0)": setting(normalizer=Normalizer(0.0, 0.0)),
+    "normalizer below the shard": setting(normalizer=Normalizer(5.0, 3.0)),
+    "normalizer -5": setting(normalizer=Normalizer(-5.0, 3.0)),
+    "normalizer NaN": setting(normalizer=Normalizer(10.0, math.nan)),
+    "normalizer inf": setting(normalizer=Normalizer(math.inf, 3.0)),
 }
 
 
