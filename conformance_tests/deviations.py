@@ -418,7 +418,7 @@ def nan_through_mask(plan: Plan, param: dict) -> bool:
     """Masking by multiplication. With NaN/inf in the padding: NaN loss; the gradient at padding
     (and, for a sequence ratio, in rows with garbage) is whatever the code gives, elsewhere the
     model's. With clean padding it still shows where a sequence ratio's row gradient is
-    infinite: inf * 0 = NaN at that row's padding."""
+    infinite: inf * 0 = NaN at that row's padding (and in the value when the term is too)."""
     garbage = _garbage(plan.m)
     seq = plan.config.sequence_value
     if garbage.any():
@@ -437,9 +437,10 @@ def nan_through_mask(plan: Plan, param: dict) -> bool:
     mask = plan.m.mask
     if not plan.config.spreads_gradient or mask.all():
         return False
-    rows = ~np.isfinite(plan.m.want_grad).all(axis=1, keepdims=True) & ~mask.all(
-        axis=1, keepdims=True
-    )
+    # Rows whose gradient can be non-finite: the reference's own, or a ratio that overflows
+    # (a naive exp elsewhere in the code turns it into NaN).
+    hot = ~np.isfinite(plan.m.want_grad) | _overflowing(plan)
+    rows = hot.any(axis=1, keepdims=True) & ~mask.all(axis=1, keepdims=True)
     if not rows.any():
         return False
 
@@ -447,6 +448,11 @@ def nan_through_mask(plan: Plan, param: dict) -> bool:
         if grad is None:
             return loss, grad
         bad = ~np.isfinite(grad).all(axis=1, keepdims=True) & ~plan.m.mask
+        # An infinite row term broadcast onto the row's padding gives inf * 0 = NaN in the value
+        # when the code multiplies the advantage in before the mask (both arrangements seen).
+        if loss is not None and not np.isfinite(loss) and bad.any():
+            if got is not None and math.isnan(got.loss):
+                loss = math.nan
         return loss, np.where(bad, np.nan, grad)
 
     plan.posts.append(spread_post)
@@ -465,9 +471,9 @@ def _spread_rows(nan: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 def exp_overflow_grad(plan: Plan, param: dict) -> bool:
-    """Naive exp(delta): inf ratio times a zero derivative (saturated sigmoid, clip) is NaN;
-    a sequence ratio spreads it over its row, and with ``padding = "nan"`` also onto the row's
-    padding (0 * NaN through a masked mean)."""
+    """Naive exp(delta): inf ratio times a zero derivative (saturated sigmoid, clip) is NaN; a
+    sequence ratio spreads it over its row (onto its padding too when the row mean is taken by
+    multiplying with the mask: nan-through-mask)."""
     cfg = plan.config
     over = _overflowing(plan)
     adv = _full(plan.adv, plan.m.mask)
@@ -478,10 +484,6 @@ def exp_overflow_grad(plan: Plan, param: dict) -> bool:
     if not nan.any():
         return False
     nan = _spread_rows(nan, plan)
-    if param.get("padding") == "nan":
-        if not cfg.spreads_gradient or plan.m.mask[nan.any(axis=1)].all():
-            return False
-        nan = np.broadcast_to(nan.any(axis=1, keepdims=True), nan.shape)
     plan.posts.append(
         lambda plan, loss, grad, got: (loss, None if grad is None else np.where(nan, np.nan, grad))
     )
@@ -511,30 +513,36 @@ def exp_overflow_value(plan: Plan, param: dict) -> bool:
 
 def nan_grad_through_where(plan: Plan, param: dict) -> bool:
     """The value selected with where(mask, x, 0), so it is right, but its backward sends
-    0 * NaN (0 * inf) to padding: NaN gradient at padding positions holding non-finite garbage
-    (``at = "nonfinite"``) or also huge finite garbage whose exp overflows (``at = "garbage"``)."""
+    0 * (local derivative) to padding, NaN where that derivative is NaN or inf: the gradient at
+    padding positions holding garbage (NaN, inf, |x| >= 1e20) is whatever the code gives (which
+    of them turn NaN depends on how the peer writes its gate), everywhere else the model's."""
     lp, old, adv, mask = _f64(plan.m)
-    bad = ~np.isfinite(lp) | ~np.isfinite(old) | ~np.isfinite(_full(adv, mask))
-    if param.get("at", "nonfinite") == "garbage":
-        with np.errstate(all="ignore"):
-            bad |= np.abs(lp - old) > _compute_log_max(plan.m)
-    nan = ~mask & bad
-    if not nan.any():
+    with np.errstate(all="ignore"):
+        bad = ~(np.abs(lp) < 1e20) | ~(np.abs(old) < 1e20) | ~(np.abs(_full(adv, mask)) < 1e20)
+    free = ~mask & bad
+    if not free.any():
         return False
-    plan.posts.append(
-        lambda plan, loss, grad, got: (loss, None if grad is None else np.where(nan, np.nan, grad))
-    )
+
+    def post(plan, loss, grad, got):
+        if grad is None or got is None or np.shape(got.grad) != grad.shape:
+            return loss, grad
+        return loss, np.where(free, got.grad, grad)
+
+    plan.posts.append(post)
     return True
 
 
 def stop_gradient_difference_nan(plan: Plan, param: dict) -> bool:
     """GSPO-token written as logp - sg(logp) + sg(log s): at a valid token with an infinite logp,
-    inf - inf = NaN in the value and in that token's gradient."""
+    inf - inf = NaN in the value, and in that token's gradient (``grad = "nan"``) unless a
+    clamp of the result passes none there (``grad = "kept"``: the model's gradient)."""
     if plan.config.method != "gspo-token":
         return False
     nan = plan.m.mask & np.isinf(_f64(plan.m)[0])
     if not nan.any():
         return False
+    if param.get("grad", "nan") != "nan":
+        nan = np.zeros_like(nan)
     plan.posts.append(
         lambda plan, loss, grad, got: (
             math.nan,
