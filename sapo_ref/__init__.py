@@ -28,6 +28,7 @@ from .gates import (
     safe_exp,
     sapo_gate,
     sapo_parts,
+    sapo_parts_signed,
     sapo_weight,
     saturation_log_ratio,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "sapo_gate",
     "sapo_weight",
     "sapo_parts",
+    "sapo_parts_signed",
     "SapoParts",
     "clip_parts",
     "ClipParts",

@@ -23,7 +23,7 @@ from typing import Any
 from ._xp import namespace
 from .aggregation import Normalizer, denominator, row_lengths, token_weights
 from .config import LossConfig
-from .gates import clip_parts, safe_exp, sapo_parts
+from .gates import clip_parts, safe_exp, sapo_parts_signed
 
 __all__ = ["Evaluation", "evaluate", "prepare", "Prepared"]
 
@@ -96,10 +96,7 @@ def evaluate(
     c = token_weights(p.valid, p.lengths, config.loss_agg, den)
 
     if config.is_soft:
-        tau = xp.where(
-            p.adv > 0, xp.full_like(zero, config.tau_pos), xp.full_like(zero, config.tau_neg)
-        )
-        gate = sapo_parts(p.log_x, tau)
+        gate = sapo_parts_signed(p.log_x, p.adv > 0, config.tau_pos, config.tau_neg)
         g, dlog = gate.f, gate.dlog
     else:
         gate = clip_parts(p.log_x, p.adv, config.eps_low, config.eps_high, config.dual_clip)

@@ -31,6 +31,7 @@ __all__ = [
     "sapo_gate",
     "sapo_weight",
     "sapo_parts",
+    "sapo_parts_signed",
     "clip_parts",
     "saturation_log_ratio",
     "safe_exp",
@@ -124,11 +125,37 @@ def sapo_parts(delta: Any, tau: Any) -> SapoParts:
     [1.0, 0.0, 0.0]
     """
     xp = namespace(delta)
-    d = xp.minimum(delta, _broadcast(xp, saturation_log_ratio(tau), delta))
+    return _sapo_core(xp, delta, tau, _broadcast(xp, saturation_log_ratio(tau), delta), 4.0 / tau)
+
+
+def sapo_parts_signed(delta: Any, positive: Any, tau_pos: float, tau_neg: float) -> SapoParts:
+    r""":func:`sapo_parts` with :math:`\tau = \tau_\text{pos}` where ``positive`` holds and
+    :math:`\tau_\text{neg}` elsewhere (clause 1.6), the per-temperature constants
+    (:math:`\delta_\text{sat}`, :math:`4/\tau`) computed once in Python rather than per token.
+
+    >>> import numpy as np
+    >>> d = np.array([0.3, -0.2])
+    >>> a = sapo_parts_signed(d, np.array([True, False]), 1.0, 1.05)
+    >>> b = sapo_parts(d, np.array([1.0, 1.05]))
+    >>> bool(np.all(a.f == b.f) and np.all(a.dlog == b.dlog))
+    True
+    """
+    xp = namespace(delta, positive)
+
+    def pick(pos_value: float, neg_value: float) -> Any:
+        return xp.where(positive, xp.full_like(delta, pos_value), xp.full_like(delta, neg_value))
+
+    tau = pick(tau_pos, tau_neg)
+    d_sat = pick(saturation_log_ratio(tau_pos), saturation_log_ratio(tau_neg))
+    return _sapo_core(xp, delta, tau, d_sat, pick(4.0 / tau_pos, 4.0 / tau_neg))
+
+
+def _sapo_core(xp: Any, delta: Any, tau: Any, d_sat: Any, scale: Any) -> SapoParts:
+    d = xp.minimum(delta, d_sat)
     u = xp.expm1(d)  # r - 1, exact near r = 1
     p, w = logistic_and_weight(tau * u)
     # r = e^d, not u + 1: u + 1 rounds to 0 for r < 1e-16 and w * r would lose every digit.
-    return SapoParts(f=(4.0 / tau) * p, w=w, dlog=w * xp.exp(d))
+    return SapoParts(f=scale * p, w=w, dlog=w * xp.exp(d))
 
 
 def logistic_and_weight(x: Any) -> tuple[Any, Any]:

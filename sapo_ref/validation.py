@@ -262,11 +262,18 @@ def raise_faults(found: tuple[Fault, ...]) -> None:
 
 
 def any_fault(found: tuple[Fault, ...], xp: Any) -> Any:
-    """A 0-d boolean array: whether any check fails (for poisoning under tracing, clause 8.7)."""
-    bad = xp.asarray(False)
+    """A 0-d boolean array: whether any check fails (for poisoning under tracing, clause 8.7).
+
+    The ``where`` arrays of one shape are OR-ed first, so there is one reduction per shape.
+    """
+    by_shape: dict[tuple[int, ...], Any] = {}
     for f in found:
-        w = f.where
-        bad = bad | (xp.any(w) if hasattr(w, "shape") else xp.asarray(bool(w)))
+        w = f.where if hasattr(f.where, "shape") else xp.asarray(bool(f.where))
+        key = tuple(int(s) for s in w.shape)
+        by_shape[key] = w if key not in by_shape else by_shape[key] | w
+    bad = xp.asarray(False)
+    for w in by_shape.values():
+        bad = bad | xp.any(w)
     return bad
 
 
