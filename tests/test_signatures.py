@@ -1,0 +1,79 @@
+"""The four policy_loss APIs, the configuration resolver and the conformance contract agree.
+
+Every ``policy_loss`` (sapo_ref, sapo_torch, sapo_jax, sapo_mlx) takes the four arrays
+positionally and exactly the spec's keywords (the parameters of ``sapo_ref.resolve_config``,
+plus ``normalizer``) as keyword-only arguments with the same defaults; the adapters add only
+``metrics``. The conformance contract's options are a subset of those keywords.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+from sapo_conformance.cases import CONTRACT_OPTIONS
+
+import sapo_ref
+from sapo_ref import spec
+
+ARRAYS = ("logp", "old_logp", "advantages", "mask")
+#: resolve_config's keywords that are not policy_loss's (it is told whether a normalizer came).
+RESOLVER_ONLY = ("has_normalizer",)
+#: What only an adapter takes, with its default.
+ADAPTER_ONLY = {"metrics": False}
+APIS = (
+    pytest.param("sapo_ref", id="sapo_ref"),
+    pytest.param("sapo_torch", marks=pytest.mark.torch, id="sapo_torch"),
+    pytest.param("sapo_jax", marks=pytest.mark.jax, id="sapo_jax"),
+    pytest.param("sapo_mlx", marks=pytest.mark.mlx, id="sapo_mlx"),
+)
+
+
+def spec_keywords() -> dict[str, object]:
+    """The spec's keywords with their defaults: resolve_config's parameters plus normalizer."""
+    params = inspect.signature(sapo_ref.resolve_config).parameters
+    out = {n: p.default for n, p in params.items() if n not in RESOLVER_ONLY}
+    out["normalizer"] = None
+    return out
+
+
+def _policy_loss(module: str):
+    framework = {"sapo_torch": "torch", "sapo_jax": "jax", "sapo_mlx": "mlx"}.get(module)
+    if framework:
+        pytest.importorskip(framework)
+    return importlib.import_module(module).policy_loss
+
+
+def test_resolver_defaults_are_the_spec_defaults():
+    kw = spec_keywords()
+    assert kw["method"] == spec.DATA["defaults"]["method"]
+    assert kw["loss_agg"] == spec.DATA["defaults"]["loss_agg"]
+    assert set(kw) == {
+        "method",
+        "loss_agg",
+        *sapo_ref.config.PARAM_NAMES,
+        "norm_length",
+        "count_empty_rows",
+        "normalizer",
+    }
+
+
+@pytest.mark.parametrize("module", APIS)
+def test_policy_loss_takes_exactly_the_spec_keywords(module):
+    sig = inspect.signature(_policy_loss(module))
+    params = list(sig.parameters.values())
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(ARRAYS), f"{module}: arrays {positional}"
+    assert all(p.default is p.empty for p in params[: len(ARRAYS)])
+    keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    want = spec_keywords()
+    if module != "sapo_ref":
+        want |= ADAPTER_ONLY
+    assert keywords == want, f"{module}: {keywords} != {want}"
+    assert not [p for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def test_contract_options_are_spec_keywords():
+    assert set(CONTRACT_OPTIONS) <= set(spec_keywords())
+    assert "normalizer" not in CONTRACT_OPTIONS and "metrics" not in CONTRACT_OPTIONS
