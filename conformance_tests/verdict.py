@@ -21,7 +21,8 @@ Search (beam search over the pruned candidates, smallest set first):
    (case, applicable subset).
 3. Every candidate alone, then the best ``_BEAM`` sets of each size grown by one composing
    candidate that can change a case they leave unexplained, up to ``max_set`` members; it
-   stops at the first size where a set explains every failure. Ranking: most failures
+   stops at the first size where a set explains every failure, or where one more member
+   explains nothing more than the best set of the size before. Ranking: most failures
    explained, then fewest deviations, then catalogue order.
 4. Passing cases (decision): the chosen set must not contradict them. A passing case agreed
    with the reference within tolerance, so the reference's numbers stand in for the
@@ -430,9 +431,11 @@ def diagnose_cases(
                 new = tuple(sorted(combo + (k,)))
                 score(new)
                 grown.append(new)
+        before = max((len(scored[c]) for c in frontier), default=0)
         frontier = grown
-        if any(len(scored[c]) == n for c in grown if c in scored):
-            break  # a set of this size explains everything: a larger one is never preferred
+        best = max((len(scored[c]) for c in grown if c in scored), default=0)
+        if best == n or best <= before:
+            break  # all explained, or one more member explains nothing more: stop growing
     if not any(len(v) == n for v in scored.values()):
         for k in solo:  # whole-output transforms, tried alone when no composed set is complete
             score((k,))
