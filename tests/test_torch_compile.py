@@ -208,3 +208,28 @@ def test_invalid_data_poisons_loss_and_gradient_when_compiled(case: str) -> None
     loss = torch.compile(step, fullgraph=True)(lp, x["old_logp"], x["advantages"], x["mask"], n, r)
     loss.backward()
     assert torch.isnan(loss) and torch.isnan(lp.grad).all(), (loss, lp.grad)
+
+
+@pytest.mark.clause("7.1")
+def test_compiled_metrics_match_eager() -> None:
+    """The fused metrics traced (selections instead of eager branches), a ratio beyond float32
+    included (e^90: ratio/max is +inf, ratio/mean and kl/k3 still fit)."""
+    x = _valid()
+    x["logp"] = x["logp"].clone()
+    x["logp"][1, 2] = x["old_logp"][1, 2] + 90.0
+    x["logp"][0, 4] = math.nan  # masked
+
+    def step(logp, old_logp, advantages, mask):
+        return sapo_torch.policy_loss(logp, old_logp, advantages, mask, metrics=True)[1]
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(**x)
+    want = step(**x)
+    ref = sapo_ref.policy_loss(*(x[k].double().numpy() for k in x))
+    big = float(np.finfo(np.float32).max)
+    for key, value in want.items():
+        if abs(ref.metrics[key]) > big:  # ratio/max = e^90: +inf in float32
+            assert float(got[key]) == float(value) == math.inf, key
+            continue
+        _close(got[key], np.asarray(ref.metrics[key]), "float32", "value")
+        _close(value, np.asarray(ref.metrics[key]), "float32", "value")

@@ -244,3 +244,18 @@ def test_one_saturation_point_for_two_temperatures(
     ):
         c = compare(name, got, want, spec.TOLERANCES["float32"][kind])
         assert c.ok, c.message
+
+
+@pytest.mark.clause("7.1")
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ratio_extremes_when_every_valid_log_ratio_has_one_sign(sign: float) -> None:
+    """The padding's zeros must not become ratio/min (or max): the selection fallback."""
+    import sapo_torch
+
+    lp = sign * torch.tensor([[0.5, 0.25, 9.0], [1.0, 7.0, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    old, adv = torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    _, got = sapo_torch.policy_loss(lp, old, adv, mask, metrics=True)
+    ref = sapo_ref.policy_loss(lp.numpy(), old.numpy(), adv.numpy(), mask.numpy())
+    for key in ("ratio/min", "ratio/max", "ratio/mean", "kl/k1", "kl/k3"):
+        assert float(got[key]) == pytest.approx(ref.metrics[key], rel=1e-14), key

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from sapo_ref.aggregation import Normalizer, denominator, normalizer, token_weights
+from sapo_ref import spec
+from sapo_ref.aggregation import Normalizer, denominator, normalizer
 from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import evaluate
 from sapo_ref.gates import saturation_log_ratio
@@ -76,17 +77,54 @@ def expm1(d: Tensor) -> Tensor:
 
 
 def _row_weights(lengths: Tensor, norm: Normalizer, config: LossConfig) -> Tensor:
-    r""":math:`\rho_i/D`, [N, 1], by :func:`sapo_ref.aggregation.token_weights` on one column."""
-    den = denominator(norm, config.loss_agg, config.norm_length)
-    column = torch.ones(lengths.shape[0], 1, dtype=torch.bool, device=lengths.device)
-    return token_weights(column, lengths, config.loss_agg, den)
+    r""":math:`\rho_i/D`, [N, 1], with :math:`0/0 = 0` (clause 3.7).
+
+    :func:`sapo_ref.aggregation.token_weights` on one column, written with torch ops: its
+    array-API dispatch costs about 0.1 ms per call, the whole budget of a small batch.
+    """
+    den = denominator(norm, config.loss_agg, config.norm_length)  # which count, from the spec
+    if isinstance(den, (int, float)):
+        den = float(den) if den > 0 else 1.0
+    else:
+        den = den.to(lengths.dtype)
+        den = den + (den == 0)  # D = 0 only when no token is valid: every weight meets A = 0
+    if config.per_row_mean:
+        return (lengths.clamp(min=1.0) * den).reciprocal_().unsqueeze(-1)
+    return (1.0 / den) * lengths.new_ones(lengths.shape[0], 1)
 
 
-def _masked_extremes(delta: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Smallest and largest log-ratio over valid tokens (+inf, -inf when there is none)."""
-    lo = torch.where(valid, delta, math.inf).amin()
-    hi = torch.where(valid, delta, -math.inf).amax()
-    return lo, hi
+def _valid_extremes(delta: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest and largest log-ratio over valid tokens (+inf, -inf when there is none).
+
+    ``delta`` is 0 at invalid tokens, so its plain extremes are the valid ones whenever they
+    straddle 0: then one ``aminmax`` (eager CPU, where ``torch.where`` is an order of magnitude
+    slower than a reduction); otherwise, and on other devices or traced, selections.
+    """
+    if delta.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(delta)
+        if bool(lo < 0) and bool(hi > 0):
+            return lo, hi
+    return torch.where(valid, delta, math.inf).amin(), torch.where(valid, delta, -math.inf).amax()
+
+
+def _scaled_mean_ratio(delta: Tensor, bits: Tensor, hi: Tensor, lengths: Tensor) -> Any:
+    r"""``(mean, where)``: the mean ratio over valid tokens where a ratio :math:`e^\delta` may
+    overflow although the mean does not (clause 7.1), :math:`\frac{e^{h}}{n}\sum e^{\delta - h}`
+    with :math:`h` the largest valid log-ratio (the scale factor in float64), and where to use it:
+    ``None`` eagerly when plain sums cannot overflow, ``True`` eagerly, a 0-d bool when traced.
+    """
+    n = lengths.sum().to(torch.float64).clamp(min=1.0)
+    limit = math.log(torch.finfo(delta.dtype).max) - 1.0
+    use: Any = True
+    if not torch.compiler.is_compiling():
+        h = float(hi)
+        if not (math.isfinite(h) and h > limit - math.log(float(n))):
+            return None
+    else:  # +inf: the plain sum's +inf is right
+        use = torch.isfinite(hi) & (hi > limit - torch.log(n))
+    scaled = _select_((delta - hi).exp_(), bits).sum()
+    mean = torch.exp(hi.double() - torch.log(n)) * scaled.double()
+    return mean.to(delta.dtype), use
 
 
 def sapo_token_pass(
@@ -102,34 +140,48 @@ def sapo_token_pass(
     """Token SAPO: loss (0-d), d loss / d logp ([N, T]) and, on request, the clause 7.1 metrics,
     all in the compute dtype ``dtype``. Inputs are read, never written (clause 6.5)."""
     bits = valid.to(_INT_OF[dtype]).neg_()  # -1 (all bits) where valid, 0 elsewhere
-    lengths = bits.sum(-1).neg_()  # L_i, exact integers
+    lengths = bits.sum(-1, dtype=bits.dtype).neg_()  # L_i, exact integers
     lengths_f = lengths.to(dtype)
-    if norm is None:
-        n_local = lengths.sum().to(dtype)
-        rows = float(lengths.shape[0]) if config.count_empty_rows else (lengths > 0).sum()
-        norm = Normalizer(n_local, torch.as_tensor(rows, dtype=dtype, device=logp.device))
+    if norm is None:  # this batch's counts; only the one the denominator uses is computed
+        uses_tokens = spec.LOSS_AGGS[config.loss_agg].denominator == "num_tokens"
+        if uses_tokens:
+            norm = Normalizer(lengths_f.sum(), 0.0)
+        elif config.count_empty_rows:
+            norm = Normalizer(0.0, float(lengths.shape[0]))
+        else:
+            norm = Normalizer(0.0, (lengths > 0).sum().to(dtype))
     weights = _row_weights(lengths_f, norm, config)  # [N, 1]
     tp, tn = config.tau_pos, config.tau_neg
     if advantages.dim() == 1:
         # An empty row's advantage may be garbage (it is masked): select it away.
-        adv = torch.where(lengths > 0, advantages.to(dtype), 0.0).unsqueeze(-1)
+        adv = advantages.to(dtype).masked_fill(lengths == 0, 0.0).unsqueeze(-1)
     else:
         adv = _select_(advantages.to(dtype, copy=True), bits)
     k = weights * adv  # [N, 1] or [N, T]
-    tau: Any = tp if tp == tn else torch.where(adv > 0, torch.full_like(adv, tp), tn)
+    pos = (adv > 0).to(dtype) if tp != tn or want_metrics else None  # 1.0 where A > 0
+    # tau_pos where A > 0, else tau_neg (clause 1.6); lerp is exact at weights 0 and 1.
+    tau: Any = (
+        tp if tp == tn else torch.lerp(torch.full_like(adv, tn), torch.full_like(adv, tp), pos)
+    )
 
     lr = old_logp if old_logp.dtype == dtype else old_logp.to(dtype)
     delta = _select_(logp.to(dtype) - lr, bits)  # logp.to is a no-op for the compute dtype
     metrics: dict[str, Tensor] = {}
+    # Saturation (clause 6.3) at one point for both temperatures: past min(dsat_pos, dsat_neg)
+    # every token has x >= X_sat min(tau)/max(tau) >= 1e18, where q = 0 and p = 1 exactly as at
+    # its own dsat, so no bit of any result changes; r stays finite there, and q r = 0.
+    dsat = min(saturation_log_ratio(tp), saturation_log_ratio(tn))
     if want_metrics:
         s_delta = delta.sum()
-        lo, hi = _masked_extremes(delta, valid)
-    # Only r is saturated (clause 6.3): q = 0 exactly past dsat, and q * r must not meet inf.
-    dsat = min(saturation_log_ratio(tp), saturation_log_ratio(tn))
-    r = torch.clamp(delta, max=dsat).exp_()
-    u = expm1(delta) if torch.compiler.is_compiling() else delta.expm1_()  # r - 1, exact near 1
-    if want_metrics:
+        lo, hi = _valid_extremes(delta, valid)
+        r = torch.clamp(delta, max=dsat).exp_()
+        u = expm1(delta)  # unsaturated; delta is kept for a ratio mean beyond exp's range
         s_u = u.sum()  # 0 at invalid tokens; sum over valid of r - 1, +inf where r overflows
+        big_mean = _scaled_mean_ratio(delta, bits, hi, lengths)
+    else:
+        d = delta.clamp_max_(dsat)
+        r = torch.exp(d)  # e^d, not u + 1: exact for tiny r, as in sapo_ref.sapo_parts
+        u = expm1(d) if torch.compiler.is_compiling() else d.expm1_()  # r - 1, exact near 1
     q = torch.mul(u, -tau).sigmoid_()  # sigma(-x), x = tau (r - 1)
     p = _select_(u.mul_(tau).sigmoid_(), bits)  # sigma(x) at valid tokens, +0 elsewhere
     # loss = -sum k (4/tau) p, each product ordered so that no intermediate overflows where the
@@ -137,17 +189,18 @@ def sapo_token_pass(
     four_over_tau = 4.0 / tau
     if k.shape[-1] == 1:  # k and tau per row: the row sums P_i of p first
         big = p.sum(-1, keepdim=True)
-        small = torch.clamp(big, max=four_over_tau) if isinstance(tau, float) else None
-        if small is None:
-            small, big = torch.minimum(big, four_over_tau), torch.maximum(big, four_over_tau)
+        if max(tp, tn) <= 4.0:  # 4/tau >= 1: k P is at most the result
+            loss = torch.neg((k * big * four_over_tau).sum())
+        elif min(tp, tn) > 4.0:  # 4/tau < 1: k 4/tau is at most |k|
+            loss = torch.neg((k * four_over_tau * big).sum())
         else:
-            big = torch.clamp(big, min=four_over_tau)
-        loss = torch.neg((k * small * big).sum())
+            small, big = torch.minimum(big, four_over_tau), torch.maximum(big, four_over_tau)
+            loss = torch.neg((k * small * big).sum())
     else:  # p <= 1: k p first
         loss = torch.neg((k * p * four_over_tau).sum())
     grad = q.mul_(p)  # p q, exactly 0 at invalid tokens (p = +0 there)
     if want_metrics:
-        metrics = _sapo_metrics(grad, s_delta, s_u, lo, hi, lengths, adv, dtype)
+        metrics = _sapo_metrics(grad, s_delta, s_u, lo, hi, big_mean, lengths, adv, pos, dtype)
     grad = grad.mul_(r).mul_(k * -4.0)  # -4 k p q r: tau cancels, nothing overflows first
     return loss, grad, metrics
 
@@ -158,30 +211,36 @@ def _sapo_metrics(
     s_u: Tensor,
     lo: Tensor,
     hi: Tensor,
+    big_mean: tuple[Tensor, Any] | None,
     lengths: Tensor,
     adv: Tensor,
+    pos: Tensor,
     dtype: torch.dtype,
 ) -> dict[str, Tensor]:
     r"""Clause 7.1 metrics of token SAPO from the pass's sums (definitions: sapo_ref.metrics).
 
     ``pq`` = :math:`p q` (0 at invalid tokens, the gate weight is :math:`w = 4pq`), ``s_delta`` =
     :math:`\sum\delta`, ``s_u`` = :math:`\sum(r - 1)` over valid tokens, ``lo``/``hi`` the extreme valid
-    log-ratios. Mean ratio :math:`1 + \overline{r - 1}`; :math:`\overline{k_3} = \overline{r - 1} -
+    log-ratios, ``big_mean`` the scaled mean ratio and where to use it (or None), ``pos`` 1.0
+    where :math:`A > 0` (else 0.0). Mean ratio :math:`1 + \overline{r - 1}`; :math:`\overline{k_3} = \overline{r - 1} -
     \overline{\delta}` (as exact as the per-token :math:`\operatorname{expm1}(\delta) - \delta`).
     """
     n = lengths.sum().to(dtype)
     n_safe = torch.where(n > 0, n, 1.0)
     inf = torch.full_like(n, math.inf)
-    pos, neg = adv > 0, adv < 0
+    neg = (adv < 0).to(dtype)  # 1.0 where A < 0, else 0.0
     if adv.shape[-1] == 1:  # per-row advantages: count and sum per row first
         w_rows = pq.sum(-1, keepdim=True)
         counts = lengths.unsqueeze(-1).to(dtype)
         tokens_pos, tokens_neg = (counts * pos).sum(), (counts * neg).sum()
-        w_pos, w_neg = torch.where(pos, w_rows, 0.0).sum(), torch.where(neg, w_rows, 0.0).sum()
+        w_pos, w_neg = (w_rows * pos).sum(), (w_rows * neg).sum()
         w_all = w_rows.sum()
-    else:  # adv is 0 at invalid tokens: pos and neg imply valid
-        tokens_pos, tokens_neg = pos.sum().to(dtype), neg.sum().to(dtype)
-        w_pos, w_neg = torch.where(pos, pq, 0.0).sum(), torch.where(neg, pq, 0.0).sum()
+    else:  # adv is 0 at invalid tokens, so pos and neg imply valid; dot: a sum without a copy
+        tokens_pos, tokens_neg = pos.sum(), neg.sum()
+        w_pos, w_neg = (
+            torch.dot(pq.flatten(), pos.flatten()),
+            torch.dot(pq.flatten(), neg.flatten()),
+        )
         w_all = pq.sum()
     some = n > 0
     out = {
@@ -199,6 +258,14 @@ def _sapo_metrics(
         "tokens_pos": tokens_pos,
         "tokens_neg": tokens_neg,
     }
+    if big_mean is not None:  # a ratio overflows, the mean may not; k3 is then mean - 1 - mean(d)
+        mean, use = big_mean
+        k3 = mean - 1.0 - s_delta / n_safe  # the mean ratio dominates: no cancellation
+        if use is True:
+            out["ratio/mean"], out["kl/k3"] = mean, k3
+        else:
+            out["ratio/mean"] = torch.where(use, mean, out["ratio/mean"])
+            out["kl/k3"] = torch.where(use, k3, out["kl/k3"])
     return {key: out[key] for key in metric_keys("sapo")}
 
 
