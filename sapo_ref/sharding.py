@@ -17,13 +17,16 @@ padded lengths); ``sapo_torch.distributed`` and ``sapo_jax.sharding`` add them a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
+from ._xp import namespace
 from .aggregation import Normalizer, normalizer
+from .validation import Fault, _is_real_floating, _isdtype, _require_array, raise_faults
 
 __all__ = ["combine_metrics", "global_normalizer", "split_rows"]
 
@@ -50,21 +53,66 @@ def global_normalizer(masks: Iterable[Any], *, count_empty_rows: bool = False) -
         count_empty_rows: count rows without valid tokens in :math:`R` (clause 3.6).
 
     Raises:
-        ValueError: ``masks`` is empty.
+        TypeError: ``masks`` is a single array or not iterable, a mask is not an array or has a
+            dtype other than boolean, integer or floating, ``count_empty_rows`` is not a bool.
+        ValueError: ``masks`` is empty, a mask is not 2-D, or holds a value other than 0 and 1
+            (NaN included): the errors of :func:`sapo_ref.policy_loss`, prefixed with the shard.
 
     >>> import numpy as np
     >>> global_normalizer([np.array([[1, 1, 0]]), np.array([[0, 0], [1, 0]])])
     Normalizer(num_tokens=3.0, num_rows=2.0)
     >>> global_normalizer([np.array([[1, 1, 0]]), np.array([[0, 0], [1, 0]])], count_empty_rows=True)
     Normalizer(num_tokens=3.0, num_rows=3.0)
+    >>> global_normalizer(np.array([[1, 1, 0]]))
+    Traceback (most recent call last):
+    ...
+    TypeError: masks must be a list of shard masks (one [N_k, T_k] array per shard); got a single array of shape (1, 3): pass [mask]
     """
+    if hasattr(masks, "shape") and hasattr(masks, "dtype"):
+        raise TypeError(
+            "masks must be a list of shard masks (one [N_k, T_k] array per shard); got a single "
+            f"array of shape {tuple(int(d) for d in masks.shape)}: pass [mask]"
+        )
+    if isinstance(masks, (str, bytes, Mapping)) or not isinstance(masks, Iterable):
+        raise TypeError(
+            "masks must be a list of shard masks (one [N_k, T_k] array per shard); "
+            f"got {type(masks).__name__}"
+        )
+    _check_bool("count_empty_rows", count_empty_rows)
     total: Normalizer | None = None
-    for mask in masks:
-        counts = normalizer(mask, count_empty_rows=count_empty_rows)
+    for k, mask in enumerate(masks):
+        _check_mask(f"masks[{k}]", mask)
+        counts = normalizer(mask, count_empty_rows=bool(count_empty_rows))
         total = counts if total is None else total + counts
     if total is None:
         raise ValueError("masks must hold at least one shard mask; got none")
     return total
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+
+
+def _check_mask(name: str, mask: Any) -> None:
+    """The mask checks of :func:`sapo_ref.policy_loss` (clause 8.1, 8.2), for one shard."""
+    try:
+        _require_array("mask", mask)
+        xp = namespace(mask)
+        if mask.dtype != xp.bool and not (
+            _isdtype(xp, mask.dtype, "integral") or _is_real_floating(xp, mask.dtype)
+        ):
+            raise TypeError(f"mask must be boolean or hold 0/1; got dtype {mask.dtype}")
+        if mask.ndim != 2:
+            shape = tuple(int(d) for d in mask.shape)
+            raise ValueError(f"mask must be 2-D [N, T]; got shape {shape}")
+        if mask.dtype != xp.bool:  # NaN != 0 and NaN != 1: a NaN fails too
+            bad = (mask != 0) & (mask != 1)
+            raise_faults(
+                (Fault("mask", "8.2", "mask must hold only 0 and 1 (or be boolean)", bad),)
+            )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
 
 
 def combine_metrics(shards: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -79,13 +127,40 @@ def combine_metrics(shards: Sequence[Mapping[str, float]]) -> dict[str, float]:
         shards: one metrics dict per shard (``PolicyLossResult.metrics``, or floats of an
             adapter's metrics), all of the same method.
 
+    Raises:
+        TypeError: ``shards`` is a single dict or not a sequence of dicts.
+        ValueError: ``shards`` is empty, its dicts have different keys (two methods), or a
+            mean's companion count is missing.
+
     >>> combine_metrics([{"tokens": 3.0, "ratio/mean": 1.0, "ratio/max": 1.5},
     ...                  {"tokens": 1.0, "ratio/mean": 2.0, "ratio/max": 2.0}])
     {'tokens': 4.0, 'ratio/mean': 1.25, 'ratio/max': 2.0}
     """
+    if isinstance(shards, Mapping) or not isinstance(shards, Sequence) or isinstance(shards, str):
+        what = (
+            "a single metrics dict: pass [metrics]"
+            if isinstance(shards, Mapping)
+            else type(shards).__name__
+        )
+        raise TypeError(f"shards must be a list of metrics dicts (one per shard); got {what}")
     if not shards:
         raise ValueError("shards must hold at least one metrics dict; got none")
+    for k, m in enumerate(shards):
+        if not isinstance(m, Mapping):
+            raise TypeError(f"shards[{k}] must be a metrics dict; got {type(m).__name__}")
     keys = list(shards[0])
+    for k, m in enumerate(shards[1:], start=1):
+        if set(m) != set(keys):
+            raise ValueError(
+                "shards must all hold the metrics of one method (the same keys): "
+                f"shards[{k}] and shards[0] differ in {sorted(set(m) ^ set(keys))}"
+            )
+    needed = {_COMPANION.get(key, "tokens") for key in keys if key not in COUNT_KEYS}
+    missing = sorted(needed - set(keys))
+    if missing:
+        raise ValueError(
+            f"shards must hold the counts their means are weighted by; missing {missing}"
+        )
     out: dict[str, float] = {}
     for key in keys:
         values = [float(m[key]) for m in shards]
@@ -126,12 +201,31 @@ def split_rows(
     [[0, 1, 2], [3, 4]]
     >>> [s.tolist() for s in split_rows(5, [1, 4])]
     [[0], [1, 2, 3, 4]]
+    >>> [s.tolist() for s in split_rows(5, np.int64(2))]  # NumPy integers are integers
+    [[0, 1, 2], [3, 4]]
     """
-    if isinstance(sizes, int):
+    if not _is_int(num_rows):
+        raise TypeError(f"num_rows must be an integer; got {type(num_rows).__name__} {num_rows!r}")
+    if num_rows < 1:
+        raise ValueError(f"num_rows must be >= 1; got {num_rows}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
+    num_rows = int(num_rows)
+    if _is_int(sizes):
         if not 1 <= sizes <= num_rows:
             raise ValueError(f"number of shards must be in [1, num_rows={num_rows}]; got {sizes}")
-        base, extra = divmod(num_rows, sizes)
-        sizes = [base + (k < extra) for k in range(sizes)]
+        base, extra = divmod(num_rows, int(sizes))
+        sizes = [base + (k < extra) for k in range(int(sizes))]
+    elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(
+            "sizes must be a number of shards or a sequence of shard sizes (integers); "
+            f"got {type(sizes).__name__} {sizes!r}"
+        )
+    else:
+        sizes = list(sizes)
+        bad = [s for s in sizes if not _is_int(s)]
+        if bad:
+            raise TypeError(f"sizes must hold integers (shard sizes); got {bad[0]!r}")
     sizes = [int(s) for s in sizes]
     if any(s < 1 for s in sizes) or sum(sizes) != num_rows:
         raise ValueError(
@@ -140,3 +234,8 @@ def split_rows(
     order = np.arange(num_rows) if rng is None else rng.permutation(num_rows)
     bounds = np.cumsum([0, *sizes])
     return [order[a:b] for a, b in pairwise(bounds)]
+
+
+def _is_int(x: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
