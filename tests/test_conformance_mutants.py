@@ -229,3 +229,22 @@ def test_opt_in_metrics_are_requested_and_compared_under_clause_7_1():
     bad = run_suite([_target("numpy", _numpy_with_opt_in_metrics(0.5))], FEW, ("float64",))
     assert not bad.passed
     assert {cl for r in bad.failures for cl in r.failed_clauses} == {"7.1"}
+
+
+# ----------------------------------------------------------------------------- composite mutants
+
+
+@pytest.mark.parametrize("name", sorted(cm.COMPOSITES))
+def test_composite_mutant_rejected_and_explained_by_its_deviations(name):
+    """Two or three bugs at once, as real implementations have them: the suite rejects the
+    mutant, and its verdict explains every failure with deviations of the mutant's own set
+    (tests/test_verdicts.py checks the set is named exactly, with fitted parameters)."""
+    pytest.importorskip("torch")
+    from sapo_conformance.verdict import diagnose
+
+    bugs, expected = cm.COMPOSITES[name]
+    res = run_suite([_target("torch", cm.make("torch", bug=bugs), name)], CASES, ("float64",))
+    assert not res.passed, f"composite mutant {name} passed the suite"
+    (v,) = diagnose(res)
+    assert set(v.names) <= expected and v.names, v.line
+    assert v.explained == v.failures, v.line
