@@ -269,7 +269,7 @@ def evaluate_plan(plan: Plan, got: Outcome | None = None) -> tuple[float | None,
             delta, k = change(delta, mask)
             keep &= k
         if plan.log_x_bounds is not None and cfg.sequence_value:
-            delta, k = _clamp_rows(delta, mask, plan.log_x_bounds, cfg.method == "gspo-token")
+            delta, k = _clamp_rows(delta, mask, plan.log_x_bounds)
             keep &= k
         # The reference depends on logp - old_logp only: feed the edited log-ratios as logp.
         lp_e, old_e = np.where(mask, delta, lp), np.where(mask, 0.0, old)
@@ -290,7 +290,7 @@ def evaluate_plan(plan: Plan, got: Outcome | None = None) -> tuple[float | None,
     return out
 
 
-def _clamp_rows(delta, mask, bounds, token_grad):
+def _clamp_rows(delta, mask, bounds):
     """Shift each row so its mean log-ratio is clamped to ``bounds``; no gradient where clamped
     (the whole row for a sequence ratio, the row's tokens alike for gspo-token)."""
     lo, hi = bounds
@@ -301,7 +301,6 @@ def _clamp_rows(delta, mask, bounds, token_grad):
     shift = np.where(moved & np.isfinite(mu), clamped - mu, 0.0)
     new = np.where(mask, delta + shift[:, None], delta)
     new = np.where(mask & (moved & ~np.isfinite(mu))[:, None], clamped[:, None], new)
-    del token_grad  # both forms: the clamp's derivative is 0 for every token of the row
     return new, ~(moved[:, None] & mask)
 
 
