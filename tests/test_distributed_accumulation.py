@@ -9,10 +9,10 @@ micro-batch losses and the scattered micro-batch gradients must equal the unspli
 from __future__ import annotations
 
 import doctest
-import sys
 import zlib
 from pathlib import Path
 
+import _distributed_batches as db
 import numpy as np
 import pytest
 from hypothesis import given
@@ -20,9 +20,6 @@ from hypothesis import strategies as st
 
 import sapo_ref
 from sapo_ref.sharding import combine_metrics, global_normalizer, split_rows
-
-sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode adds no test folder
-import _distributed_batches as db
 
 N_ROWS, T_MAX = 11, 8
 
@@ -59,6 +56,7 @@ def _check_sum(config, total_loss, parts, batch, full, dtype="float64"):
     db.assert_close(grad, full.grad, dtype, "grad", f"{config} grad")
 
 
+@pytest.mark.clause("3.8", "3.6", "3.10")
 @pytest.mark.parametrize("per_token", [False, True], ids=["seq_adv", "token_adv"])
 @pytest.mark.parametrize("config", db.CONFIGS, ids=_config_id)
 def test_reference_micro_batches_sum_to_full_batch(config, per_token):
@@ -86,6 +84,7 @@ def test_reference_micro_batches_sum_to_full_batch(config, per_token):
     n_rows=st.integers(1, 12),
     data=st.data(),
 )
+@pytest.mark.clause("3.8")
 def test_any_row_partition_and_its_counts(seed, n_rows, data):
     """Counts of any partition add up to the batch's, and its shard losses to the batch loss."""
     config = data.draw(st.sampled_from(db.CONFIGS))
@@ -113,6 +112,7 @@ def test_any_row_partition_and_its_counts(seed, n_rows, data):
     _check_sum(config, total, parts, batch, _full(batch, config))
 
 
+@pytest.mark.clause("3.11")
 @pytest.mark.parametrize("per_token", [False, True], ids=["seq_adv", "token_adv"])
 @pytest.mark.parametrize("method", list(sapo_ref.spec.METHODS))
 def test_shard_metrics_combine_to_the_batch_metrics(method, per_token):
@@ -134,11 +134,13 @@ def test_shard_metrics_combine_to_the_batch_metrics(method, per_token):
         db.assert_close(got[key], want[key], "float64", "value", key)
 
 
+@pytest.mark.clause("3.11")
 def test_combine_metrics_needs_a_shard():
     with pytest.raises(ValueError, match="at least one metrics dict"):
         combine_metrics([])
 
 
+@pytest.mark.clause("3.10")
 def test_mean_of_micro_batch_means_is_another_loss():
     """Clause 3.10 (a): local normalisation averaged over micro-batches differs on ragged batches."""
     config = ("sapo", "token-mean", False)
@@ -162,11 +164,13 @@ def test_docs_page_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
+@pytest.mark.clause("3.8")
 def test_global_normalizer_needs_a_mask():
     with pytest.raises(ValueError, match="at least one shard mask"):
         global_normalizer([])
 
 
+@pytest.mark.clause("3.8")
 @pytest.mark.parametrize("sizes", [0, 6, [2, 2], [0, 5], [1, 3]])
 def test_split_rows_rejects_bad_sizes(sizes):
     with pytest.raises(ValueError, match="num_rows=5"):
@@ -183,6 +187,7 @@ def _adapter(name: str):
     return module
 
 
+@pytest.mark.clause("3.8", "3.9")
 @pytest.mark.torch
 @pytest.mark.parametrize("config", db.CONFIGS, ids=_config_id)
 def test_torch_micro_batches_sum_to_full_batch(config):
@@ -211,6 +216,7 @@ def test_torch_micro_batches_sum_to_full_batch(config):
     _check_sum(config, float(total), parts, batch, _full(batch, config))
 
 
+@pytest.mark.clause("3.8", "3.9")
 @pytest.mark.jax
 @pytest.mark.parametrize("config", db.CONFIGS, ids=_config_id)
 def test_jax_micro_batches_sum_to_full_batch(config):
@@ -250,6 +256,7 @@ def test_jax_micro_batches_sum_to_full_batch(config):
     _check_sum(config, total, parts, batch, _full(batch, config))
 
 
+@pytest.mark.clause("3.8", "3.9")
 @pytest.mark.mlx
 @pytest.mark.parametrize("config", db.CONFIGS, ids=_config_id)
 def test_mlx_micro_batches_sum_to_full_batch(config):

@@ -34,12 +34,21 @@ REQUIRED_PAGES = {
     "api/sapo_ref.md": "API reference",
 }
 FRAMEWORKS = (
-    "verl", "TRL", "ms-swift", "Liger-Kernel", "AReaL", "SkyRL", "torchforge", "Trinity-RFT",
-    "tunix", "mlx-lm-lora",
+    "verl",
+    "TRL",
+    "ms-swift",
+    "Liger-Kernel",
+    "AReaL",
+    "SkyRL",
+    "torchforge",
+    "Trinity-RFT",
+    "tunix",
+    "mlx-lm-lora",
 )
 
 needs_matplotlib = pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (extra 'plots')"
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib not installed (extra 'plots')",
 )
 needs_mkdocs = pytest.mark.skipif(
     importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
@@ -81,7 +90,9 @@ def test_plots_command_writes_the_three_figures_deterministically(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in FIGURES:
         text = (out / name).read_text(encoding="utf-8")
-        assert text.startswith("<?xml") and "<svg" in text and text.rstrip().endswith("</svg>"), name
+        assert text.startswith("<?xml") and "<svg" in text and text.rstrip().endswith("</svg>"), (
+            name
+        )
         assert "<dc:date>" not in text, f"{name} carries a date: reruns would differ"
     # A second run, in this process, writes the same bytes.
     from sapo_ref.plots import write_figures
@@ -95,7 +106,9 @@ def test_sapo_ref_plot_subcommand_dispatches(tmp_path, monkeypatch, capsys):
     from sapo_ref.__main__ import main
 
     seen = []
-    monkeypatch.setattr(sapo_ref.plots, "write_figures", lambda d: seen.append(d) or [Path(d) / "x.svg"])
+    monkeypatch.setattr(
+        sapo_ref.plots, "write_figures", lambda d: seen.append(d) or [Path(d) / "x.svg"]
+    )
     assert main(["plot", str(tmp_path)]) == 0
     assert seen == [str(tmp_path)]
     assert "x.svg" in capsys.readouterr().out
@@ -230,6 +243,7 @@ def test_citing_page_has_bibtex_for_the_paper():
 # differences of the transcription. Log-ratios stay small (|delta| <= 1.5), so the
 # +-20 clamps some frameworks apply do not act, and the batch keeps clip ratios away from kinks.
 
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -258,7 +272,9 @@ def _fd_grad(loss_fn, logp, mask, h=1e-6):
 
 def _away_from_kinks(logp, old, mask, edges, rel=1e-3):
     r = np.exp(logp - old)[mask]
-    assert all(np.min(np.abs(r - e)) > rel * e for e in edges), "test batch too close to a clip kink"
+    assert all(np.min(np.abs(r - e)) > rel * e for e in edges), (
+        "test batch too close to a clip kink"
+    )
 
 
 def _check(transcribed, logp, old, adv, mask, **options):
@@ -335,8 +351,9 @@ def test_porting_verl_vanilla_always_dual_clips():
 def test_porting_verl_token_sum_norm_is_ours_times_rows():
     logp, old, adv, mask = _batch(seed=11, empty_row=False)
     big_l = 16.0
-    ours = sapo_ref.policy_loss(logp, old, adv, mask, method="grpo",
-                                loss_agg="seq-mean-token-sum-norm", norm_length=big_l)
+    ours = sapo_ref.policy_loss(
+        logp, old, adv, mask, method="grpo", loss_agg="seq-mean-token-sum-norm", norm_length=big_l
+    )
     r = np.exp(logp - old)
     a = adv[:, None]
     verl = np.where(mask, np.maximum(-a * r, -a * np.clip(r, 0.8, 1.2)), 0).sum() / big_l
@@ -357,8 +374,15 @@ def test_porting_skyrl_prescaled_advantages_and_the_shim():
     _check(skyrl, logp, old, adv, mask, method="sapo", count_empty_rows=True)
     # The guide's shim: scaled advantages, seq-mean-token-sum over (n, rows), times rows.
     norm = sapo_ref.Normalizer(float(mask.sum()), float(rows))
-    shim = sapo_ref.policy_loss(logp, old, np.broadcast_to(scaled, mask.shape), mask,
-                                method="sapo", loss_agg="seq-mean-token-sum", normalizer=norm)
+    shim = sapo_ref.policy_loss(
+        logp,
+        old,
+        np.broadcast_to(scaled, mask.shape),
+        mask,
+        method="sapo",
+        loss_agg="seq-mean-token-sum",
+        normalizer=norm,
+    )
     assert shim.loss * rows == pytest.approx(skyrl(logp), rel=1e-12)
 
 
@@ -369,12 +393,20 @@ def test_porting_torchforge_fixed_horizon_and_tunix_token_scale():
     tau = np.where(adv[:, None] > 0, 1.0, 1.05)
     per_token = -_sigmoid(tau * (r - 1)) * 4 / tau * adv[:, None]
     total = np.where(mask, per_token, 0).sum()
-    forge = sapo_ref.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm",
-                                 norm_length=float(t), count_empty_rows=True)
+    forge = sapo_ref.policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        loss_agg="seq-mean-token-sum-norm",
+        norm_length=float(t),
+        count_empty_rows=True,
+    )
     assert forge.loss == pytest.approx(total / (n * t), rel=1e-12)  # sum / mask.numel()
     nonempty = (mask.sum(-1) > 0).sum()
-    tunix = sapo_ref.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm",
-                                 norm_length=12.0)
+    tunix = sapo_ref.policy_loss(
+        logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm", norm_length=12.0
+    )
     assert tunix.loss == pytest.approx(total / 12.0 / nonempty, rel=1e-12)
 
 
@@ -394,7 +426,9 @@ def test_porting_mlx_lm_lora_advantages():
     rewards = np.array([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 1.0, 3.0])
     g = 4
     groups = rewards.reshape(-1, g)
-    want = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)).ravel()
+    want = (
+        (groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)
+    ).ravel()
     got = sapo_ref.group_advantages(rewards, g, ddof=0, eps=1e-4)
     np.testing.assert_allclose(got, want, rtol=1e-13)
 

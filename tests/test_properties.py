@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
+from sapo_conformance.compare import compare
 
 import sapo_ref
 from sapo_ref import spec
@@ -67,9 +68,9 @@ def bits(x) -> bytes:
 
 
 def assert_close(got, want, tol=F64["value"]):
-    got, want = np.asarray(got, float), np.asarray(want, float)
-    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * scale)
+    """The clause C.1 comparison (the suite's one helper), as an assertion."""
+    c = compare("value", got, want, tol)
+    assert c.ok, c.message
 
 
 # --------------------------------------------------------------------------- strategies
@@ -103,6 +104,7 @@ def sech2(x: float) -> float:
     return 1.0 / math.cosh(x) ** 2
 
 
+@pytest.mark.clause("2.2")
 @given(data=st.data())
 def test_weight_in_unit_interval_max_only_at_one(data):
     """math.md 1: w in (0, 1], w = 1 exactly at r = 1 for every tau, w < 1 elsewhere."""
@@ -120,6 +122,7 @@ def test_weight_in_unit_interval_max_only_at_one(data):
     assert math.isclose(w, want, rel_tol=1e-12, abs_tol=1e-300)
 
 
+@pytest.mark.clause("2.2")
 @given(data=st.data())
 def test_weight_symmetric_in_r_minus_one(data):
     """math.md 1: w(1 + d) = w(1 - d): bitwise in x = tau (r - 1), to rounding through log r."""
@@ -133,6 +136,7 @@ def test_weight_symmetric_in_r_minus_one(data):
     assert math.isclose(wr[0], wr[1], rel_tol=1e-13 * (1 + tau), abs_tol=1e-300)
 
 
+@pytest.mark.clause("2.1", "2.2", "5.3")
 @given(data=st.data())
 def test_limits_r_to_infinity(data):
     """math.md 2: w ~ 4 exp(-tau (r - 1)) -> 0, w r -> 0, f -> 4 / tau; exact at delta = +inf."""
@@ -151,6 +155,7 @@ def test_limits_r_to_infinity(data):
     assert float(at_inf.f[0]) == 4.0 / tau
 
 
+@pytest.mark.clause("2.2")
 @given(data=st.data())
 def test_limits_r_to_zero(data):
     """math.md 2: as r -> 0+, w -> sech^2(tau / 2) (not 0) and w r -> 0 linearly."""
@@ -198,6 +203,7 @@ def test_w_r_maximum_at_paper_tau():
     assert math.isclose(float(got), peak, rel_tol=1e-13)
 
 
+@pytest.mark.clause("2.2")
 @given(data=st.data())
 def test_w_r_unimodal(data):
     """math.md 3: w r increases up to the Newton maximiser and decreases after it, for any tau."""
@@ -236,6 +242,7 @@ def test_soft_trust_region_width_at_paper_tau():
     assert np.all(sapo_parts(np.log(beyond), 1.0).dlog < 1.0)
 
 
+@pytest.mark.clause("2.1")
 @given(data=st.data())
 def test_f_increasing_with_range(data):
     """math.md 4: f strictly increasing on r > 0 with range ((4/tau) sigmoid(-tau), 4/tau)."""
@@ -260,6 +267,7 @@ def test_f_increasing_with_range(data):
         assert bottom < f_lo and f_hi < top
 
 
+@pytest.mark.clause("2.1")
 @given(data=st.data())
 def test_small_tau_expansion(data):
     """math.md 5: f = 2/tau + (r - 1) + O(tau^2); the alternating sigmoid series bounds the rest
@@ -272,6 +280,7 @@ def test_small_tau_expansion(data):
     assert rest <= tau * tau * abs(r - 1.0) ** 3 / 12.0 + rounding
 
 
+@pytest.mark.clause("2.2")
 @given(data=st.data())
 def test_large_tau_is_not_the_clip(data):
     """math.md 5: tau -> inf gives w -> 1[r = 1], not GRPO's band: w vanishes inside the band."""
@@ -280,6 +289,7 @@ def test_large_tau_is_not_the_clip(data):
     assert w == 0.0 and float(sapo_ref.sapo_weight(np.array([1.0]), TAU.max)[0]) == 1.0
 
 
+@pytest.mark.clause("1.6", "2.2")
 @given(data=st.data())
 def test_hotter_negative_temperature_damps_more(data):
     """math.md 7: tau_neg > tau_pos implies w(r; tau_neg) < w(r; tau_pos) for r != 1."""
@@ -323,6 +333,7 @@ def method_params(data, method: str) -> dict:
     return out
 
 
+@pytest.mark.clause("5.2")
 @pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 def test_on_policy_gradient_is_unclipped(method, data):
@@ -348,6 +359,7 @@ def test_on_policy_gradient_is_unclipped(method, data):
     assert_close(res.grad, want, F64["grad"])
 
 
+@pytest.mark.clause("2.2", "2.3")
 @pytest.mark.parametrize("soft,hard", [("sapo", "grpo"), ("sapo-seq", "gspo")])
 @given(data=st.data())
 def test_small_tau_gradient_tends_to_unclipped(soft, hard, data):
@@ -364,6 +376,7 @@ def test_small_tau_gradient_tends_to_unclipped(soft, hard, data):
     np.testing.assert_allclose(a.grad, b.grad, rtol=gap + 1e-13, atol=1e-15)
 
 
+@pytest.mark.clause("9.2")
 @given(data=st.data())
 def test_sequence_gate_bound(data):
     """Clause 9.2 / eq. 21: D_i <= tau^2 / 4 Var_i, Var_i the population variance of z."""
@@ -380,6 +393,7 @@ def test_sequence_gate_bound(data):
         assert float(d.gap[i]) <= float(d.bound[i]) + 1e-15
 
 
+@pytest.mark.clause("2.8")
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @given(data=st.data())
 def test_gspo_token_equals_gspo_for_sequence_advantages(loss_agg, data):
@@ -403,6 +417,7 @@ def _split_rows(rng: np.random.Generator, n: int, shards: int) -> list[np.ndarra
     return [p for p in np.split(order, cuts) if p.size]
 
 
+@pytest.mark.clause("3.8", "3.6")
 @pytest.mark.parametrize("count_empty_rows", [False, True])
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @given(data=st.data())
@@ -428,6 +443,7 @@ def test_shards_sum_to_the_batch(loss_agg, count_empty_rows, data):
     assert_close(grad, whole.grad, F64["grad"])
 
 
+@pytest.mark.clause("1.2", "6.1")
 @pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 def test_masked_garbage_changes_no_bit(method, data):
@@ -455,6 +471,7 @@ def test_masked_garbage_changes_no_bit(method, data):
         assert bits(dirty.metrics[k]) == bits(clean.metrics[k]), k
 
 
+@pytest.mark.clause("1.7", "7.1")
 @given(data=st.data())
 def test_row_permutation(data):
     """Permuting rows permutes the gradient and keeps loss and metrics (sums reorder only)."""
@@ -497,6 +514,7 @@ def extreme_batches(draw, sequence: bool):
     return logp, old, adv, mask
 
 
+@pytest.mark.clause("5.3", "5.4", "6.3")
 @pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 def test_extreme_log_ratios(method, data):
@@ -518,6 +536,7 @@ def test_extreme_log_ratios(method, data):
         assert res.metrics["kl/k1"] == res.metrics["kl/k3"] == math.inf
 
 
+@pytest.mark.clause("6.5")
 @given(data=st.data())
 def test_inputs_never_modified(data):
     """Clause 6.5: no input array is written to (NumPy arrays of any dtype, int or bool mask)."""
@@ -533,6 +552,7 @@ def test_inputs_never_modified(data):
     assert norm == sapo_ref.normalizer(mask)
 
 
+@pytest.mark.clause("6.4")
 @given(data=st.data())
 def test_low_precision_inputs_computed_in_float64(data):
     """Clause 6.4: float16/float32 inputs give exactly the float64 call on the upcast inputs."""

@@ -12,18 +12,14 @@ Clip-method batches keep the ratios that matter 2e-3 (relative) away from the ki
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import mpmath_reference as M
 import numpy as np
 import pytest
+from sapo_conformance.compare import compare
 
 import sapo_ref
-from sapo_conformance.compare import compare
 from sapo_ref import spec
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import mpmath_reference as M  # noqa: E402
 
 TOL = spec.TOLERANCES["golden"]
 METHODS = tuple(spec.METHODS)
@@ -120,7 +116,7 @@ def _near_kink(method: str, case) -> bool:
     logp, old, adv, mask, opts = case
     if spec.METHODS[method].gate != "clip":
         return False
-    p = {k: v for k, v in spec.METHODS[method].defaults.items()}
+    p = dict(spec.METHODS[method].defaults)
     p.update({k: opts[k] for k in ("eps_low", "eps_high", "dual_clip") if k in opts})
     with np.errstate(all="ignore"):
         delta = np.where(mask, logp - old, 0.0)
@@ -149,13 +145,17 @@ def _mp_kwargs(opts: dict) -> dict:
 
 def _repro(case) -> str:
     logp, old, adv, mask, opts = case
-    arr = lambda x: f"np.array({np.asarray(x).tolist()!r})".replace("nan", "np.nan").replace(  # noqa: E731
-        "inf", "np.inf")
+    arr = lambda x: f"np.array({np.asarray(x).tolist()!r})".replace("nan", "np.nan").replace(
+        "inf", "np.inf"
+    )
     return (f"sapo_ref.policy_loss({arr(logp)}, {arr(old)}, {arr(adv)}, {arr(mask)}, "
             f"**{opts!r})")  # fmt: skip
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.clause("C.1", "1.7", "7.1", *(s.clause for s in spec.LOSS_AGGS.values()))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.clause(spec.METHODS[m].clause)) for m in METHODS]
+)
 def test_reference_matches_mpmath_on_random_batches(method: str) -> None:
     rng = np.random.default_rng([SEED, METHODS.index(method)])
     failures = []
@@ -190,14 +190,18 @@ def test_random_batches_exercise_the_edge_cases() -> None:
     assert len({c[4]["loss_agg"] for c in cases}) == len(AGGS)
 
 
+@pytest.mark.clause("9.1")
 def test_group_advantages_match_mpmath() -> None:
     rng = np.random.default_rng([SEED, 100])
     for j in range(60):
         g = int(rng.integers(1, 7))
         groups = int(rng.integers(1, 5))
         binary = rng.random() < 0.5
-        rewards = (rng.random(g * groups) < 0.5).astype(float) if binary else np.round(
-            rng.normal(0, 2, g * groups), 3)
+        rewards = (
+            (rng.random(g * groups) < 0.5).astype(float)
+            if binary
+            else np.round(rng.normal(0, 2, g * groups), 3)
+        )
         opts = {"scale": ["std", "none"][j % 2], "ddof": int(rng.integers(0, 2)),
                 "eps": float(rng.choice([0.0, 1e-6, 1e-4]))}  # fmt: skip
         if g == 1 and opts["ddof"] == 1 and opts["scale"] == "std":
@@ -208,6 +212,7 @@ def test_group_advantages_match_mpmath() -> None:
         assert c.ok, f"{c.message}; rewards={rewards.tolist()}, group_size={g}, {opts}"
 
 
+@pytest.mark.clause("9.2")
 def test_sequence_gate_diagnostics_match_mpmath() -> None:
     rng = np.random.default_rng([SEED, 200])
     for j in range(60):
@@ -218,8 +223,12 @@ def test_sequence_gate_diagnostics_match_mpmath() -> None:
         logp = np.where(mask, logp, np.nan)
         tau = float(rng.uniform(0.1, 4)) if j % 2 else rng.uniform(0.1, 4, n).round(3)
         got = sapo_ref.sequence_gate_diagnostics(logp, old, mask, tau)
-        want = M.sequence_gate_diagnostics(logp.tolist(), old.tolist(), mask.tolist(),
-                                            tau if isinstance(tau, float) else tau.tolist())
+        want = M.sequence_gate_diagnostics(
+            logp.tolist(),
+            old.tolist(),
+            mask.tolist(),
+            tau if isinstance(tau, float) else tau.tolist(),
+        )
         for key in ("var", "gap", "bound", "mean_log_ratio"):
             c = compare(key, getattr(got, key), _f64(want[key]), TOL["value"])
             assert c.ok, f"{c.message}; case {j}"
