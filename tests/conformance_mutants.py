@@ -407,4 +407,8 @@ COMPOSITES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
         frozenset({"log-ratio-clamp", "empty-batch-nan"}),
     ),
     "skyrl-like": (("ratio-float32", "clamp20"), frozenset({"ratio-float32", "log-ratio-clamp"})),
+    "verl-vanilla-like": (
+        ("clamp20", "always-dual-clip", "mask-multiply", "empty-batch-nan"),
+        frozenset({"log-ratio-clamp", "always-dual-clip", "nan-through-mask", "empty-batch-nan"}),
+    ),
 }
