@@ -5,9 +5,10 @@ of ``tests/peers/wrappers`` and asserts the verdict: in float64, where every dev
 changes the numbers, the named set is exactly the deviations that peer's source has (read from
 the installed package, listed in ``docs/porting.md``), with the parameter its source fixes, and
 every failure is explained; in float32, where rounding hides some of them (float32
-temperatures, the +-20 clamp of a saturated gate), the named set is a subset of the same
-deviations and again every failure is explained. Nothing here is fitted to the suite's output:
-the expected sets come from reading the peers' code.
+temperatures, the +-20 clamp of a saturated gate) and fewer cases apply (the golden vectors
+are float64 only), the named set is a subset of the same deviations and again every failure is
+explained. Nothing here is fitted to the suite's output: the expected sets come from reading
+the peers' code.
 
 Opt-in: ``bash tools/setup_peers.sh`` then ``.venv-peers/bin/python -m pytest -m peers
 tests/peers``. A peer that does not import is skipped with the import error.
