@@ -6,14 +6,9 @@ torch, JAX and MLX). The mutants and variants live in ``tests/conformance_mutant
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import conformance_mutants as cm
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import conformance_mutants as cm
 from sapo_conformance import DTYPES, generate_cases, golden_cases, run_suite
 from sapo_conformance.cases import materialize
 from sapo_conformance.compare import compare

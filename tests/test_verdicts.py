@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
-from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 import conformance_mutants as cm
+import pytest
 from sapo_conformance import generate_cases, golden_cases, run_suite
 from sapo_conformance.targets import Target
 from sapo_conformance.verdict import Verdict, diagnose
