@@ -326,6 +326,7 @@ class Worker:
         self._deadline = 0.0
         self._label = "start-up"
         self.info: WorkerInfo | None = None
+        self.load_error: WorkerLost | None = None
         self.losses = 0  # in a row
         self.timeouts = 0  # in a row
         self.last_loss = ""
@@ -430,17 +431,24 @@ class Worker:
         """
         if self.info is not None:
             return self.info
+        if self.load_error is not None:  # loading it once killed or hung the worker: not again
+            raise self.load_error
         if self._proc is None:
             self.start()
         self._label = f"start-up (importing {self.target.origin})"
         limit = max(START_TIMEOUT, self.timeout)
-        status, payload = self._receive(time.monotonic() + limit, limit)
+        try:
+            status, payload = self._receive(time.monotonic() + limit, limit)
+        except WorkerLost as err:
+            self.load_error = err
+            raise
         if status == "usage":
-            raise UsageError(payload)
-        if status == "error":
-            lost = WorkerLost(f"loading {self.target.origin} failed: {payload.text}")
             self._kill()
-            raise lost
+            raise UsageError(payload)
+        if status == "error":  # SystemExit or KeyboardInterrupt while importing
+            self.load_error = WorkerLost(f"loading {self.target.origin} failed: {payload.text}")
+            self._kill()
+            raise self.load_error
         self.info = payload
         return payload
 
