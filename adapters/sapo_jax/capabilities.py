@@ -27,6 +27,8 @@ CAPABILITIES: dict[str, Any] = {
         "bfloat16": "float32",
         "float16": "float32",
     },
+    # Clause 8.9: each gradient in its input's dtype; the loss in the promoted input dtype,
+    # the metrics in float64 when jax_enable_x64 is on (else the computation dtype).
     "grad_dtype": "input",
     "metrics": True,
     "normalizer": True,

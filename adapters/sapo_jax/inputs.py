@@ -59,6 +59,14 @@ def _check_signature(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None
     check_arrays(*(np.empty(shape, _stand_in_dtype(dt)) for shape, dt in signature))
 
 
+def _as_array(x: Any) -> Any:
+    # As the reference: a scalar or None is not an array (check_arrays names it); lists and
+    # other array-likes are converted.
+    if isinstance(x, jax.Array) or x is None or isinstance(x, (bool, int, float, complex)):
+        return x
+    return np.asarray(x)
+
+
 def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any, ...]:
     """The four inputs checked (clause 8.1, 8.2) and as JAX arrays (tracers pass through).
 
@@ -66,9 +74,9 @@ def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any
     silently become float32 (JAX converts it without a word when x64 is off; under an outer
     ``jax.jit`` that has already happened before this function sees the tracers).
     """
-    arrays = tuple(
-        x if isinstance(x, jax.Array) else np.asarray(x) for x in (logp, old_logp, advantages, mask)
-    )
+    arrays = tuple(_as_array(x) for x in (logp, old_logp, advantages, mask))
+    if not all(hasattr(x, "shape") for x in arrays):
+        check_arrays(*(x if not hasattr(x, "shape") else np.empty((), np.float64) for x in arrays))
     _check_signature(tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays))
     if not x64_enabled():
         lost = [

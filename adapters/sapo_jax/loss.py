@@ -46,15 +46,17 @@ def policy_loss(
     the aggregation :math:`\rho/D` (clause 3); the same numbers as :func:`sapo_ref.policy_loss`.
 
     A pure function: use it under ``jax.jit``, ``jax.grad``, ``jax.value_and_grad``,
-    ``jax.vmap`` (over a leading batch of problems) and ``shard_map``. The options are
-    Python values resolved by :func:`sapo_ref.resolve_config` into a hashable, static
-    configuration: the same options never retrace, the arrays are traced.
+    ``jax.jacrev``, ``jax.vmap`` (over a leading batch of problems) and ``shard_map``. The
+    options are Python values resolved by :func:`sapo_ref.resolve_config` into a hashable,
+    static configuration: the same options never retrace, the arrays are traced. Small eager
+    calls (at most 16384 entries) are padded to a shape bucket with the method parameters
+    traced, so they share one compiled program per method and aggregation.
 
     Args:
         logp: [N, T] log-probabilities under the current policy (the differentiable input).
-        old_logp: [N, T] behaviour-policy log-probabilities (a constant: differentiating in it
-            raises ``TypeError``).
-        advantages: [N] or [N, T] (a constant, like ``old_logp``).
+        old_logp: [N, T] behaviour-policy log-probabilities. Its gradient is the true
+            derivative (clause 8.9): minus the ``logp`` gradient, 0 for ``gspo-token``.
+        advantages: [N] or [N, T]; a constant (zero gradient), like ``mask``.
         mask: [N, T] bool or 0/1; invalid positions may hold anything (NaN, inf).
         method, loss_agg, tau_pos, tau_neg, eps_low, eps_high, dual_clip, norm_length,
             count_empty_rows: as :func:`sapo_ref.policy_loss` (same defaults and errors).
@@ -64,15 +66,19 @@ def policy_loss(
 
     Returns:
         ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays (the keys of
-        ``sapo_ref.metric_keys(method)``; metrics carry no gradient), in the compute dtype:
-        float64 for float64 inputs (``jax_enable_x64`` on), float32 otherwise. The gradient
-        has the dtype of ``logp`` (bfloat16 and float16 are computed in float32).
+        ``sapo_ref.metric_keys(method)``; metrics carry no gradient). The loss is computed in
+        the promoted dtype of ``logp``, ``old_logp`` and ``advantages`` (bfloat16 and float16
+        in float32) and returned in the promoted dtype (clause 8.9); each gradient has its
+        input's dtype. The metrics are float64 with ``jax_enable_x64`` (as in ``sapo_mlx``:
+        a mean ratio that fits float32 stays finite when one ratio overflows it), else
+        float32.
 
     Raises:
-        ValueError, TypeError: the reference's messages for options, shapes and dtypes
-            (clause 8.1-8.4); TypeError when differentiating in ``old_logp`` or
-            ``advantages``. Data checks (NaN or inf at valid tokens, mask values) need
-            values and are the reference's only: here garbage in a valid slot gives NaN.
+        ValueError, TypeError: the reference's errors, same type and text (clause 8.7):
+            options, shapes and dtypes always, also while ``jax.jit``/``jax.vmap`` trace;
+            data (mask values other than 0/1, NaN or inf at valid tokens, a bad normalizer)
+            when the inputs are concrete. Under tracing invalid data cannot raise: the loss
+            and every gradient entry are NaN instead.
 
     Warns:
         Float64TruncationWarning: a float64 host (NumPy) array is truncated to float32

@@ -37,7 +37,7 @@ import numpy as np
 from sapo_ref import aggregation
 from sapo_ref.aggregation import Normalizer, row_lengths
 from sapo_ref.config import PARAM_NAMES, LossConfig
-from sapo_ref.evaluate import evaluate
+from sapo_ref.evaluate import Evaluation, evaluate, prepare
 from sapo_ref.metrics import compute_metrics
 from sapo_ref.validation import Fault, any_fault, faults, raise_faults
 
@@ -75,7 +75,23 @@ def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, loc
     nan = jnp.asarray(math.nan, dtype)
     loss = jnp.where(bad, nan, ev.loss)
     grad = jnp.where(bad, nan, ev.grad)
-    return loss, compute_metrics(ev, config), grad, bad
+    metrics = compute_metrics(_widened(ev, config, lp, olp, adv, valid), config)
+    return loss, metrics, grad, bad
+
+
+def _widened(ev: Evaluation, config: LossConfig, lp, olp, adv, valid) -> Evaluation:
+    """``ev`` for the metrics in float64 when JAX has it (``jax_enable_x64``; MLX does the
+    same): a mean ratio of 1e38 fits float32 even where one ratio overflows it. Unused metrics
+    cost nothing under jit (XLA removes them)."""
+    wide = jnp.result_type(float)
+    if ev.loss.dtype == wide:
+        return ev
+    gate = {f.name: getattr(ev.gate, f.name) for f in dataclasses.fields(ev.gate)}
+    gate = {
+        k: v.astype(wide) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in gate.items()
+    }
+    p = prepare(lp.astype(wide), olp.astype(wide), adv.astype(wide), valid, config)
+    return dataclasses.replace(ev, prepared=p, gate=type(ev.gate)(**gate))
 
 
 _kernel = jax.jit(_kernel_impl, static_argnums=(0,))
@@ -161,6 +177,8 @@ def _forward(config: LossConfig, logp, old_logp, advantages, mask, norm):
         )
     if concrete and bool(bad):
         _raise_data_errors(config, logp, old_logp, advantages, mask, norm)
+    # Clause 8.9: the loss in the promoted dtype (bfloat16 in, bfloat16 out; computed in float32).
+    loss = loss.astype(jnp.result_type(logp.dtype, old_logp.dtype, advantages.dtype))
     return loss, metrics, grad
 
 
