@@ -42,7 +42,7 @@ from sapo_ref import spec
 
 from .cases import DTYPES, generate_cases, golden_cases
 from .drivers import discover_drivers
-from .runner import SuiteResult, run_suite
+from .runner import SuiteResult, TargetRun, run_suite
 from .targets import BUILTIN_TARGETS, Target, UsageError, builtin_target, impl_target
 from .worker import DEFAULT_TIMEOUT, WorkerLost, WorkerPool, jax_cache_dir
 
@@ -507,35 +507,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax_cache=not args.no_jax_cache,
         dtypes=tuple(dtypes),
     )
+    settings = {
+        "seed": args.seed,
+        "cases_per_clause": per_clause,
+        "golden": golden,
+        "dtypes": dtypes,
+        "methods": args.methods,
+        "loss_aggs": args.loss_aggs,
+        "targets": [t.name for t in targets],
+        "timeout_s": args.timeout,
+        "device": args.device,
+        "isolation": "worker process per target",
+    }
+    console = _console()
     with pool:
-        pool.start()  # every target's worker imports its framework at once
         try:
-            _load(pool, targets, args, dtypes)
-        except UsageError as err:
-            return _usage_error(parser, err)
-        cases = _cases(args.seed, per_clause, golden, args.methods, args.loss_aggs)
-        settings = {
-            "seed": args.seed,
-            "cases_per_clause": per_clause,
-            "golden": golden,
-            "dtypes": dtypes,
-            "methods": args.methods,
-            "loss_aggs": args.loss_aggs,
-            "targets": [t.name for t in targets],
-            "timeout_s": args.timeout,
-            "device": args.device,
-            "isolation": "worker process per target",
-        }
-        console = _console()
-        total = len(targets) * len(dtypes) * len(cases)
-        result = _progress_run(
-            console,
-            not args.no_progress,
-            total,
-            lambda progress: run_suite(
-                targets, cases, dtypes, args.seed, progress, pool=pool, device=args.device
-            ),
-        )
+            pool.start()  # every target's worker imports its framework at once
+            try:
+                _load(pool, targets, args, dtypes)
+            except UsageError as err:
+                return _usage_error(parser, err)
+            cases = _cases(args.seed, per_clause, golden, args.methods, args.loss_aggs)
+            total = len(targets) * len(dtypes) * len(cases)
+            result = _progress_run(
+                console,
+                not args.no_progress,
+                total,
+                lambda progress: run_suite(
+                    targets, cases, dtypes, args.seed, progress, pool=pool, device=args.device
+                ),
+            )
+        except KeyboardInterrupt:  # before the run started: still a report, and not a pass
+            runs = [TargetRun(t, skipped="not run: the run was interrupted") for t in targets]
+            result = SuiteResult(runs, [], [], args.seed, 0.0, tuple(dtypes), interrupted=True)
     return _report(result, settings, args, console)
 
 

@@ -444,3 +444,26 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert log.read_text() == "x"
+
+
+def test_ctrl_c_exits_130_and_still_writes_the_reports(hostile):
+    import signal
+    import subprocess
+    import time
+
+    j = hostile / "int.json"
+    code = (
+        f"import sys; sys.path.insert(0, {str(hostile)!r}); from sapo_conformance.cli import main; "
+        "sys.exit(main(['--impl', 'hostile_sapo:never_returns', '--framework', 'numpy', '--quick', "
+        f"'--no-progress', '--timeout', '60', '--json', {str(j)!r}]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(5)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    data = json.loads(j.read_text())
+    assert data["interrupted"] is True and data["passed"] is False
+    assert data["unchecked"] == ["the run was interrupted before its end"]
