@@ -46,14 +46,13 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``apply(logp, old_logp, advantages, valid, num_tokens, num_rows, poison, config, metrics)
-    -> (loss, grad, metric_values)``.
+    """``apply(logp, old_logp, advantages, valid, num_tokens, num_rows, config, metrics)
+        -> (loss, grad, metric_values)``.
 
-    ``num_tokens``/``num_rows``: the global counts (floats or 0-d tensors) or both ``None``.
-    ``poison``: ``None`` or a 0-d bool tensor; when true, the loss and every gradient entry are NaN
-    (clause 8.7, invalid data under tracing). ``grad`` and ``metric_values`` (the metrics stacked in
-    ``sapo_ref.metric_keys`` order, empty unless ``metrics``) are outputs only so that they can be
-    saved and returned: they are non-differentiable.
+        ``num_tokens``/``num_rows``: the global counts (floats or 0-d tensors) or both ``None``.
+    ``grad`` and ``metric_values`` (the metrics stacked in
+        ``sapo_ref.metric_keys`` order, empty unless ``metrics``) are outputs only so that they can be
+        saved and returned: they are non-differentiable.
     """
 
     generate_vmap_rule = True
@@ -66,7 +65,6 @@ class PolicyLossFunction(torch.autograd.Function):
         valid: torch.Tensor,
         num_tokens: Any,
         num_rows: Any,
-        poison: torch.Tensor | None,
         config: LossConfig,
         metrics: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,9 +74,6 @@ class PolicyLossFunction(torch.autograd.Function):
         loss, grad, values = forward_pass(
             logp, old_logp, advantages, valid, config, norm, cdt, metrics
         )
-        if poison is not None:
-            loss = torch.where(poison, torch.nan, loss)
-            grad = torch.where(poison, torch.nan, grad)
         stacked = torch.stack(list(values.values())) if values else loss.new_empty(0)
         # Saved in logp's dtype, or unrounded when old_logp's derivative may need more digits.
         wide = old_logp.dtype != logp.dtype and config.method != "gspo-token"
@@ -91,7 +86,7 @@ class PolicyLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(grad, values)
         ctx.set_materialize_grads(False)  # no [N, T] zeros for the unused outputs' gradients
         ctx.old_dtype = old_logp.dtype
-        ctx.old_zero = inputs[7].method == "gspo-token"  # old_logp only inside sg[s_i]
+        ctx.old_zero = inputs[6].method == "gspo-token"  # old_logp only inside sg[s_i]
         ctx.logp_dtype = logp.dtype
         ctx.save_for_backward(grad)
 
@@ -110,4 +105,4 @@ class PolicyLossFunction(torch.autograd.Function):
                     if ctx.old_zero
                     else -g.to(ctx.old_dtype)
                 )
-        return d_logp, d_old, None, None, None, None, None, None, None
+        return d_logp, d_old, None, None, None, None, None, None

@@ -33,7 +33,7 @@ from sapo_ref import spec
 from sapo_ref.aggregation import Normalizer, denominator, normalizer
 from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import evaluate
-from sapo_ref.gates import saturation_log_ratio
+from sapo_ref.gates import logistic_and_weight, saturation_log_ratio
 from sapo_ref.metrics import compute_metrics, metric_keys
 
 __all__ = ["forward_pass", "sapo_token_pass", "expm1"]
@@ -47,22 +47,26 @@ def _select_(x: Tensor, bits: Tensor) -> Tensor:
     """``x`` where valid, +0.0 elsewhere, in place: a bitwise AND with the mask's bits (all set
     where valid), so exactly a selection (NaN or inf in x cannot leak) without the slow CPU path
     of ``torch.where`` with a broadcast scalar."""
+    if torch.compiler.is_compiling():  # Inductor: a blend, where bit casts would go by memory
+        return torch.where(bits != 0, x, 0.0)
     x.view(bits.dtype).bitwise_and_(bits)
     return x
 
 
 #: Taylor coefficients 1/k! of expm1, k = 1..17: below |d| = 0.5 the truncation error is
-#: 0.5**18 / 18! < 1e-21, relative, so the polynomial is exact to float64 rounding.
+#: 0.5**18 / 18! < 1e-21, relative, so the polynomial is exact to float64 rounding (float32:
+#: the first 9, 0.5**10 / 10! < 3e-10).
 _EXPM1_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(1, 18))
 
 
-def expm1(d: Tensor) -> Tensor:
+def expm1(d: Tensor, r: Tensor | None = None) -> Tensor:
     r""":math:`e^d - 1` to full relative precision, eagerly and under ``torch.compile``.
 
     Inductor's CPU code emits ``exp(d) - 1`` for ``expm1``, which cancels near 0 (and
     :math:`\tau\operatorname{expm1}(\delta)` with a large :math:`\tau` would lose every digit): compiled,
-    the Taylor polynomial is used below :math:`|d| = 1/2` and :math:`e^d - 1` above, where the
-    cancellation costs at most a factor :math:`e^{1/2}/(e^{1/2}-1) < 2.6` (a few ulps).
+    the Taylor polynomial is used below :math:`|d| = 1/2` (9 terms in float32, 17 in float64:
+    truncation below half an ulp) and :math:`e^d - 1` above, where the cancellation costs at most
+    a factor :math:`e^{1/2}/(e^{1/2}-1) < 2.6` (a few ulps). ``r``: :math:`e^d` if already known.
 
     >>> import torch
     >>> expm1(torch.tensor([1e-10], dtype=torch.float64)).item()
@@ -70,10 +74,11 @@ def expm1(d: Tensor) -> Tensor:
     """
     if not torch.compiler.is_compiling():
         return torch.expm1(d)
-    poly = torch.full_like(d, _EXPM1_TAYLOR[-1])
-    for c in reversed(_EXPM1_TAYLOR[:-1]):
+    terms = _EXPM1_TAYLOR if d.dtype == torch.float64 else _EXPM1_TAYLOR[:9]
+    poly = torch.full_like(d, terms[-1])
+    for c in reversed(terms[:-1]):
         poly = poly * d + c
-    return torch.where(torch.abs(d) < 0.5, poly * d, torch.exp(d) - 1.0)
+    return torch.where(torch.abs(d) < 0.5, poly * d, (torch.exp(d) if r is None else r) - 1.0)
 
 
 def _row_weights(lengths: Tensor, norm: Normalizer, config: LossConfig) -> Tensor:
@@ -181,9 +186,14 @@ def sapo_token_pass(
     else:
         d = delta.clamp_max_(dsat)
         r = torch.exp(d)  # e^d, not u + 1: exact for tiny r, as in sapo_ref.sapo_parts
-        u = expm1(d) if torch.compiler.is_compiling() else d.expm1_()  # r - 1, exact near 1
-    q = torch.mul(u, -tau).sigmoid_()  # sigma(-x), x = tau (r - 1)
-    p = _select_(u.mul_(tau).sigmoid_(), bits)  # sigma(x) at valid tokens, +0 elsewhere
+        u = expm1(d, r) if torch.compiler.is_compiling() else d.expm1_()  # r - 1, exact near 1
+    if torch.compiler.is_compiling():
+        # Fused by Inductor: sapo_ref's sigma(x) and w = 4pq from one exp(-|x|), not two sigmoids.
+        p, w = logistic_and_weight(u * tau)
+        p, q = _select_(p, bits), w.mul_(0.25)  # q here is p q: 0 where p is selected away
+    else:
+        q = torch.mul(u, -tau).sigmoid_()  # sigma(-x), x = tau (r - 1)
+        p = _select_(u.mul_(tau).sigmoid_(), bits)  # sigma(x) at valid tokens, +0 elsewhere
     # loss = -sum k (4/tau) p, each product ordered so that no intermediate overflows where the
     # result does not: k times the smaller of (4/tau, P) first (|k| is finite).
     four_over_tau = 4.0 / tau
@@ -198,7 +208,8 @@ def sapo_token_pass(
             loss = torch.neg((k * small * big).sum())
     else:  # p <= 1: k p first
         loss = torch.neg((k * p * four_over_tau).sum())
-    grad = q.mul_(p)  # p q, exactly 0 at invalid tokens (p = +0 there)
+    # p q, exactly 0 at invalid tokens (p = +0 there; compiled, pq times p's selection mask)
+    grad = q.mul_(p) if not torch.compiler.is_compiling() else _select_(q, bits)
     if want_metrics:
         metrics = _sapo_metrics(grad, s_delta, s_u, lo, hi, big_mean, lengths, adv, pos, dtype)
     grad = grad.mul_(r).mul_(k * -4.0)  # -4 k p q r: tau cancels, nothing overflows first

@@ -41,6 +41,8 @@ def _cached_config(*args: Any, **kwargs: Any) -> LossConfig:
 def _resolve_config(*args: Any, **kwargs: Any) -> LossConfig:
     """:func:`sapo_ref.resolve_config`, memoised (it costs ~10 us, a small batch's budget is
     ~0.3 ms); typed, so that 1 and True stay distinct. Unhashable options go uncached."""
+    if torch.compiler.is_compiling():  # traced once: no cache (Dynamo warns about lru_cache)
+        return resolve_config(*args, **kwargs)
     try:
         return _cached_config(*args, **kwargs)
     except TypeError as err:
@@ -236,15 +238,17 @@ def policy_loss(
         normalizer = Normalizer(num_tokens, num_rows)
     valid = mask if mask.dtype == torch.bool else mask != 0
     traced = _traced()
-    # Token SAPO checks its data after the pass, from the loss (see _data_faults); others before.
-    checked_after = config.method == "sapo" and not traced
+    # Token SAPO checks its data after the pass: every data fault but a mask value or a bad
+    # normalizer makes the fused pass's loss non-finite (a NaN or infinite advantage times
+    # p > 0, or a NaN log-ratio), so the other checks run only when it is. Other methods: before.
+    after = config.method == "sapo" and (not traced or torch.compiler.is_compiling())
     poison = None
-    if traced or not checked_after:
+    if traced:
         found = _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer)
-        if traced:
-            poison = any_fault(found, TORCH)
-        else:
-            raise_faults(found)
+        first = [f for f in found if not after or f.argument in ("mask", "normalizer")]
+        poison = any_fault(tuple(first), TORCH)  # unused checks are dead code to Inductor
+    elif not after:
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, normalizer))
     elif mask.dtype != torch.bool and not _binary(mask, valid):
         raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
     elif normalizer is not None and bool(
@@ -255,16 +259,35 @@ def policy_loss(
     # inspect.signature on every call (about 0.1 ms), and every argument here is positional.
     apply = PolicyLossFunction.apply if traced else _EAGER_APPLY
     loss, _, values = apply(
-        logp, old_logp, advantages, valid, num_tokens, num_rows, poison, config, metrics
+        logp, old_logp, advantages, valid, num_tokens, num_rows, config, metrics
     )
-    if checked_after and not math.isfinite(loss.item()):
-        # Every data fault makes the fused pass's loss non-finite (a NaN or infinite advantage
-        # times p > 0, or a NaN log-ratio): only then are the checks run, to raise their error.
-        # A loss that overflows from valid data is +-inf and is returned (clause 5.4).
+    if after and traced:
+        operands = (logp.detach(), old_logp.detach(), advantages.detach(), mask, valid)
+        late = torch.cond(
+            ~torch.isfinite(loss.detach()), _traced_faults(config), _no_fault, operands
+        )
+        poison = poison | late
+    elif after and not math.isfinite(loss.item()):  # eager; +-inf from valid data is returned
         raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
+    if poison is not None:
+        # Clause 8.7: NaN loss, and NaN times the saved gradient in backward: every entry NaN.
+        loss = loss * torch.where(poison, torch.nan, 1.0).to(loss.dtype)
     if not metrics:
         return loss, {}
     return loss, dict(zip(metric_keys(config.method), values.unbind()))
+
+
+def _no_fault(*operands: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.bool, device=operands[0].device)
+
+
+def _traced_faults(config: LossConfig) -> Any:
+    """The data checks as a torch.cond branch (compiled: run only when the loss is not finite)."""
+
+    def branch(logp, old_logp, advantages, mask, valid):
+        return any_fault(_data_faults(logp, old_logp, advantages, mask, valid, config, None), TORCH)
+
+    return branch
 
 
 def _local(valid: torch.Tensor, config: LossConfig) -> Normalizer:
