@@ -78,3 +78,41 @@ def test_global_normalizer_adds_the_shards_counts(backend, count_empty_rows):
     want = Normalizer(3.0, 4.0 if count_empty_rows else 2.0)
     assert isinstance(got, Normalizer)
     assert (float(got.num_tokens), float(got.num_rows)) == (want.num_tokens, want.num_rows)
+
+
+BAD_MASKS = {
+    "1-D": (np.array([1, 1, 0], bool), ValueError),
+    "3-D": (np.ones((1, 2, 3), bool), ValueError),
+    "value 2": (np.array([[1, 2, 0]]), ValueError),
+    "value -1": (np.array([[1, -1, 0]]), ValueError),
+    "NaN": (np.array([[1.0, np.nan, 0.0]]), ValueError),
+}
+
+
+@pytest.mark.clause("3.8", "8.1", "8.2")
+@pytest.mark.parametrize("mask,exc", list(BAD_MASKS.values()), ids=list(BAD_MASKS))
+def test_counting_helpers_reject_the_masks_policy_loss_rejects(backend, mask, exc):
+    """``local_counts`` (the reference: ``global_normalizer([mask])``) names the mask."""
+    x = backend.native(mask) if mask.dtype.kind in "biu" else backend.to_array(mask, "float64")
+    with pytest.raises(Exception) as err:
+        if backend.is_adapter:
+            backend.distributed.local_counts(x)
+        else:
+            backend.distributed.global_normalizer([x])
+    assert type(err.value) is exc, f"{backend.name}: {err.value!r}"
+    assert "mask" in str(err.value), str(err.value)
+
+
+@pytest.mark.clause("3.8")
+def test_global_normalizer_of_a_generator_counts_or_says_so(backend):
+    """Issue 11: a generator of masks is counted, or refused with an error naming its type."""
+    fn = backend.distributed.global_normalizer
+    if "axis_name" in inspect.signature(fn).parameters:
+        pytest.skip(f"{backend.name}'s global_normalizer is a collective over a mesh axis")
+    masks = [np.array([[1, 1, 0]], bool), np.array([[0, 0], [1, 0]], bool)]
+    try:
+        got = fn(backend.to_array(m) for m in masks)
+    except TypeError as err:
+        assert "generator" in str(err), f"{backend.name}: {err}"
+        return
+    assert (float(got.num_tokens), float(got.num_rows)) == (3.0, 2.0)
