@@ -347,3 +347,11 @@ def test_the_coverage_gaps_are_real_deviations() -> None:
         loss_agg="token-mean",
     )
     assert np.isnan(grad[0, 0]) and ref_grad[0, 0] == 0.0
+
+
+def test_wrapper_helpers_doctests() -> None:
+    import doctest
+
+    helpers = pytest.importorskip("peers.wrappers")
+    failed, attempted = doctest.testmod(helpers)
+    assert attempted > 0 and failed == 0
