@@ -31,11 +31,16 @@ from sapo_ref.validation import faults, raise_faults
 __all__ = ["allreduce_sum_hook", "global_normalizer", "local_counts", "valid_tokens"]
 
 
-def _traced() -> bool:
-    return bool(torch.compiler.is_compiling()) or bool(torch._C._are_functorch_transforms_active())
+def traced() -> bool:
+    """True where tensor values cannot be read: torch.compile, torch.jit tracing, torch.func."""
+    return (
+        bool(torch.compiler.is_compiling())
+        or bool(torch.jit.is_tracing())
+        or bool(torch._C._are_functorch_transforms_active())
+    )
 
 
-def _binary(mask: torch.Tensor, valid: torch.Tensor) -> bool:
+def binary(mask: torch.Tensor, valid: torch.Tensor) -> bool:
     """Whether a non-bool mask holds only 0 and 1 (one read of the mask for integers)."""
     if mask.is_floating_point():
         return torch.equal(mask, valid.to(mask.dtype))  # NaN and 0.5 differ from 1
@@ -49,9 +54,9 @@ def valid_tokens(mask: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, 
     valid = mask if mask.dtype == torch.bool else mask != 0
     if mask.dtype == torch.bool:
         return valid, None
-    if _traced():
+    if traced():
         return valid, ((mask != 0) & (mask != 1)).any()
-    if not _binary(mask, valid):
+    if not binary(mask, valid):
         z = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         try:
             raise_faults(faults(z, z, z, mask, valid, sequence=False))

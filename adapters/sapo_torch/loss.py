@@ -25,7 +25,8 @@ from sapo_ref.validation import (
 
 from ._function import PolicyLossFunction, compute_dtype
 from ._namespace import TORCH
-from .distributed import local_counts
+from .distributed import binary, local_counts
+from .distributed import traced as is_traced
 
 __all__ = ["check_inputs", "policy_loss"]
 
@@ -49,15 +50,6 @@ def _resolve_config(*args: Any, **kwargs: Any) -> LossConfig:
         if "unhashable" not in str(err):
             raise
         return resolve_config(*args, **kwargs)
-
-
-def _traced() -> bool:
-    """True where tensor values cannot be read: torch.compile, torch.jit tracing, torch.func."""
-    return (
-        bool(torch.compiler.is_compiling())
-        or bool(torch.jit.is_tracing())
-        or bool(torch._C._are_functorch_transforms_active())
-    )
 
 
 def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
@@ -126,14 +118,6 @@ def _counts(normalizer: Any) -> tuple[Any, Any]:
             )
         out.append(v if isinstance(v, torch.Tensor) else float(v))
     return out[0], out[1]
-
-
-def _binary(mask: torch.Tensor, valid: torch.Tensor) -> bool:
-    """Whether a non-bool mask holds only 0 and 1 (one read of the mask for integers)."""
-    if mask.is_floating_point():
-        return torch.equal(mask, valid.to(mask.dtype))  # NaN and 0.5 differ from 1
-    lo, hi = torch.aminmax(mask)
-    return bool(lo >= 0) and bool(hi <= 1)
 
 
 def policy_loss(
@@ -237,7 +221,7 @@ def policy_loss(
     if normalizer is not None:  # counts as floats or tensors: what the checks can compare
         normalizer = Normalizer(num_tokens, num_rows)
     valid = mask if mask.dtype == torch.bool else mask != 0
-    traced = _traced()
+    traced = is_traced()
     # Token SAPO checks its data after the pass: every data fault but a mask value or a bad
     # normalizer makes the fused pass's loss non-finite (a NaN or infinite advantage times
     # p > 0, or a NaN log-ratio), so the other checks run only when it is. Other methods: before.
@@ -249,7 +233,7 @@ def policy_loss(
         poison = any_fault(tuple(first), TORCH)  # unused checks are dead code to Inductor
     elif not after:
         raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, normalizer))
-    elif mask.dtype != torch.bool and not _binary(mask, valid):
+    elif mask.dtype != torch.bool and not binary(mask, valid):
         raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
     elif normalizer is not None and bool(
         any_fault(normalizer_faults(normalizer, _local(valid, config), TORCH), TORCH)
@@ -307,7 +291,7 @@ def _data_faults(
     cdt = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     lp, olp, adv = (x.detach().to(cdt) for x in (logp, old_logp, advantages))
     local = None if normalizer is None else _local(valid, config)
-    traced_counts = normalizer is not None and _traced()
+    traced_counts = normalizer is not None and is_traced()
     found = faults(
         lp,
         olp,
