@@ -307,13 +307,17 @@ def to_markdown(result: SuiteResult, settings: dict[str, Any], verdicts: list | 
     lines += [f"- **not a pass**: {why}" for why in data["unchecked"]]
     if data["unchecked"]:
         lines.append("")
-    lines += ["| target | framework, versions, device | status | notes |", "|---|---|---|---|"]
+    lines += [
+        "| target | framework, versions, device, driver | status | notes |",
+        "|---|---|---|---|",
+    ]
     for tg in data["targets"]:
         notes = tg["reason"] or "; ".join(f"{k}: {v}" for k, v in tg["dtype_skips"].items())
         fw = ", ".join(
             [tg["framework"]]
             + [f"{k} {v}" for k, v in tg["versions"].items()]
             + [f"device {tg['device']}"]
+            + ([f"driver {tg['driver']}"] if tg["driver"] else [])
         )
         lines.append(
             f"| {tg['name']} | {fw} | {tg['status']} ({tg['wall_time_s']:.1f} s) | "

@@ -162,11 +162,19 @@ HOSTILE = textwrap.dedent(
 
 TORCH_HOSTILE = textwrap.dedent(
     """
-    import sapo_torch
+    import numpy as np
+    import sapo_ref
+    import torch
 
 
     def modifies_mask(logp, old_logp, advantages, mask, **options):
-        loss = sapo_torch.policy_loss(logp, old_logp, advantages, mask.clone(), **options)
+        # the reference's loss and gradient on a torch graph (independent of sapo_torch)
+        r = sapo_ref.policy_loss(*(t.detach().cpu().numpy() for t in (logp, old_logp, advantages, mask)),
+                                 **options)
+        valid = mask.clone()
+        x = torch.where(valid, logp, torch.zeros_like(logp))
+        g = torch.as_tensor(np.asarray(r.grad), dtype=logp.dtype)
+        loss = (x * g).sum() - (x.detach() * g).sum() + torch.tensor(float(r.loss), dtype=logp.dtype)
         mask[:, 0] = ~mask[:, 0]
         return loss
     """
