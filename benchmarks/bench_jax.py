@@ -64,19 +64,18 @@ def make_inputs(rows: int, cols: int, seed: int = 0):
     return logp, old, adv, mask
 
 
-def time_fn(fn, args, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall and process CPU seconds per call (CPU time is steadier on a loaded machine)."""
-    wall, cpu = [], []
+def time_fn(fn, args, repeats: int) -> list[float]:
+    """Wall seconds per call."""
+    wall = []
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - t0)
-    return wall, cpu
+    return wall
 
 
 def bench(method: str, rows: int, cols: int, repeats: int, metrics: bool) -> dict[str, float]:
-    """Median wall and CPU milliseconds of both sides, timed interleaved in chunks."""
+    """Median and minimum wall milliseconds of both sides, timed interleaved in chunks."""
     logp, old, adv, mask = make_inputs(rows, cols)
     opts = {"eps_low": 0.2, "eps_high": 0.2} if method in ("gspo", "gspo-token") else {}
 
@@ -90,18 +89,11 @@ def bench(method: str, rows: int, cols: int, repeats: int, metrics: bool) -> dic
     for fn in (ours, plain):  # compile and warm up
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {
-        "ours_wall": [],
-        "ours_cpu": [],
-        "plain_wall": [],
-        "plain_cpu": [],
-    }
+    times: dict[str, list[float]] = {"ours_wall": [], "plain_wall": []}
     chunk = max(1, repeats // 10)
     for _ in range(10):  # interleave so both sides see the same machine load
         for name, fn in (("ours", ours), ("plain", plain)):
-            wall, cpu = time_fn(fn, args, chunk)
-            times[name + "_wall"] += wall
-            times[name + "_cpu"] += cpu
+            times[name + "_wall"] += time_fn(fn, args, chunk)
     out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     out.update({"min_" + k: min(v) * 1e3 for k, v in times.items()})
     return out
