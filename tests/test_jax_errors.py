@@ -124,6 +124,19 @@ def test_traced_bad_data_poisons_loss_and_every_gradient_entry(name):
     assert np.all(np.isnan(np.asarray(g))) and np.all(np.isnan(np.asarray(g_old)))
 
 
+@pytest.mark.clause("8.5", "8.7")
+def test_eager_large_input_raises_too():
+    """Past the small-input shape buckets (the exact-shape program): the same eager error."""
+    rng = np.random.default_rng(1)
+    logp = -np.abs(rng.normal(1.0, 0.5, (2, 9000)))
+    adv = np.array([1.0, np.inf])
+    mask = np.ones((2, 9000), bool)
+    want = reference_error({"logp": logp, "old_logp": logp, "advantages": adv, "mask": mask})
+    with pytest.raises(ValueError) as got:
+        sapo_jax.policy_loss(*(jnp.asarray(x) for x in (logp, logp, adv, mask)))
+    assert str(got.value) == str(want)
+
+
 @pytest.mark.clause("8.7")
 def test_vmap_poisons_only_the_bad_problem():
     good, bad = valid(), BAD_DATA["mask 2"]
