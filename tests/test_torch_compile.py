@@ -45,6 +45,7 @@ def _batch(dtype: torch.dtype, per_token: bool) -> tuple[torch.Tensor, ...]:
 
 CASES = [
     ("float32", {}, False, False),
+    ("float32", {"tau_pos": 2.0, "loss_agg": "token-mean"}, True, True),  # fused, per token
     ("float32", {"method": "gspo", "loss_agg": "token-mean"}, True, False),
     (
         "bfloat16",
