@@ -47,25 +47,25 @@ def norm(*counts: Any) -> Edit:
 #: (label, edit, exception, pattern, clauses)
 CASES: list[tuple[str, Edit, type[Exception], str, tuple[str, ...]]] = [
     # clause 8.1 shapes
-    ("logp 1-D", lambda c: {**c, "logp": c["logp"][0]}, ValueError, "logp", ("8.1",)),
-    ("logp 3-D", lambda c: {**c, "logp": c["logp"][None]}, ValueError, "logp", ("8.1",)),
+    ("logp 1-D", lambda c: {**c, "logp": c["logp"][0]}, ValueError, "logp", ("1.1", "8.1")),
+    ("logp 3-D", lambda c: {**c, "logp": c["logp"][None]}, ValueError, "logp", ("1.1", "8.1")),
     (
         "old_logp shape",
         lambda c: {**c, "old_logp": c["old_logp"][:, :2]},
         ValueError,
         "old_logp",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     (
         "old_logp [1, T]",
         lambda c: {**c, "old_logp": c["old_logp"][:1]},
         ValueError,
         "old_logp",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
-    ("mask shape", lambda c: {**c, "mask": c["mask"][:2]}, ValueError, "mask", ("8.1",)),
-    ("mask [1, T]", lambda c: {**c, "mask": c["mask"][:1]}, ValueError, "mask", ("8.1",)),
-    ("N = 0", lambda c: {k: v[:0] for k, v in c.items()}, ValueError, "logp", ("8.1",)),
+    ("mask shape", lambda c: {**c, "mask": c["mask"][:2]}, ValueError, "mask", ("1.1", "8.1")),
+    ("mask [1, T]", lambda c: {**c, "mask": c["mask"][:1]}, ValueError, "mask", ("1.1", "8.1")),
+    ("N = 0", lambda c: {k: v[:0] for k, v in c.items()}, ValueError, "logp", ("1.1", "8.1")),
     (
         "T = 0",
         lambda c: {
@@ -74,35 +74,35 @@ CASES: list[tuple[str, Edit, type[Exception], str, tuple[str, ...]]] = [
         },
         ValueError,
         "logp",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     (
         "advantages length",
         lambda c: {**c, "advantages": c["advantages"][:2]},
         ValueError,
         "advantages",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     (
         "advantages [N, 1]",
         lambda c: {**c, "advantages": c["advantages"][:, None]},
         ValueError,
         "advantages",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     (
         "advantages [T, N]",
         lambda c: {**c, "advantages": np.ones((T, N))},
         ValueError,
         "advantages",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     (
         "advantages 3-D",
         lambda c: {**c, "advantages": np.ones((N, T, 1))},
         ValueError,
         "advantages",
-        ("8.1",),
+        ("1.1", "8.1"),
     ),
     # clause 8.2 dtypes, and what is not an array at all
     ("integer logp", setting(logp=np.zeros((N, T), dtype=np.int64)), TypeError, "logp", ("8.2",)),
