@@ -45,18 +45,18 @@ def _policy_loss(module: str):
     return importlib.import_module(module).policy_loss
 
 
-def test_resolver_defaults_are_the_spec_defaults():
+def test_resolver_keywords_are_the_spec_data():
+    """resolve_config takes the spec's options: its [defaults], every method's params (from
+    [methods.*]), the aggregation's requirements (from [loss_aggs.*]) and nothing else."""
     kw = spec_keywords()
-    assert kw["method"] == spec.DATA["defaults"]["method"]
-    assert kw["loss_agg"] == spec.DATA["defaults"]["loss_agg"]
-    assert set(kw) == {
-        "method",
-        "loss_agg",
-        *sapo_ref.config.PARAM_NAMES,
-        "norm_length",
-        "count_empty_rows",
-        "normalizer",
-    }
+    data = spec.DATA
+    params = {p for m in spec.METHODS.values() for p in m.params}
+    required = {r for a in spec.LOSS_AGGS.values() for r in a.requires}
+    assert set(kw) == set(data["defaults"]) | params | required | {"normalizer"}
+    for name, value in data["defaults"].items():
+        # count_empty_rows: None means "the default (false) unless a normalizer fixed it"
+        assert kw[name] == (None if name == "count_empty_rows" else value), name
+    assert all(kw[p] is None for p in params | required)  # None: the method's own default
 
 
 @pytest.mark.parametrize("module", APIS)
