@@ -17,7 +17,7 @@ import torch
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig
 
-from ._kernels import forward_pass
+from ._kernels import _as, forward_pass
 
 __all__ = ["PolicyLossFunction", "compute_dtype", "promoted_dtype"]
 
@@ -77,7 +77,7 @@ class PolicyLossFunction(torch.autograd.Function):
         stacked = torch.stack(list(values.values())) if values else loss.new_empty(0)
         # Saved in logp's dtype, or unrounded when old_logp's derivative may need more digits.
         wide = old_logp.dtype != logp.dtype and config.method != "gspo-token"
-        return loss.to(promoted), grad if wide else grad.to(logp.dtype), stacked
+        return _as(loss, promoted), grad if wide else _as(grad, logp.dtype), stacked
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -98,7 +98,7 @@ class PolicyLossFunction(torch.autograd.Function):
             # grad_loss is 0-d (per vmapped sample): the product keeps grad's dtype, rounded once.
             g = grad * grad_loss
             if ctx.needs_input_grad[0]:
-                d_logp = g.to(ctx.logp_dtype)
+                d_logp = _as(g, ctx.logp_dtype)
             if ctx.needs_input_grad[1]:
                 d_old = (
                     torch.zeros_like(g, dtype=ctx.old_dtype)

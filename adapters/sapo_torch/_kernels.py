@@ -43,6 +43,11 @@ Tensor = torch.Tensor
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (a no-op ``.to`` still costs a dispatch, a small batch's budget)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _select_(x: Tensor, bits: Tensor) -> Tensor:
     """``x`` where valid, +0.0 elsewhere, in place: a bitwise AND with the mask's bits (all set
     where valid), so exactly a selection (NaN or inf in x cannot leak) without the slow CPU path
@@ -159,7 +164,7 @@ def sapo_token_pass(
     tp, tn = config.tau_pos, config.tau_neg
     if advantages.dim() == 1:
         # An empty row's advantage may be garbage (it is masked): select it away.
-        adv = advantages.to(dtype).masked_fill(lengths == 0, 0.0).unsqueeze(-1)
+        adv = _as(advantages, dtype).masked_fill(lengths == 0, 0.0).unsqueeze(-1)
     else:
         adv = _select_(advantages.to(dtype, copy=True), bits)
     k = weights * adv  # [N, 1] or [N, T]
@@ -169,8 +174,7 @@ def sapo_token_pass(
         tp if tp == tn else torch.lerp(torch.full_like(adv, tn), torch.full_like(adv, tp), pos)
     )
 
-    lr = old_logp if old_logp.dtype == dtype else old_logp.to(dtype)
-    delta = _select_(logp.to(dtype) - lr, bits)  # logp.to is a no-op for the compute dtype
+    delta = _select_(_as(logp, dtype) - _as(old_logp, dtype), bits)
     metrics: dict[str, Tensor] = {}
     # Saturation (clause 6.3) at one point for both temperatures: past min(dsat_pos, dsat_neg)
     # every token has x >= X_sat min(tau)/max(tau) >= 1e18, where q = 0 and p = 1 exactly as at
@@ -297,7 +301,7 @@ def forward_pass(
     """
     if config.method == "sapo":
         return sapo_token_pass(logp, old_logp, advantages, valid, config, norm, dtype, want_metrics)
-    lp, olp, adv = (x if x.dtype == dtype else x.to(dtype) for x in (logp, old_logp, advantages))
+    lp, olp, adv = (_as(x, dtype) for x in (logp, old_logp, advantages))
     if norm is None:
         norm = normalizer(valid, count_empty_rows=config.count_empty_rows)
     ev = evaluate(lp, olp, adv, valid, config, norm)
