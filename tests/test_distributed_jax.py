@@ -265,9 +265,24 @@ def test_global_normalizer_on_one_device(count_empty):
 
 
 @pytest.mark.jax
-def test_local_counts_rejects_a_vector():
-    with pytest.raises(ValueError, match=r"mask must have shape \[..., N, T\]"):
-        local_counts(jnp.ones(3, bool))
+@pytest.mark.clause("8.1", "8.2", "8.7")
+def test_local_counts_checks_the_mask_as_policy_loss_does():
+    """Eagerly a 1-D or 3-D mask or a mask value other than 0/1 raises naming the mask; under
+    jit a bad value makes the counts NaN, so every loss given them is NaN (clause 8.7, 8.8)."""
+    for mask in (jnp.ones(3, bool), jnp.ones((1, 2, 3), bool)):
+        with pytest.raises(ValueError, match=r"mask must have shape \[N, T\]"):
+            local_counts(mask)
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1.*\(0, 1\)"):
+        local_counts(jnp.array([[1.0, 2.0, 0.0]]))
+    lp = jnp.zeros((1, 3))
+
+    @jax.jit
+    def loss(mask):
+        norm = local_counts(mask)
+        return sapo_jax.policy_loss(lp, lp, jnp.ones(1), mask > 0, normalizer=norm)[0]
+
+    assert np.isnan(float(loss(jnp.array([[1.0, 2.0, 0.0]]))))
+    assert np.isfinite(float(loss(jnp.array([[1.0, 1.0, 0.0]]))))
 
 
 @pytest.mark.jax

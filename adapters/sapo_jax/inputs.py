@@ -22,6 +22,7 @@ from sapo_ref.validation import check_arrays
 __all__ = [
     "Float64TruncationWarning",
     "as_inputs",
+    "check_signature",
     "compute_dtype",
     "check_normalizer",
     "x64_enabled",
@@ -53,7 +54,8 @@ def _stand_in_dtype(dtype: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def _check_signature(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+def check_signature(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+    """:func:`sapo_ref.validation.check_arrays` of four ``(shape, dtype)`` pairs (cached)."""
     # check_arrays reads only shapes and dtypes: empty NumPy stand-ins give its exact errors for
     # tracers, JAX arrays and host arrays of any dtype alike. Failures are not cached.
     check_arrays(*(np.empty(shape, _stand_in_dtype(dt)) for shape, dt in signature))
@@ -77,7 +79,7 @@ def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any
     arrays = tuple(_as_array(x) for x in (logp, old_logp, advantages, mask))
     if not all(hasattr(x, "shape") for x in arrays):
         check_arrays(*(x if not hasattr(x, "shape") else np.empty((), np.float64) for x in arrays))
-    _check_signature(tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays))
+    check_signature(tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays))
     if not x64_enabled():
         lost = [
             name
