@@ -21,29 +21,13 @@ from typing import Any
 
 import pytest
 import sapo_conformance as sc
-from sapo_conformance.verdict import Verdict, diagnose
+from sapo_conformance.verdict import Verdict
+
+from peers import verdicts as run
 
 pytestmark = pytest.mark.peers
 
-#: Seeded random cases per clause. The suite draws each clause's options before filtering them
-#: by the target's capabilities, so a target with one method keeps about a fifth of them: 12
-#: gives every peer a few dozen cases per dtype within the group's time budget.
-PER_CLAUSE = 12
-SEED = 0
-
 CLAMP_20 = {"low": -20.0, "high": 20.0}
-
-#: Deviations the peers' sources have that the catalogue (conformance_tests/deviations.toml)
-#: has no entry for yet; they are in the expected sets under these proposed ids, so the tests
-#: that need them fail (strict xfail) until the suite can name them.
-NOT_IN_CATALOGUE = {
-    "exp-overflow-value": "the clipped term -A * exp(delta) overflows to inf where the reference's "
-    "value is finite (no clamp, ratio not taken in log space)",
-    "nan-grad-through-where": "the value is selected with where(mask, x, 0) but its backward "
-    "sends 0 * NaN (or 0 * inf) to padding: NaN gradient at padding only",
-    "stop-gradient-difference-nan": "GSPO-token written as logp - sg(logp) + sg(log s): "
-    "-inf - (-inf) = NaN at a valid token with logp = -inf",
-}
 
 
 @dataclass(frozen=True)
@@ -59,8 +43,8 @@ PEERS = [
     Peer(
         "verl:sapo",
         {"log-ratio-clamp": CLAMP_20, "nan-through-mask": None, "empty-batch-nan": None},
-        "compute_policy_loss_sapo: clamp(delta, -20, 20); agg_loss masks by loss_mat * mask and "
-        "divides by the number of non-empty rows, 0 for an empty batch",
+        "compute_policy_loss_sapo: clamp(delta, -20, 20); agg_loss, hard-coded seq-mean-token-mean, "
+        "masks by loss_mat * mask and divides by the number of non-empty rows, 0 for an empty batch",
     ),
     Peer(
         "verl:vanilla",
@@ -69,9 +53,11 @@ PEERS = [
             "nan-through-mask": None,
             "always-dual-clip": {"c": 3.0},
             "empty-batch-nan": None,
+            "nan-grad-through-where": None,
         },
         "compute_policy_loss_vanilla: clamp(delta, -20, 20); clip_ratio_c = 3 applied to every "
-        "A < 0 token; agg_loss as above",
+        "A < 0 token; agg_loss as above for the seq-mean modes, while token-mean and token-sum "
+        "go through verl_F.masked_sum, which selects with where(mask, x, 0)",
     ),
     Peer(
         "verl:gspo",
@@ -81,6 +67,7 @@ PEERS = [
             "gspo-ignores-dual-clip": None,
             "empty-batch-nan": None,
             "stop-gradient-difference-nan": None,
+            "nan-grad-through-where": None,
         },
         "compute_policy_loss_gspo: log s_it clamped at 10; sequence log-ratio summed as "
         "delta * mask; no clip_ratio_c; agg_loss as above",
@@ -155,31 +142,22 @@ PEERS = [
 
 
 #: What the suite cannot name yet, per wrapper (state of the suite at 16:15 UTC): these tests
-#: keep their assertion and are strict xfails, so they fail loudly once the gap is closed. All
-#: three are coverage gaps (the deviations are in the catalogue; no drawn or golden case that the
-#: declared capabilities admit shows them), checked by calling the wrappers directly.
+#: keep their assertion and are strict xfails, so they fail loudly once the gap is closed. The
+#: deviations named here are shown directly in test_deviations_shown_directly.
 GAPS = {
-    "liger:sapo": "no case shows nan-through-mask or zero-adv-nan to a target that declares "
-    "advantages per sequence only: the masking generator (clause 6.1) always draws per-token "
-    "advantages, and the garbage-padding and zero-advantage golden vectors for sapo use per-token "
-    "advantages or another aggregation",
+    "verl:gspo": "6 deviations and the verdict composes at most 5 (verdict.MAX_SET): "
+    "nan-grad-through-where (token-mean and token-sum go through verl_F.masked_sum) is left out; "
+    "in the drawn cases garbage padding already makes the row's sequence log-ratio NaN "
+    "(nan-through-mask), so no case needs it",
     "liger:grpo": "no case shows exp-overflow-value to a target that declares advantages per "
-    "sequence only: golden:grpo/overflow-band-finite has per-token advantages (Liger gives inf "
-    "for -A exp(710) with A = -0.5, whose reference value is finite)",
-    "areal:ppo": "no case shows exp-overflow-grad to a token-mean-only grpo/gspo target: it needs "
-    "A > 0 at an overflowing log-ratio (AReaL gives a NaN gradient there, checked directly), and "
-    "the overflow generators draw their aggregation before the capability filter",
+    "sequence only: golden:grpo/overflow-band-finite has per-token advantages and no drawn case "
+    "has a finite -A exp(delta) past the overflow (Liger gives inf for A = -0.5, delta = 710)",
 }
-
-
-@pytest.fixture(scope="module")
-def cases() -> list:
-    return sc.generate_cases(seed=SEED, per_clause=PER_CLAUSE) + sc.golden_cases()
 
 
 def _target(wrapper: str) -> sc.Target:
     try:
-        return sc.impl_target(f"peers.wrappers.{wrapper}", "torch")
+        return run.target(wrapper)
     except sc.UsageError as err:  # the peer is not installed or does not import here
         pytest.skip(f"{wrapper}: {err} (set up with: bash tools/setup_peers.sh)")
 
@@ -215,11 +193,9 @@ def _check(peer: Peer, verdicts: list[Verdict]) -> None:
         for p in PEERS
     ],
 )
-def test_verdict_names_the_peers_deviations(peer: Peer, cases: list) -> None:
-    target = _target(peer.wrapper)
-    result = sc.run_suite([target], cases, dtypes=list(target.dtypes))
-    assert result.results, "the suite ran no case"
-    _check(peer, diagnose(result))
+def test_verdict_names_the_peers_deviations(peer: Peer) -> None:
+    _target(peer.wrapper)  # skips the test when the peer does not import here
+    _check(peer, run.verdicts(peer.wrapper))
 
 
 def test_wrappers_refuse_what_the_peer_cannot_compute() -> None:
@@ -285,15 +261,15 @@ def test_liger_fused_path_equals_the_wrapped_chunk_loss() -> None:
         torch.testing.assert_close(h_fused.grad, h_eager.grad, rtol=1e-5, atol=1e-6 * scale)
 
 
-def test_the_coverage_gaps_are_real_deviations() -> None:
-    """The deviations the suite cannot show to three wrappers (GAPS) are there, on inputs built
-    for them, against the reference: the expected sets are facts about the peers."""
+def test_deviations_shown_directly() -> None:
+    """Deviations of the expected sets that few drawn cases reach (and those of GAPS) shown on
+    inputs built for them, against the reference: the expected sets are facts about the peers."""
     torch = pytest.importorskip("torch")
     import numpy as np
 
     import sapo_ref
 
-    def run(wrapper, logp, old, adv, mask, **options):
+    def call(wrapper, logp, old, adv, mask, **options):
         lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
         args = (torch.tensor(old, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64))
         loss = _target(wrapper).fn(lp, *args, torch.tensor(mask), **options)
@@ -306,7 +282,7 @@ def test_the_coverage_gaps_are_real_deviations() -> None:
     mask = [[True, True, False], [True, True, True]]
     counted = {"count_empty_rows": True}
     # Liger sapo, nan-through-mask: NaN in padding makes the loss NaN; the reference ignores it.
-    got, _, want, _ = run(
+    got, _, want, _ = call(
         "liger:sapo",
         [[-0.5, -1.0, np.nan], [-0.2, -0.3, -0.4]],
         [[-0.4, -1.1, 0.0], [-0.2, -0.3, -0.4]],
@@ -316,7 +292,7 @@ def test_the_coverage_gaps_are_real_deviations() -> None:
     )
     assert np.isnan(got) and np.isfinite(want)
     # Liger sapo, zero-adv-nan: A = 0 on a row whose ratio overflows: NaN gradient, reference 0.
-    _, grad, _, ref_grad = run(
+    _, grad, _, ref_grad = call(
         "liger:sapo",
         [[800.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
         [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
@@ -325,8 +301,21 @@ def test_the_coverage_gaps_are_real_deviations() -> None:
         **counted,
     )
     assert np.isnan(grad[0, 0]) and ref_grad[0, 0] == 0.0
+    # verl gspo and vanilla, nan-grad-through-where: token-mean selects the value with where, and
+    # A = inf in padding makes its backward 0 * inf = NaN there; the reference's gradient is 0.
+    for wrapper, method in (("verl:gspo", "gspo-token"), ("verl:vanilla", "grpo")):
+        got, grad, want, ref_grad = call(
+            wrapper,
+            [[-0.5, -1.0, -0.3], [-0.2, -0.3, -0.4]],
+            [[-0.4, -1.1, -0.2], [-0.2, -0.3, -0.4]],
+            [[1.0, 1.0, np.inf], [-1.0, -1.0, -1.0]],
+            mask,
+            method=method,
+            loss_agg="token-mean",
+        )
+        assert np.isfinite(got) and np.isnan(grad[0, 2]) and ref_grad[0, 2] == 0.0
     # Liger grpo, exp-overflow-value: -A exp(710) with A = -0.5 is finite; Liger gives inf.
-    got, _, want, _ = run(
+    got, _, want, _ = call(
         "liger:grpo",
         [[710.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
         [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
@@ -337,7 +326,7 @@ def test_the_coverage_gaps_are_real_deviations() -> None:
     )
     assert np.isinf(got) and np.isfinite(want)
     # AReaL ppo, exp-overflow-grad: A > 0 at an overflowing ratio, clipped: NaN gradient, ref 0.
-    _, grad, _, ref_grad = run(
+    _, grad, _, ref_grad = call(
         "areal:ppo",
         [[800.0, -1.0, 0.0], [-0.2, -0.3, -0.4]],
         [[0.0, -1.1, 0.0], [-0.2, -0.3, -0.4]],
