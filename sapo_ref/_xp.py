@@ -34,6 +34,8 @@ def namespace(*arrays: Any) -> Any:
 
 def is_numpy(xp: Any) -> bool:
     """Whether ``xp`` is NumPy's namespace (compat-wrapped or not)."""
+    if any(xp is x for _, x in _REGISTERED):  # a registered shim never is (and Dynamo-friendly)
+        return False
     from array_api_compat import is_numpy_namespace
 
     return bool(is_numpy_namespace(xp))

@@ -24,6 +24,7 @@ ValueError: mask must hold only 0 and 1 (or be boolean); first bad value at (0, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,7 @@ def check_arrays(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
 def _isdtype(xp: Any, dtype: Any, kind: str) -> bool:
     try:
         return bool(xp.isdtype(dtype, kind))
-    except (TypeError, ValueError):  # object, string or other non-numeric dtypes
+    except (TypeError, ValueError, AttributeError):  # object, string, other libraries' dtypes
         return False
 
 
@@ -101,7 +102,7 @@ class Fault:
 
     argument: str
     clause: str
-    message: str
+    message: str | Callable[[], str]  # a callable is formatted only when raised (traced values)
     where: Any
     unit: str = "token"  # how a position is named: "token" (i, t), "row" i, or "" (no position)
 
@@ -208,15 +209,17 @@ def normalizer_faults(norm: Any, local: Any, xp: Any = None) -> tuple[Fault, ...
         Fault(
             "normalizer",
             "8.8",
-            f"normalizer counts must be finite and >= 0; got {_show(norm)}",
+            lambda: f"normalizer counts must be finite and >= 0; got {_show(norm)}",
             bad_value,
             unit="",
         ),
         Fault(
             "normalizer",
             "8.8",
-            f"normalizer {_show(norm)} counts fewer tokens or rows than this shard's own mask "
-            f"({_show(local)}): it must hold the global counts of the whole batch",
+            lambda: (
+                f"normalizer {_show(norm)} counts fewer tokens or rows than this shard's own "
+                f"mask ({_show(local)}): it must hold the global counts of the whole batch"
+            ),
             fewer,
             unit="",
         ),
@@ -248,17 +251,18 @@ def raise_faults(found: tuple[Fault, ...]) -> None:
         where = np.asarray(_to_numpy(f.where))
         if not where.any():
             continue
+        message = f.message() if callable(f.message) else f.message
         if f.unit == "":
-            raise ValueError(f.message)
+            raise ValueError(message)
         first = tuple(int(i) for i in np.argwhere(where)[0])
         if f.unit == "row":
-            raise ValueError(f"row {first[0]} {f.message}")
+            raise ValueError(f"row {first[0]} {message}")
         where_word = (
             "first bad value at"
             if f.argument == "mask"
             else ("first bad at" if f.argument == "advantages" else "first at")
         )
-        raise ValueError(f"{f.message}; {where_word} {first}")
+        raise ValueError(f"{message}; {where_word} {first}")
 
 
 def any_fault(found: tuple[Fault, ...], xp: Any) -> Any:

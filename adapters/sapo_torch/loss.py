@@ -15,7 +15,6 @@ from sapo_ref.config import LossConfig, resolve_config
 from sapo_ref.loss import _check_normalizer_type
 from sapo_ref.metrics import metric_keys
 from sapo_ref.validation import (
-    Fault,
     any_fault,
     check_arrays,
     faults,
@@ -291,7 +290,6 @@ def _data_faults(
     cdt = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     lp, olp, adv = (x.detach().to(cdt) for x in (logp, old_logp, advantages))
     local = None if normalizer is None else _local(valid, config)
-    traced_counts = normalizer is not None and is_traced()
     found = faults(
         lp,
         olp,
@@ -299,16 +297,7 @@ def _data_faults(
         mask,
         valid,
         sequence=config.sequence_value,
-        normalizer=None if traced_counts else normalizer,
+        normalizer=normalizer,
         local=local,
     )
-    if traced_counts:
-        # sapo_ref's normalizer_faults formats its message from the counts' values (float()),
-        # which Dynamo cannot trace: the same clause 8.8 condition, for poisoning only.
-        n, r = (
-            torch.as_tensor(v, dtype=torch.float64)
-            for v in (normalizer.num_tokens, normalizer.num_rows)
-        )
-        ok = torch.isfinite(n) & torch.isfinite(r) & (n >= local.num_tokens) & (r >= local.num_rows)
-        found += (Fault("normalizer", "8.8", "normalizer counts are invalid", ~ok, unit=""),)
     return found
