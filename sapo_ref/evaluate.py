@@ -110,14 +110,19 @@ def evaluate(
     weighted = ca * g  # c * term
     coef = ca * dlog * spread  # dJ/d log x per token, already divided by L_i when spread
     if not config.is_soft:
-        # Clause 5.4: where r = e^{log x} overflows but c*A*r need not (A < 0, no dual clip:
-        # the only unbounded case), take c*A*r = -exp(log x + log|c A|) so the loss and
-        # gradient are the correctly rounded finite values, +inf only when they truly overflow.
+        # Clause 5.4/6.3: where r = e^{log x} overflows but c*A*r need not (A < 0, no dual clip:
+        # the only unbounded case), take c*A*r = ((c*A*h)*h)*k with h = e^a, a = log x / 3 and
+        # k = e^{log x - 2a} (an exact difference, Sterbenz): finite whenever the true value is
+        # (h and k stay finite up to log x = 3 * 709.8, past the largest log x where c*A*r can
+        # be finite even for the smallest subnormal c*A), +inf only when it truly overflows, with
+        # no rounding of the exponent amplified.
         big = gate.active & (gate.r == math.inf)
-        log_ca = xp.log(xp.where(big, -ca, xp.ones_like(ca)))
-        huge = xp.where(big, p.log_x, zero)
-        weighted = xp.where(big, -safe_exp(huge + log_ca), weighted)
-        coef = xp.where(big, -safe_exp(huge + log_ca + xp.log(spread)), coef)
+        log_x = xp.where(big, p.log_x, zero)
+        third = log_x / 3.0
+        finite_third = xp.where(log_x == math.inf, zero, third)  # log x = +inf: k = +inf too
+        h, k = safe_exp(third), safe_exp(log_x - 2.0 * finite_third)
+        weighted = xp.where(big, ((ca * h) * h) * k, weighted)
+        coef = xp.where(big, ((ca * spread * h) * h) * k, coef)
     loss = 0.0 - xp.sum(xp.where(p.valid, weighted, zero))  # 0.0 - x keeps an empty batch +0.0
     coef = xp.where(p.valid, coef, zero)
     if config.spreads_gradient:
