@@ -5,7 +5,10 @@
 marker. A backend is the suite's target (the function, its capabilities) plus the suite's
 framework driver (conversion, autodiff); results are compared with the suite's one comparison
 helper, :func:`sapo_conformance.compare.compare`, at the spec's tolerance for the dtype
-(clause C.1). A framework that is not installed skips its tests with the reason.
+(clause C.1). A framework that is not installed skips its tests with the reason; an adapter
+that fails to import while its framework is installed is an error, and so is an unknown name.
+A test module narrows the backends with ``BACKENDS = (...)`` (the adapters, for tracing and
+autodiff).
 """
 
 from __future__ import annotations
