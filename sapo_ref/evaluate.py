@@ -42,6 +42,7 @@ class Prepared:
     valid: Any
     lengths: Any
     log_x: Any
+    mu: Any = None  # [N] row means of delta (sequence methods), 0 for empty rows
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,8 @@ def prepare(logp: Any, old_logp: Any, advantages: Any, mask: Any, config: LossCo
         one = xp.ones_like(lengths)
         mu = xp.sum(delta, axis=1) / xp.where(lengths > 0, lengths, one)
         log_x = xp.where(valid, xp.broadcast_to(xp.expand_dims(mu, axis=1), delta.shape), zero)
-    else:
-        log_x = delta
-    return Prepared(delta=delta, adv=adv, valid=valid, lengths=lengths, log_x=log_x)
+        return Prepared(delta=delta, adv=adv, valid=valid, lengths=lengths, log_x=log_x, mu=mu)
+    return Prepared(delta=delta, adv=adv, valid=valid, lengths=lengths, log_x=delta)
 
 
 def evaluate(
@@ -95,12 +95,22 @@ def evaluate(
     den = denominator(norm, config.loss_agg, config.norm_length)
     c = token_weights(p.valid, p.lengths, config.loss_agg, den)
 
+    gate_x, gate_adv = p.log_x, p.adv
+    if p.mu is not None and advantages.ndim == 1:
+        # A sequence gate with per-sequence advantages depends on the row only: evaluate it once
+        # per row, [N, 1], and let broadcasting spread it (empty rows: mu = 0, A = 0).
+        rows = xp.expand_dims(p.lengths > 0, axis=1)
+        gate_x = xp.expand_dims(p.mu, axis=1)
+        gate_adv = xp.expand_dims(advantages, axis=1)
+        gate_adv = xp.where(rows, gate_adv, xp.zeros_like(gate_adv))
     if config.is_soft:
-        gate = sapo_parts_signed(p.log_x, p.adv > 0, config.tau_pos, config.tau_neg)
+        gate = sapo_parts_signed(gate_x, gate_adv > 0, config.tau_pos, config.tau_neg)
         g, dlog = gate.f, gate.dlog
     else:
-        gate = clip_parts(p.log_x, p.adv, config.eps_low, config.eps_high, config.dual_clip)
+        gate = clip_parts(gate_x, gate_adv, config.eps_low, config.eps_high, config.dual_clip)
         g, dlog = gate.g, gate.dlog
+    if gate_x is not p.log_x:  # per-row gate: spread to the valid tokens (never 0 * inf)
+        g, dlog = xp.where(p.valid, g, zero), xp.where(p.valid, dlog, zero)
 
     term = xp.where(p.valid, p.adv * g, zero)
     ca = c * p.adv  # 0 at invalid tokens
