@@ -10,7 +10,8 @@ and gradient, so the shards' losses and gradients are **summed**, never averaged
     n = \sum_k n_k,\ R = \sum_k R_k.
 
 :func:`global_normalizer` adds the counts of the shards one process holds (micro-batches of any
-padded lengths); ``sapo_torch.distributed`` and ``sapo_jax.sharding`` add them across ranks.
+padded lengths); ``sapo_torch.distributed``, ``sapo_jax.distributed`` and ``sapo_mlx.distributed`` add them
+across ranks.
 :func:`combine_metrics` gives a batch's metrics from its shards' (clause 3.11);
 :func:`split_rows` makes the arbitrary row partitions the tests and examples use.
 """
