@@ -142,10 +142,13 @@ def test_low_precision_is_computed_in_float32(dtype):
     low = [jnp.asarray(x, getattr(jnp, dtype)) for x in (logp, old, adv)]
     high = [x.astype(jnp.float32) for x in low]
     for method in ("sapo", "grpo"):
-        f = lambda x, o, a: sapo_jax.policy_loss(x, o, a, jnp.asarray(mask), method=method)
+        f = lambda x, o, a: sapo_jax.policy_loss(
+            x, o, a, jnp.asarray(mask), method=method, metrics=True
+        )
         (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(*low)
         (loss32, metrics32), grad32 = jax.value_and_grad(f, has_aux=True)(*high)
         assert loss.dtype == grad.dtype == getattr(jnp, dtype)
+        assert set(metrics) == set(sapo_ref.metric_keys(method))
         assert all(v.dtype == jnp.float64 for v in metrics.values())
         assert all(float(metrics[k]) == float(metrics32[k]) for k in metrics)
         assert float(loss) == float(loss32.astype(loss.dtype))

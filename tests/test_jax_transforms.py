@@ -1,7 +1,7 @@
 """sapo_jax under JAX transformations: jit, grad, value_and_grad, vjp, jacrev, vmap, shard_map;
 compile counts (no retrace for the same options; small eager inputs share one program per
 method and aggregation); the custom_vjp gradient against ``jax.grad`` of a plain jnp formula
-written here independently of sapo_ref; unused metrics removed under jit.
+written here independently of sapo_ref; metrics only when asked (``metrics=True``).
 """
 
 from __future__ import annotations
@@ -130,10 +130,12 @@ def test_jit_grad_vjp_agree():
 def test_value_and_grad_has_aux_metrics():
     lp, o, a, m = batch(4)
     (_, metrics), grad = jax.jit(
-        jax.value_and_grad(lambda x: sapo_jax.policy_loss(x, o, a, m, method="grpo"), has_aux=True)
+        jax.value_and_grad(
+            lambda x: sapo_jax.policy_loss(x, o, a, m, method="grpo", metrics=True), has_aux=True
+        )
     )(lp)
     ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)), method="grpo")
-    assert set(metrics) == set(ref.metrics)
+    assert set(metrics) == set(ref.metrics) == set(sapo_ref.metric_keys("grpo"))
     for k, v in metrics.items():
         close(v, ref.metrics[k], F64["value"])
     close(grad, ref.grad)
@@ -141,14 +143,14 @@ def test_value_and_grad_has_aux_metrics():
 
 def test_metrics_carry_no_gradient():
     lp, o, a, m = batch(5)
-    g = jax.grad(lambda x: sapo_jax.policy_loss(x, o, a, m)[1]["ratio/mean"])(lp)
+    g = jax.grad(lambda x: sapo_jax.policy_loss(x, o, a, m, metrics=True)[1]["ratio/mean"])(lp)
     assert np.all(np.asarray(g) == 0.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_vmap_over_problems(method):
     """vmap over a leading batch of B problems equals B separate reference calls."""
-    kw = opts(method)
+    kw = opts(method) | {"metrics": True}
     problems = [batch(10 + b, per_token=b % 2 == 1) for b in range(3)]
 
     def f(lp, o, a, m):
@@ -161,7 +163,7 @@ def test_vmap_over_problems(method):
         stacked = [jnp.stack(xs) for xs in zip(*chosen)]
         (loss, metrics), grad = jax.jit(jax.vmap(f))(*stacked)
         for b, p in enumerate(chosen):
-            ref = sapo_ref.policy_loss(*(np.asarray(x) for x in p), **kw)
+            ref = sapo_ref.policy_loss(*(np.asarray(x) for x in p), **opts(method))
             close(loss[b], ref.loss, F64["value"])
             close(grad[b], ref.grad)
             close(metrics["tokens"][b], ref.metrics["tokens"], F64["value"])
@@ -218,7 +220,7 @@ def test_small_eager_inputs_share_one_program_per_method_and_aggregation(traces)
     result is the reference's."""
     kw = {"method": "gspo", "loss_agg": "seq-mean-token-sum"}
     lp, o, a, m = batch(80, 2, 3)
-    sapo_jax.policy_loss(lp, o, a, m, **kw)
+    sapo_jax.policy_loss(lp, o, a, m, **kw, metrics=True)
     before = len(traces)
     for i, (n, t) in enumerate([(2, 5), (4, 6), (3, 2), (5, 11)]):
         lp, o, a, m = batch(81 + i, n, t, per_token=i % 2 == 1)
@@ -229,12 +231,13 @@ def test_small_eager_inputs_share_one_program_per_method_and_aggregation(traces)
         }
         m = m.astype(jnp.int32) if i == 2 else m
         (loss, metrics), grad = jax.value_and_grad(
-            lambda x: sapo_jax.policy_loss(x, o, a, m, **kw, **extra), has_aux=True
+            lambda x: sapo_jax.policy_loss(x, o, a, m, **kw, **extra, metrics=True), has_aux=True
         )(lp)
         ref = sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m)), **kw, **extra)
         close(loss, ref.loss, F64["value"])
         close(grad, ref.grad)
         assert grad.shape == (n, t)
+        assert set(metrics) == set(sapo_ref.metric_keys("gspo"))
         for k, v in metrics.items():
             close(v, ref.metrics[k], F64["value"])
     assert len(traces) == before
@@ -263,17 +266,30 @@ def test_user_jit_traces_once():
     assert len(count) == 1
 
 
-def test_unused_metrics_are_removed_under_jit():
-    """XLA removes the metrics when only the loss is used: the compiled value_and_grad of the
-    loss alone has no max/min reductions (ratio/max, ratio/min) and fewer reductions than the
-    same call that returns the metrics."""
+def test_metrics_are_opt_in_and_cost_nothing_without(monkeypatch):
+    """The default call returns ``{}`` and computes no metric, eagerly (small bucketed inputs
+    and large ones) as under jit: the compiled value_and_grad has no max/min reductions
+    (ratio/max, ratio/min) and fewer reductions than the same call with ``metrics=True``."""
+    built = []
+    real = sapo_jax.vjp.compute_metrics
+    monkeypatch.setattr(
+        sapo_jax.vjp, "compute_metrics", lambda *a, **k: built.append(1) or real(*a, **k)
+    )
+    for shape in ((2, 3), (2, 8209)):  # a bucketed and an unbucketed eager call
+        lp, o, a, m = batch(61, *shape)
+        loss, metrics = sapo_jax.policy_loss(lp, o, a, m)
+        assert metrics == {}
+        close(
+            loss, sapo_ref.policy_loss(*(np.asarray(x) for x in (lp, o, a, m))).loss, F64["value"]
+        )
+        assert not built
+    with pytest.raises(TypeError, match="metrics must be a bool"):
+        sapo_jax.policy_loss(lp, o, a, m, metrics=1)
     lp, o, a, m = batch(60, 8, 64)
 
-    def compiled(has_aux):
-        f = lambda x: (
-            sapo_jax.policy_loss(x, o, a, m) if has_aux else sapo_jax.policy_loss(x, o, a, m)[0]
-        )
-        return jax.jit(jax.value_and_grad(f, has_aux=has_aux)).lower(lp).compile().as_text()
+    def compiled(want):
+        f = lambda x: sapo_jax.policy_loss(x, o, a, m, metrics=want)
+        return jax.jit(jax.value_and_grad(f, has_aux=True)).lower(lp).compile().as_text()
 
     lean, full = compiled(False), compiled(True)
     assert lean.count(" reduce(") < full.count(" reduce(")

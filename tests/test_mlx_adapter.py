@@ -118,7 +118,8 @@ def test_compile_and_value_and_grad(method):
         assert not np.any(np.array(g_adv))
     g = mx.compile(mx.grad(f))(lp, old, adv, mask)
     assert_close(np.array(g), ref.grad, F64["grad"], "compiled grad")
-    m = mx.compile(lambda *a: sapo_mlx.policy_loss(*a, **opts)[1])(lp, old, adv, mask)
+    m = mx.compile(lambda *a: sapo_mlx.policy_loss(*a, **opts, metrics=True)[1])(lp, old, adv, mask)
+    assert set(m) == set(ref.metrics)
     for key, want in ref.metrics.items():
         assert_close(np.array(m[key]), want, F64["value"], key)
 
@@ -165,7 +166,7 @@ def test_vmap_batched_old_logp_and_mask():
     v, g = mx.vmap(mx.value_and_grad(f))(*stacked)
     assert_close(np.array(v), [r.loss for r in refs], F64["value"], "loss")
     assert_close(np.array(g), np.stack([r.grad for r in refs]), F64["grad"], "grad")
-    metrics = mx.vmap(lambda *a: sapo_mlx.policy_loss(*a, **opts)[1])(*stacked)
+    metrics = mx.vmap(lambda *a: sapo_mlx.policy_loss(*a, **opts, metrics=True)[1])(*stacked)
     for key in refs[0].metrics:
         assert_close(np.array(metrics[key]), [r.metrics[key] for r in refs], F64["value"], key)
 
@@ -216,12 +217,20 @@ def test_empty_batch_is_zero():
         assert v.item() == 0.0 and not np.any(np.array(g))
 
 
-def test_metrics_keyword():
-    """metrics=False returns an empty dict; the default returns every key of the method."""
+def test_metrics_keyword(monkeypatch):
+    """Metrics are opt-in: the default (metrics=False) returns an empty dict and builds no
+    metric; metrics=True returns every key of the method, in the spec's order."""
     lp, old, adv, mask = _mx(make_case(2))
+    built = []
+    real = sapo_mlx.loss._metrics_fn
+    monkeypatch.setattr(sapo_mlx.loss, "_metrics_fn", lambda *a: built.append(1) or real(*a))
+    assert sapo_mlx.policy_loss(lp, old, adv, mask)[1] == {}
     assert sapo_mlx.policy_loss(lp, old, adv, mask, metrics=False)[1] == {}
-    keys = set(sapo_mlx.policy_loss(lp, old, adv, mask, method="grpo")[1])
-    assert keys == set(sapo_ref.metric_keys("grpo"))
+    assert not built
+    keys = tuple(sapo_mlx.policy_loss(lp, old, adv, mask, method="grpo", metrics=True)[1])
+    assert keys == sapo_ref.metric_keys("grpo")
+    with pytest.raises(TypeError, match="metrics must be a bool"):
+        sapo_mlx.policy_loss(lp, old, adv, mask, metrics="yes")
 
 
 def test_copies_out_of_the_trace_are_bit_exact():

@@ -276,7 +276,7 @@ def test_extreme_valid_log_ratios_give_exact_limits(method, dual_clip, dtype):
     )
     f = lambda x: sapo_mlx.policy_loss(x, o, a, mx.array(mask), **opts)[0]
     v, g = mx.value_and_grad(f)(x)
-    m = sapo_mlx.policy_loss(x, o, a, mx.array(mask), **opts)[1]
+    m = sapo_mlx.policy_loss(x, o, a, mx.array(mask), **opts, metrics=True)[1]
     tol = spec.TOLERANCES[dtype]
     _close(np.array(v), ref.loss, tol["value"], "loss")
     _close(np.array(g), ref.grad, tol["grad"], "grad")
@@ -346,7 +346,12 @@ def test_float32_metrics_are_the_references():
                 *(a.astype(np.float64) for a in (lp, old, adv)), mask, method=method
             )
             _, m = sapo_mlx.policy_loss(
-                mx.array(lp), mx.array(old), mx.array(adv), mx.array(mask), method=method
+                mx.array(lp),
+                mx.array(old),
+                mx.array(adv),
+                mx.array(mask),
+                method=method,
+                metrics=True,
             )
             for key, want in ref.metrics.items():
                 _close(np.array(m[key]), want, F64["value"], f"{name}: {key}")
@@ -370,7 +375,7 @@ def test_policy_loss_never_truncates_float64_numpy_input():
     lp = old + rng.normal(0, 1e-9, (3, 5))  # log-ratios that float32 would erase
     adv, mask = rng.normal(size=3), np.ones((3, 5), bool)
     ref = sapo_ref.policy_loss(lp, old, adv, mask, method="grpo")
-    loss, metrics = sapo_mlx.policy_loss(lp, old, adv, mask, method="grpo")
+    loss, metrics = sapo_mlx.policy_loss(lp, old, adv, mask, method="grpo", metrics=True)
     assert loss.dtype == mx.float64
     _close(loss.item(), ref.loss, F64["value"], "loss")
     assert abs(metrics["kl/k1"].item() - ref.metrics["kl/k1"]) <= F64["value"].rtol * abs(

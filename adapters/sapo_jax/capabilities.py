@@ -9,11 +9,15 @@ from sapo_ref.config import LOSS_AGG_NAMES, METHOD_NAMES
 __all__ = ["CAPABILITIES"]
 
 #: A plain dict, the form ``sapo_conformance`` reads (its keys ``methods``, ``loss_aggs``,
-#: ``dtypes``, ``metrics``, ``tolerance_deviations``; the others document the adapter).
+#: ``dtypes``, ``metrics``, ``metrics_option``, ``tolerance_deviations``; the others document
+#: the adapter).
 CAPABILITIES: dict[str, Any] = {
     "package": "sapo_jax",
     "framework": "jax",
-    "api": "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options) -> (loss, metrics)",
+    "api": (
+        "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options, metrics=False) "
+        "-> (loss, metrics)"
+    ),
     "methods": METHOD_NAMES,
     "loss_aggs": LOSS_AGG_NAMES,
     # Every dtype is checked at its own [tolerances.<dtype>] row of the spec.
@@ -30,7 +34,10 @@ CAPABILITIES: dict[str, Any] = {
     # Clause 8.9: each gradient in its input's dtype; the loss in the promoted input dtype,
     # the metrics in float64 when jax_enable_x64 is on (else the computation dtype).
     "grad_dtype": "input",
-    "metrics": True,
+    # Metrics are opt-in (policy_loss(..., metrics=True)); a default call returns {}, so the
+    # suite must not compare them unless it passes the option below.
+    "metrics": False,
+    "metrics_option": {"metrics": True},
     "normalizer": True,
     # Clause 8.7: concrete inputs raise the reference's errors; under jit/vmap tracing invalid
     # data makes the loss and every gradient entry NaN.

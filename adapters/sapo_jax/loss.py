@@ -33,6 +33,7 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Normalizer | None = None,
+    metrics: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     r"""SAPO-family policy loss in JAX, differentiable in ``logp`` with the closed-form gradient.
 
@@ -63,10 +64,13 @@ def policy_loss(
         normalizer: global counts (clause 3.8), a :class:`sapo_ref.Normalizer` whose fields may
             be Python numbers or 0-d JAX arrays, traced ones included (e.g. from
             ``jax.lax.psum`` inside ``shard_map``).
+        metrics: also return the clause 7.1 metrics, computed in the same program; without it
+            they are not computed at all (eagerly or under ``jax.jit``).
 
     Returns:
-        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays (the keys of
-        ``sapo_ref.metric_keys(method)``; metrics carry no gradient). The loss is computed in
+        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays, keyed as
+        ``sapo_ref.metric_keys(method)`` when ``metrics=True``, else ``{}`` (metrics carry no
+        gradient). The loss is computed in
         the promoted dtype of ``logp``, ``old_logp`` and ``advantages`` (bfloat16 and float16
         in float32) and returned in the promoted dtype (clause 8.9); each gradient has its
         input's dtype. The metrics are float64 with ``jax_enable_x64`` (as in ``sapo_mlx``:
@@ -90,9 +94,11 @@ def policy_loss(
         >>> logp = jnp.log(jnp.array([[0.5, 0.25, 0.9], [0.3, 0.6, 0.1]], f32))
         >>> old = jnp.log(jnp.array([[0.5, 0.20, 0.9], [0.3, 0.5, 0.2]], f32))
         >>> adv, mask = jnp.array([1.0, -0.5], f32), jnp.array([[1, 1, 1], [1, 1, 0]], bool)
-        >>> loss, metrics = sapo_jax.policy_loss(logp, old, adv, mask)
+        >>> loss, metrics = sapo_jax.policy_loss(logp, old, adv, mask, metrics=True)
         >>> round(float(loss), 5), float(metrics["tokens"])
         (-0.54035, 5.0)
+        >>> sapo_jax.policy_loss(logp, old, adv, mask)[1]  # metrics are opt-in
+        {}
         >>> grad = jax.grad(lambda lp: sapo_jax.policy_loss(lp, old, adv, mask)[0])(logp)
         >>> [round(float(g), 4) for g in grad[1]]
         [0.125, 0.1484, 0.0]
@@ -109,10 +115,14 @@ def policy_loss(
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
     )
+    if not isinstance(metrics, bool):
+        raise TypeError(f"metrics must be a bool; got {type(metrics).__name__}")
     logp, old_logp, advantages, mask = as_inputs(logp, old_logp, advantages, mask)
     norm = check_normalizer(normalizer)
     counts = None if norm is None else (norm.num_tokens, norm.num_rows)
-    static = (config, logp.dtype, old_logp.dtype)
-    loss, metrics = loss_and_metrics(static, logp, old_logp, advantages, mask, counts)
+    static = (config, logp.dtype, old_logp.dtype, metrics)
+    loss, values = loss_and_metrics(static, logp, old_logp, advantages, mask, counts)
+    if not metrics:
+        return loss, {}
     # JAX returns dicts with sorted keys; give them back in the spec's order.
-    return loss, {key: metrics[key] for key in metric_keys(method)}
+    return loss, {key: values[key] for key in metric_keys(method)}

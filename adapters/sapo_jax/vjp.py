@@ -1,8 +1,8 @@
 r"""The loss as a ``jax.custom_vjp`` over the one formula, :func:`sapo_ref.evaluate.evaluate`.
 
 The forward evaluates the loss, its closed-form gradient :math:`G = \partial\mathcal{L}/\partial
-\log\pi_\theta` and the metrics with the reference's own array-API code on ``jax.numpy``, and
-keeps ``G`` as the one residual. The backward scales it by the cotangent (clause 8.9):
+\log\pi_\theta` and, when asked, the metrics with the reference's own array-API code on
+``jax.numpy``, and keeps ``G`` as the one residual. The backward scales it by the cotangent (clause 8.9):
 
 .. math::
 
@@ -52,8 +52,11 @@ MIN_BUCKET = (8, 64)
 _TRACED_PARAMS = (*PARAM_NAMES, "norm_length")
 
 
-def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, local, params):
-    """Loss, metrics, gradient (compute dtype) and the fault flag; poisoned where it holds."""
+def _kernel_impl(
+    config: LossConfig, want_metrics: bool, logp, old_logp, advantages, mask, norm, local, params
+):
+    """Loss, metrics (``{}`` unless ``want_metrics``), gradient (compute dtype) and the fault
+    flag; loss and gradient poisoned where it holds."""
     dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
     lp, olp, adv = (x.astype(dtype) for x in (logp, old_logp, advantages))
     valid = mask if mask.dtype == jnp.bool_ else mask != 0
@@ -75,14 +78,16 @@ def _kernel_impl(config: LossConfig, logp, old_logp, advantages, mask, norm, loc
     nan = jnp.asarray(math.nan, dtype)
     loss = jnp.where(bad, nan, ev.loss)
     grad = jnp.where(bad, nan, ev.grad)
-    metrics = compute_metrics(_widened(ev, config, lp, olp, adv, valid), config)
+    # Not built unless asked: an eager call (bucketed or not) would otherwise pay for them.
+    metrics = (
+        compute_metrics(_widened(ev, config, lp, olp, adv, valid), config) if want_metrics else {}
+    )
     return loss, metrics, grad, bad
 
 
 def _widened(ev: Evaluation, config: LossConfig, lp, olp, adv, valid) -> Evaluation:
     """``ev`` for the metrics in float64 when JAX has it (``jax_enable_x64``; MLX does the
-    same): a mean ratio of 1e38 fits float32 even where one ratio overflows it. Unused metrics
-    cost nothing under jit (XLA removes them)."""
+    same): a mean ratio of 1e38 fits float32 even where one ratio overflows it."""
     wide = jnp.result_type(float)
     if ev.loss.dtype == wide:
         return ev
@@ -94,7 +99,7 @@ def _widened(ev: Evaluation, config: LossConfig, lp, olp, adv, valid) -> Evaluat
     return dataclasses.replace(ev, prepared=p, gate=type(ev.gate)(**gate))
 
 
-_kernel = jax.jit(_kernel_impl, static_argnums=(0,))
+_kernel = jax.jit(_kernel_impl, static_argnums=(0, 1))
 
 
 def _any_fault(found: tuple[Fault, ...]) -> Any:
@@ -139,7 +144,9 @@ def _raise_data_errors(config: LossConfig, logp, old_logp, advantages, mask, nor
     raise_faults(found)
 
 
-def _bucketed(config: LossConfig, shape, logp, old_logp, advantages, mask, norm):
+def _bucketed(
+    config: LossConfig, want_metrics: bool, shape, logp, old_logp, advantages, mask, norm
+):
     """The kernel on inputs padded to ``shape`` with the method parameters traced."""
     lp, olp, adv, m, _, local = _host_arrays(config, logp, old_logp, advantages, mask)
     n, t = lp.shape
@@ -158,6 +165,7 @@ def _bucketed(config: LossConfig, shape, logp, old_logp, advantages, mask, norm)
     )  # one program per method and aggregation: the values are traced
     loss, metrics, grad, bad = _kernel(
         static,
+        want_metrics,
         *arrays,
         used,
         as_counts((local.num_tokens, local.num_rows)),
@@ -166,15 +174,14 @@ def _bucketed(config: LossConfig, shape, logp, old_logp, advantages, mask, norm)
     return loss, metrics, jnp.asarray(np.asarray(grad)[:n, :t]), bad
 
 
-def _forward(config: LossConfig, logp, old_logp, advantages, mask, norm):
+def _forward(config: LossConfig, want_metrics: bool, logp, old_logp, advantages, mask, norm):
     concrete = _is_concrete(logp, old_logp, advantages, mask, norm)
     shape = _bucket(*logp.shape) if concrete else None
+    arrays = (logp, old_logp, advantages, mask, norm)
     if shape is not None:
-        loss, metrics, grad, bad = _bucketed(config, shape, logp, old_logp, advantages, mask, norm)
+        loss, metrics, grad, bad = _bucketed(config, want_metrics, shape, *arrays)
     else:
-        loss, metrics, grad, bad = _kernel(
-            config, logp, old_logp, advantages, mask, norm, None, None
-        )
+        loss, metrics, grad, bad = _kernel(config, want_metrics, *arrays, None, None)
     if concrete and bool(bad):
         _raise_data_errors(config, logp, old_logp, advantages, mask, norm)
     # Clause 8.9: the loss in the promoted dtype (bfloat16 in, bfloat16 out; computed in float32).
@@ -184,22 +191,23 @@ def _forward(config: LossConfig, logp, old_logp, advantages, mask, norm):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def loss_and_metrics(static, logp, old_logp, advantages, mask, norm):
-    """Loss (0-d) and clause-7 metrics; ``static`` is ``(config, logp dtype, old_logp dtype)``
-    and ``norm`` ``None`` or the counts ``(num_tokens, num_rows)``.
+    """Loss (0-d) and clause-7 metrics; ``static`` is ``(config, logp dtype, old_logp dtype,
+    want_metrics)`` and ``norm`` ``None`` or the counts ``(num_tokens, num_rows)``. The
+    metrics are ``{}`` unless ``want_metrics``.
 
     Metrics carry no gradient (they are diagnostics).
     """
-    loss, metrics, _ = _forward(static[0], logp, old_logp, advantages, mask, norm)
+    loss, metrics, _ = _forward(static[0], static[3], logp, old_logp, advantages, mask, norm)
     return loss, metrics
 
 
 def _fwd(static, logp, old_logp, advantages, mask, norm):
-    loss, metrics, grad = _forward(static[0], logp, old_logp, advantages, mask, norm)
+    loss, metrics, grad = _forward(static[0], static[3], logp, old_logp, advantages, mask, norm)
     return (loss, metrics), grad
 
 
 def _bwd(static, grad, cotangents):
-    config, logp_dtype, old_dtype = static
+    config, logp_dtype, old_dtype, _ = static
     g = cotangents[0].astype(grad.dtype) * grad  # metric cotangents are ignored
     # old_logp enters through logp - old_logp, except in gspo-token (only inside sg[s_i]).
     old_enters = config.spreads_gradient or not config.sequence_value

@@ -13,8 +13,8 @@ whose VJP is the closed-form gradient; it works under ``mx.grad``, ``mx.compile`
 :mod:`sapo_mlx.distributed` gives the counts for micro-batches and ``mx.distributed``.
 
 >>> import mlx.core as mx, sapo_mlx
->>> loss, metrics = sapo_mlx.policy_loss(mx.zeros((2, 3)), mx.zeros((2, 3)),
-...                                      mx.array([1.0, -1.0]), mx.ones((2, 3), mx.bool_))
+>>> loss, _ = sapo_mlx.policy_loss(mx.zeros((2, 3)), mx.zeros((2, 3)),
+...                                mx.array([1.0, -1.0]), mx.ones((2, 3), mx.bool_))
 >>> abs(loss.item() - -(2 / 1.0 - 2 / 1.05) / 2) < 1e-6   # on-policy: -(2/tau_pos - 2/tau_neg)/2
 True
 

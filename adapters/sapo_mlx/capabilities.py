@@ -17,7 +17,10 @@ CAPABILITIES: dict[str, Any] = {
     "dtypes": tuple(FLOAT_DTYPES),  # float64: CPU device only (MLX has no Metal float64)
     "methods": METHOD_NAMES,
     "loss_aggs": LOSS_AGG_NAMES,
-    "metrics": True,
+    # Metrics are opt-in (policy_loss(..., metrics=True)); a default call returns {}, so the
+    # suite must not compare them unless it passes the option below.
+    "metrics": False,
+    "metrics_option": {"metrics": True},
     "normalizer": True,
     # dtype -> {"value"/"grad": {"rtol", "atol"}, "reason": str} where this backend needs a
     # tolerance other than the spec's [tolerances.<dtype>]. Empty: none is needed, float64
@@ -30,7 +33,10 @@ CAPABILITIES: dict[str, Any] = {
             "namespace replaces mx.exp (float32-accurate, ml-explore/mlx#3047) and mx.sum "
             "(sequential) with accurate versions."
         ),
-        "Metrics are computed in float64 on the CPU stream, from the inputs as given.",
+        (
+            "Metrics are opt-in (policy_loss(..., metrics=True)) and lazy: computed in float64 "
+            "on the CPU stream, from the inputs as given, only when evaluated."
+        ),
         (
             "Eagerly (mx.grad included) data errors raise as in the reference, reading one "
             "flag back; under mx.compile/mx.vmap they make the loss and gradients NaN."

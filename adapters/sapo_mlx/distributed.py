@@ -17,7 +17,7 @@ Per optimizer step, on every rank:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -83,8 +83,8 @@ def global_normalizer(
     one optimizer step, as 0-d float64 arrays (clause 3.8, 3.9).
 
     Args:
-        mask: this rank's [N, T] mask, or a list or tuple of the masks of all its micro-batches
-            of the step (each padded to its own T).
+        mask: this rank's [N, T] mask, or a list, tuple or iterator (a generator) of the masks
+            of all its micro-batches of the step (each padded to its own T).
         count_empty_rows: count rows without valid tokens in :math:`R` (clause 3.6); then do
             not pass ``count_empty_rows`` to ``policy_loss`` as well.
         group: the ``mx.distributed`` group of the data-parallel ranks (default: the global
@@ -95,7 +95,8 @@ def global_normalizer(
     >>> n.num_tokens.item(), n.num_rows.item()
     (3.0, 2.0)
     """
-    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    # an iterator is never one mask (arrays are iterable, not iterators): count its masks
+    masks = list(mask) if isinstance(mask, (list, tuple, Iterator)) else [mask]
     if not masks:
         raise ValueError("mask must be an array or a non-empty list of arrays; got an empty list")
     parts = [local_counts(m, count_empty_rows=count_empty_rows) for m in masks]

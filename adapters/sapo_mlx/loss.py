@@ -1,6 +1,6 @@
 r"""``sapo_mlx.policy_loss``: the reference's formula on MLX arrays, with a closed-form VJP.
 
-The loss, its gradient and the metrics are :func:`sapo_ref.evaluate.evaluate` and
+The loss, its gradient and (on request) the metrics are :func:`sapo_ref.evaluate.evaluate` and
 :func:`sapo_ref.metrics.compute_metrics` themselves, run on ``mx.array`` s through the namespace
 of :mod:`sapo_mlx.namespace`. What is MLX's own is the wrapper: an ``mx.custom_function`` whose
 forward returns :math:`(\mathcal{L}, G = \partial\mathcal{L}/\partial\log\pi_\theta)` and whose
@@ -181,7 +181,7 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Normalizer | None = None,
-    metrics: bool = True,
+    metrics: bool = False,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-8) and its metrics in MLX.
 
@@ -204,11 +204,11 @@ def policy_loss(
 
     Args:
         metrics: also return the clause 7.1 metrics, lazily: computed (in float64, on the CPU
-            stream) only if evaluated.
+            stream) only if evaluated. Without it no metric is built.
 
     Returns:
-        ``(loss, metrics)``: a 0-d array and a dict of 0-d float64 arrays (empty without
-        ``metrics``).
+        ``(loss, metrics)``: a 0-d array and a dict of 0-d float64 arrays keyed as
+        ``sapo_ref.metric_keys(method)`` when ``metrics=True``, else ``{}``.
 
     Example:
         >>> import mlx.core as mx, numpy as np, sapo_ref, sapo_mlx
@@ -220,6 +220,10 @@ def policy_loss(
         >>> ref = sapo_ref.policy_loss(lp, old, adv, mask)
         >>> abs(loss.item() - ref.loss) < 1e-15, np.allclose(np.array(grad), ref.grad, rtol=1e-14)
         (True, True)
+        >>> m = sapo_mlx.policy_loss(sapo_mlx.to_mx(lp), sapo_mlx.to_mx(old), mx.array(adv),
+        ...                          mx.array(mask), metrics=True)[1]
+        >>> m["tokens"].item(), tuple(m) == sapo_ref.metric_keys("sapo")
+        (5.0, True)
     """
     config = resolve_config(
         method,
@@ -233,6 +237,8 @@ def policy_loss(
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
     )
+    if not isinstance(metrics, bool):
+        raise TypeError(f"metrics must be a bool; got {type(metrics).__name__}")
     args = _inputs(config, logp, old_logp, advantages, mask, normalizer)
     logp, old_logp, advantages, mask = args[:4]
     dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
