@@ -136,6 +136,10 @@ def policy_loss(
     local = make_normalizer(valid, count_empty_rows=config.count_empty_rows)
     if normalizer is not None:
         _check_normalizer_type(normalizer)
+        # The reference is eager: counts of any kind (NumPy scalars, 0-d arrays of another
+        # library) become Python floats, so the checks compare numbers of one namespace.
+        normalizer = _as_floats(normalizer)
+        local = _as_floats(local)
     with np.errstate(over="ignore"):  # finite log-probs whose difference overflows: clause 5.5
         found = faults(
             lp,

@@ -227,8 +227,11 @@ def normalizer_faults(norm: Any, local: Any, xp: Any = None) -> tuple[Fault, ...
 
 
 def _arr(xp: Any, v: Any) -> Any:
-    # Python numbers become 0-d float64 arrays so that ~, & and isfinite mean the same everywhere.
-    if isinstance(v, (int, float)):
+    # Python and NumPy numbers become 0-d arrays of ``xp`` so that ~, & and isfinite mean the
+    # same everywhere (a NumPy scalar would not combine with another library's arrays).
+    if isinstance(v, (int, float)) or (
+        type(v).__module__ == "numpy" and getattr(v, "ndim", 0) == 0
+    ):
         return xp.asarray(float(v), dtype=xp.float64 if hasattr(xp, "float64") else xp.float32)
     return v
 
