@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from sapo_ref.spec import Tolerance
 
 __all__ = ["Comparison", "compare"]
@@ -47,13 +46,25 @@ def _fmt(x: float) -> str:
     return f"{x:.17g}" if np.isfinite(x) else str(x)
 
 
-def compare(name: str, got: np.ndarray | float, want: np.ndarray | float, tol: Tolerance) -> Comparison:
+def compare(
+    name: str, got: np.ndarray | float, want: np.ndarray | float, tol: Tolerance
+) -> Comparison:
     """Compare ``got`` with ``want`` under ``tol``; see the module docstring."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     if got.shape != want.shape:
-        return Comparison(name, False, want.size, want.size, np.inf, np.inf, (), np.nan, np.nan,
-                          f"{name}: shape {got.shape} != expected {want.shape}")
+        return Comparison(
+            name,
+            False,
+            want.size,
+            want.size,
+            np.inf,
+            np.inf,
+            (),
+            np.nan,
+            np.nan,
+            f"{name}: shape {got.shape} != expected {want.shape}",
+        )
     fin = np.isfinite(want)
     scale = max(1.0, float(np.max(np.abs(want[fin]), initial=0.0)))
     with np.errstate(all="ignore"):
@@ -68,8 +79,12 @@ def compare(name: str, got: np.ndarray | float, want: np.ndarray | float, tol: T
         # Relative error with the criterion's absolute floor: passes iff rel <= rtol.
         floor = tol.atol * scale / tol.rtol if tol.rtol > 0 else 0.0
         denom = np.abs(want) + floor
-        rel = np.where(fin & (denom > 0), err / np.where(denom > 0, denom, 1.0), np.where(err > 0, np.inf, 0.0))
-        excess = np.where(bad, np.where(np.isfinite(err), err / np.maximum(bound, 1e-300), np.inf), 0.0)
+        rel = np.where(
+            fin & (denom > 0), err / np.where(denom > 0, denom, 1.0), np.where(err > 0, np.inf, 0.0)
+        )
+        excess = np.where(
+            bad, np.where(np.isfinite(err), err / np.maximum(bound, 1e-300), np.inf), 0.0
+        )
     total = int(want.size)
     mismatches = int(bad.sum())
     if want.size == 0:
@@ -82,9 +97,13 @@ def compare(name: str, got: np.ndarray | float, want: np.ndarray | float, tol: T
     g, w = float(got.reshape(-1)[flat]), float(want.reshape(-1)[flat])
     if mismatches:
         where = f" at {list(idx)}" if idx else ""
-        msg = (f"{name}: {mismatches}/{total} mismatched{where}: got {_fmt(g)}, want {_fmt(w)} "
-               f"(abs err {worst_abs:.3g}, rel err {worst_rel:.3g}; rtol={tol.rtol:g}, "
-               f"atol={tol.atol:g}*scale {scale:.3g})")
+        msg = (
+            f"{name}: {mismatches}/{total} mismatched{where}: got {_fmt(g)}, want {_fmt(w)} "
+            f"(abs err {worst_abs:.3g}, rel err {worst_rel:.3g}; rtol={tol.rtol:g}, "
+            f"atol={tol.atol:g}*scale {scale:.3g})"
+        )
     else:
         msg = f"{name}: ok (worst abs {worst_abs:.3g}, rel {worst_rel:.3g})"
-    return Comparison(name, mismatches == 0, mismatches, total, worst_abs, worst_rel, idx, g, w, msg)
+    return Comparison(
+        name, mismatches == 0, mismatches, total, worst_abs, worst_rel, idx, g, w, msg
+    )
