@@ -402,7 +402,8 @@ def _g_on_policy(rng):  # 5.2: delta = 0
     )
 
 
-_EXTREME = np.array([25.0, 60.0, 90.0, 100.0, 700.0, 800.0, 1e4, 1e6, np.inf])
+# 710.5: past float64 exp overflow (709.78) where c A r is still finite (the clause 5.4 band).
+_EXTREME = np.array([25.0, 60.0, 90.0, 100.0, 700.0, 710.5, 800.0, 1e4, 1e6, np.inf])
 
 
 def _extreme_deltas(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

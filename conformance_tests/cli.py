@@ -268,17 +268,31 @@ def _case_settings(args: argparse.Namespace) -> tuple[list[str], int, bool]:
 
 
 def _cases(
-    seed: int, per_clause: int, golden: bool, methods: list[str] | None, aggs: list[str] | None
+    seed: int,
+    per_clause: int,
+    golden: bool,
+    methods: list[str] | None,
+    aggs: list[str] | None,
+    advantages: tuple[str, ...] | None = None,
 ) -> list:
-    """The run's cases: each clause's random cases drawn inside the chosen methods and
-    aggregations (as many per clause as a full run), then the golden vectors."""
+    """The run's cases: each clause's random cases drawn inside the chosen methods,
+    aggregations and advantage layouts (as many per clause as a full run), then the golden
+    vectors."""
     drawn = generate_cases(
         seed=seed,
         per_clause=per_clause,
         methods=tuple(methods) if methods else None,
         loss_aggs=tuple(aggs) if aggs else None,
+        advantages=advantages,
     )
     return drawn + (golden_cases() if golden else [])
+
+
+def _declared(targets: list[Target], attr: str) -> tuple[str, ...] | None:
+    """What every runnable target declares for ``attr`` when they all declare the same thing
+    (cases are then drawn inside it, as many per clause as a full run), else None."""
+    values = {tuple(getattr(t, attr)) for t in targets if t.unavailable is None}
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _targets(args: argparse.Namespace) -> list[Target]:
@@ -527,7 +541,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _load(pool, targets, args, dtypes)
             except UsageError as err:
                 return _usage_error(parser, err)
-            cases = _cases(args.seed, per_clause, golden, args.methods, args.loss_aggs)
+            cases = _cases(
+                args.seed,
+                per_clause,
+                golden,
+                args.methods or _declared(targets, "methods"),
+                args.loss_aggs or _declared(targets, "loss_aggs"),
+                _declared(targets, "advantages"),
+            )
             total = len(targets) * len(dtypes) * len(cases)
             result = _progress_run(
                 console,
