@@ -39,7 +39,7 @@ import numpy as np
 import sapo_ref
 from sapo_ref import spec
 
-from .cases import Materialized
+from .cases import CONTRACT_OPTIONS, Materialized
 from .compare import compare
 from .drivers import Outcome
 
@@ -60,17 +60,7 @@ __all__ = [
 ]
 
 #: Options of the third-party contract a plan may carry, plus the reference-only count_empty_rows.
-_CONFIG_KEYS = (
-    "method",
-    "loss_agg",
-    "tau_pos",
-    "tau_neg",
-    "eps_low",
-    "eps_high",
-    "dual_clip",
-    "norm_length",
-    "count_empty_rows",
-)
+_CONFIG_KEYS = (*CONTRACT_OPTIONS, "count_empty_rows")
 
 
 @dataclass(frozen=True)
