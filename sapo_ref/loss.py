@@ -14,7 +14,7 @@ from .aggregation import normalizer as make_normalizer
 from .config import LossConfig, resolve_config
 from .evaluate import evaluate
 from .metrics import compute_metrics
-from .validation import check_arrays, faults, normalizer_faults, raise_faults
+from .validation import check_arrays, check_normalizer_type, faults, raise_faults
 
 __all__ = ["PolicyLossResult", "policy_loss"]
 
@@ -135,7 +135,7 @@ def policy_loss(
     valid = mask if mask.dtype == xp.bool else mask != 0
     local = make_normalizer(valid, count_empty_rows=config.count_empty_rows)
     if normalizer is not None:
-        _check_normalizer_type(normalizer)
+        check_normalizer_type(normalizer)
         # The reference is eager: counts of any kind (NumPy scalars, 0-d arrays of another
         # library) become Python floats, so the checks compare numbers of one namespace.
         normalizer = _as_floats(normalizer)
@@ -152,11 +152,7 @@ def policy_loss(
             local=local,
         )
     raise_faults(found)
-    norm = (
-        local
-        if normalizer is None
-        else Normalizer(float(normalizer.num_tokens), float(normalizer.num_rows))
-    )
+    norm = local if normalizer is None else normalizer
     # A sum of finite terms may exceed the largest float (clause 5.4): +-inf is then the correctly
     # rounded answer, not an error, so NumPy's overflow warning is silenced for this call only.
     with np.errstate(over="ignore"):
@@ -166,19 +162,6 @@ def policy_loss(
     if is_numpy(xp):
         grad = np.asarray(grad)
     return PolicyLossResult(loss=float(ev.loss), grad=grad, metrics=metrics, config=config)
-
-
-def _check_normalizer_type(norm: Any) -> None:
-    if not isinstance(norm, Normalizer):
-        raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
-
-
-def _check_normalizer(norm: Normalizer, local: Normalizer) -> Normalizer:
-    """Eager clause 8.8 check of an explicit normalizer against the shard's own counts."""
-    _check_normalizer_type(norm)
-    norm, local = _as_floats(norm), _as_floats(local)
-    raise_faults(normalizer_faults(norm, local))
-    return norm
 
 
 def _as_floats(norm: Normalizer) -> Normalizer:

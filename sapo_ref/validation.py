@@ -33,7 +33,7 @@ from ._xp import namespace
 __all__ = [
     "Fault",
     "check_arrays",
-    "check_data",
+    "check_normalizer_type",
     "faults",
     "normalizer_faults",
     "raise_faults",
@@ -181,6 +181,20 @@ def faults(
     return tuple(out)
 
 
+def check_normalizer_type(norm: Any) -> None:
+    """Clause 8.8's type check of an explicit normalizer (its values are checked with the data).
+
+    >>> check_normalizer_type((3, 1))
+    Traceback (most recent call last):
+    ...
+    TypeError: normalizer must be a sapo_ref.Normalizer; got tuple
+    """
+    from .aggregation import Normalizer
+
+    if not isinstance(norm, Normalizer):
+        raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
+
+
 def normalizer_faults(norm: Any, local: Any, xp: Any = None) -> tuple[Fault, ...]:
     """Clause 8.8 checks of an explicit normalizer against the shard's own counts ``local``.
 
@@ -293,8 +307,3 @@ def _to_numpy(x: Any) -> Any:
         return np.from_dlpack(x)
     except Exception:
         return np.asarray(x)
-
-
-def check_data(logp: Any, old_logp: Any, advantages: Any, valid: Any, sequence: bool) -> None:
-    """Values at valid tokens (clause 8.5, 8.6, 5.5): :func:`faults` then :func:`raise_faults`."""
-    raise_faults(faults(logp, old_logp, advantages, valid, valid, sequence=sequence))

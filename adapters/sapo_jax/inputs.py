@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sapo_ref.aggregation import Normalizer
-from sapo_ref.validation import check_arrays
+from sapo_ref.validation import check_arrays, check_normalizer_type
 
 __all__ = [
     "Float64TruncationWarning",
@@ -113,6 +113,6 @@ def compute_dtype(*dtypes: Any) -> Any:
 def check_normalizer(norm: Any) -> Normalizer | None:
     """``norm`` as given, after the reference's type check (clause 8.8; its values are checked
     with the data: eagerly they raise, under tracing they poison)."""
-    if norm is not None and not isinstance(norm, Normalizer):
-        raise TypeError(f"normalizer must be a sapo_ref.Normalizer; got {type(norm).__name__}")
+    if norm is not None:
+        check_normalizer_type(norm)
     return norm

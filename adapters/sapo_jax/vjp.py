@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
-from functools import partial, reduce
+from functools import partial
 from typing import Any
 
 import jax
@@ -39,7 +38,7 @@ from sapo_ref.aggregation import Normalizer, row_lengths
 from sapo_ref.config import PARAM_NAMES, LossConfig
 from sapo_ref.evaluate import Evaluation, evaluate, prepare
 from sapo_ref.metrics import compute_metrics
-from sapo_ref.validation import Fault, any_fault, faults, raise_faults
+from sapo_ref.validation import any_fault, faults, raise_faults
 
 from .inputs import compute_dtype
 
@@ -73,7 +72,7 @@ def _kernel_impl(
     found = faults(
         lp, olp, adv, mask, valid, sequence=config.sequence_value, normalizer=norm, local=local
     )
-    bad = _any_fault(found)
+    bad = any_fault(found, jnp)  # one reduction per shape of the checks
     ev = evaluate(lp, olp, adv, valid, config, local if norm is None else norm)
     nan = jnp.asarray(math.nan, dtype)
     loss = jnp.where(bad, nan, ev.loss)
@@ -100,14 +99,6 @@ def _widened(ev: Evaluation, config: LossConfig, lp, olp, adv, valid) -> Evaluat
 
 
 _kernel = jax.jit(_kernel_impl, static_argnums=(0, 1))
-
-
-def _any_fault(found: tuple[Fault, ...]) -> Any:
-    """:func:`sapo_ref.validation.any_fault` with the [N, T] checks or-ed before ONE reduction
-    (XLA on CPU writes each reduced boolean array to memory: one instead of four or five)."""
-    tokens = [f.where for f in found if f.unit == "token"]
-    rest = tuple(f for f in found if f.unit != "token")
-    return any_fault(rest, jnp) | jnp.any(reduce(operator.or_, tokens))
 
 
 def _is_concrete(*args: Any) -> bool:

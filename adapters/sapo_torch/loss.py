@@ -12,11 +12,11 @@ import torch
 from sapo_ref import spec
 from sapo_ref.aggregation import Normalizer
 from sapo_ref.config import LossConfig, resolve_config
-from sapo_ref.loss import _check_normalizer_type
 from sapo_ref.metrics import metric_keys
 from sapo_ref.validation import (
     any_fault,
     check_arrays,
+    check_normalizer_type,
     faults,
     normalizer_faults,
     raise_faults,
@@ -106,7 +106,7 @@ def _counts(normalizer: Any) -> tuple[Any, Any]:
     against the shard's own counts later, with the data."""
     if normalizer is None:
         return None, None
-    _check_normalizer_type(normalizer)
+    check_normalizer_type(normalizer)
     out = []
     for name in ("num_tokens", "num_rows"):
         v = getattr(normalizer, name)
