@@ -25,6 +25,15 @@ One place where the spec text leaves a choice, and what is done here (``kl/k1`` 
   :math:`c = 1/3`: exact loss :math:`3.7\cdot10^{307}`, clause 6.3 :math:`+\infty`). The golden vectors stay out
   of that band.
 
+Spec 0.2.0 (clause 10) adds, per valid token, detached weights :math:`w_{it}` on the policy term
+and a KL penalty against reference log-probs, :math:`u = \log\pi_{ref} - \log\pi_\theta`:
+
+.. math:: \mathcal L = -\sum_{it} c_{it} m_{it} w_{it} A_{it} f_{it}
+          + \beta \sum_{it} c_{it} m_{it} k(u_{it})
+
+with :func:`kl_estimate`'s k1, k2, k3, low-var-k3. A zero factor (:math:`w = 0`, :math:`\beta = 0`,
+:math:`c = 0`) removes its term, infinite or not (never :math:`0\cdot\infty`).
+
 Results are mpf; :func:`to_float64` rounds one correctly (to nearest, ties to even, subnormals
 included), which is how the golden vectors are written.
 
@@ -54,6 +63,9 @@ __all__ = [
     "group_advantages",
     "sequence_gate_diagnostics",
     "kink_distance",
+    "kl_estimate",
+    "KL_ESTIMATORS",
+    "LOW_VAR_CLIP",
     "to_float64",
 ]
 
@@ -64,6 +76,11 @@ SPEC: dict[str, Any] = tomllib.loads(
 )
 
 INF = mpf("inf")
+
+#: The KL estimators of clause 10.2, as written in the contract (not read from the spec file).
+KL_ESTIMATORS = ("k1", "k2", "k3", "low-var-k3")
+#: The clip of low-var-k3 (verl's low_var_kl): min(k3, 10).
+LOW_VAR_CLIP = 10
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,20 +124,28 @@ def _defaults(method: str) -> dict[str, Any]:
     return {k: (None if v == "none" else v) for k, v in d.items()}
 
 
-def _metric_keys(method: str) -> list[str]:
+def _metric_keys(method: str, present: dict[str, bool]) -> list[str]:
+    """Clause 7.1 keys of ``method`` in spec order; a key that ``requires`` an input
+    (``ref_logp``, ``weights``) only when ``present`` says that input was given."""
     return [
-        k for k, m in SPEC["metrics"].items() if m["methods"] == "all" or method in m["methods"]
+        k
+        for k, m in SPEC["metrics"].items()
+        if (m["methods"] == "all" or method in m["methods"])
+        and present.get(m.get("requires", ""), True)
     ]
 
 
 @dataclass(frozen=True)
 class Result:
     """Loss :math:`\\mathcal L`, gradient :math:`\\partial\\mathcal L/\\partial\\log\\pi_\\theta`
-    (list of rows of mpf) and the clause 7.1 metrics (key -> mpf), all exact to ~DPS digits."""
+    (list of rows of mpf) and the clause 7.1 metrics (key -> mpf), all exact to ~DPS digits;
+    with ``ref_logp``, ``ref_grad`` is :math:`\\partial\\mathcal L/\\partial\\log\\pi_{ref}` (clause 10.3:
+    minus the KL part of ``grad``), else None."""
 
     loss: Any
     grad: list[list[Any]]
     metrics: dict[str, Any]
+    ref_grad: list[list[Any]] | None = None
 
 
 def _matrix(x: Any, n: int, t: int, name: str) -> list[list[Any]]:
@@ -181,6 +206,57 @@ def _clip(log_x: Any, a: Any, eps_low: Any, eps_high: Any, dual: Any | None) -> 
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# KL estimators (clause 10.2, 10.5)
+# ------------------------------------------------------------------------------------------
+def _k3(u: Any) -> Any:
+    """e^u - 1 - u at DPS digits for every u: the cancellation of expm1(u) - u costs about
+    log10(1/|u|) digits when |u| < 1, so that many more are carried."""
+    if mpmath.isinf(u):
+        return INF
+    if u == 0:
+        return mpf(0)
+    extra = max(0, int(-mpmath.log10(abs(u)))) + 10
+    with mp.workdps(DPS + extra):
+        v = mpmath.expm1(u) - u
+    return +v  # rounded back to DPS digits
+
+
+def kl_estimate(u: Any, estimator: str) -> tuple[Any, Any]:
+    r"""Clause 10.2 at one token: :math:`(k(u),\ \partial k/\partial\log\pi_\theta)` for
+    :math:`u = \log\pi_{ref} - \log\pi_\theta \in [-\infty, \infty]` (so :math:`\partial u/\partial\log\pi_\theta = -1`).
+
+    ====================  =======================  ===================================
+    estimator             k(u)                     dk / d logp
+    ====================  =======================  ===================================
+    k1                    -u                       1
+    k2                    u^2 / 2                  -u
+    k3                    e^u - 1 - u              -(e^u - 1)
+    low-var-k3            min(k3, 10)              k3' where k3 <= 10, else 0
+    ====================  =======================  ===================================
+
+    >>> [to_float64(v) for v in kl_estimate(mpf(2) ** -30, "k3")]  # u^2/2 (1 + u/3), -u - u^2/2
+    [4.33680869128834e-19, -9.313225750491594e-10]
+    >>> [to_float64(v) for v in kl_estimate(-INF, "k3")], kl_estimate(-INF, "low-var-k3")
+    ([inf, 1.0], (mpf('10.0'), mpf('0.0')))
+    """
+    with mp.workdps(DPS):
+        u = mpf(u)
+        if mpmath.isnan(u):
+            raise ValueError("u is NaN")
+        if estimator == "k1":
+            return -u, mpf(1)
+        if estimator == "k2":
+            return u * u / 2, -u
+        if estimator not in ("k3", "low-var-k3"):
+            raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
+        k3 = _k3(u)
+        dk3 = -INF if u == INF else -mpmath.expm1(u)
+        if estimator == "low-var-k3" and k3 > LOW_VAR_CLIP:
+            return mpf(LOW_VAR_CLIP), mpf(0)
+        return k3, dk3
+
+
 def kink_distance(log_x: Any, a: float, eps_low: float, eps_high: float, dual: float | None) -> Any:
     """Relative distance min |x/k - 1| of x = exp(log_x) to the clip kinks k that matter for
     the sign of ``a`` (1+eps_high for A > 0; 1-eps_low (when > 0) and dual for A < 0);
@@ -220,12 +296,23 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Any = None,
+    weights: Sequence[Any] | None = None,
+    ref_logp: Sequence[Sequence[float]] | None = None,
+    kl_coef: float | None = None,
+    kl_estimator: str | None = None,
 ) -> Result:
     """Loss, closed-form gradient and metrics of the spec, at DPS digits.
 
     ``normalizer`` is anything with ``num_tokens`` and ``num_rows`` (clause 3.8) or a pair.
-    Raises ``ValueError`` for the data errors of clauses 5.5, 8.5 and 8.6; option validation
-    (clause 8.4) is not repeated here.
+    ``weights`` ([N] or [N, T]), ``ref_logp`` ([N, T]), ``kl_coef`` and ``kl_estimator`` are the
+    clause 10 terms. Raises ``ValueError`` for the data errors of clauses 5.5, 8.5, 8.6 and
+    10.4; option validation (clause 8.4) is not repeated here beyond the pairing of the KL
+    keywords.
+
+    >>> r = policy_loss([[-1.0]], [[-1.0]], [0.0], [[True]], ref_logp=[[-1.5]], kl_coef=2.0,
+    ...                 kl_estimator="k2")
+    >>> to_float64(r.loss), to_float64(r.grad[0][0]), to_float64(r.ref_grad[0][0])
+    (0.25, 1.0, -1.0)
     """
     with mp.workdps(DPS):
         return _policy_loss(
@@ -233,11 +320,49 @@ def policy_loss(
             dict(tau_pos=tau_pos, tau_neg=tau_neg, eps_low=eps_low, eps_high=eps_high,
                  dual_clip=dual_clip),
             norm_length, count_empty_rows, normalizer,
+            dict(weights=weights, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator),
         )  # fmt: skip
 
 
+def _terms(terms: dict[str, Any], m: list[list[bool]]) -> tuple[Any, Any, Any, str | None]:
+    """Clause 10 inputs as (w [N][T] or None, ref [N][T] or None, beta, estimator), checked
+    at valid tokens (clause 10.4)."""
+    n_rows, n_tok = len(m), len(m[0])
+    if terms["ref_logp"] is None:
+        if terms["kl_coef"] is not None or terms["kl_estimator"] is not None:
+            raise ValueError("kl_coef and kl_estimator need ref_logp")
+        ref, beta, est = None, None, None
+    else:
+        if terms["kl_coef"] is None:
+            raise ValueError("ref_logp needs kl_coef")
+        ref = _matrix(terms["ref_logp"], n_rows, n_tok, "ref_logp")
+        beta = mpf(terms["kl_coef"])
+        est = terms["kl_estimator"] or SPEC["defaults"]["kl_estimator"]
+        if est not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
+    w = None
+    if terms["weights"] is not None:
+        rows = list(terms["weights"])
+        if len(rows) != n_rows:
+            raise ValueError(f"weights must be [{n_rows}] or [{n_rows}, {n_tok}]")
+        w = [list(r) if hasattr(r, "__len__") else [r] * n_tok for r in rows]
+        if any(len(r) != n_tok for r in w):
+            raise ValueError(f"weights must be [{n_rows}] or [{n_rows}, {n_tok}]")
+    for i in range(n_rows):
+        for t in range(n_tok):
+            if not m[i][t]:
+                continue
+            if w is not None:
+                w[i][t] = mpf(w[i][t])
+                if not mpmath.isfinite(w[i][t]) or w[i][t] < 0:
+                    raise ValueError(f"weights must be finite and >= 0 at valid tokens; {(i, t)}")
+            if ref is not None and mpmath.isnan(mpf(ref[i][t])):
+                raise ValueError(f"ref_logp is NaN at valid token {(i, t)}")
+    return w, ref, beta, est
+
+
 def _policy_loss(logp, old_logp, advantages, mask, method, loss_agg, given, norm_length,
-                 count_empty_rows, normalizer):  # fmt: skip
+                 count_empty_rows, normalizer, terms):  # fmt: skip
     mspec = SPEC["methods"][method]
     aspec = SPEC["loss_aggs"][loss_agg]
     params = _defaults(method)
@@ -273,6 +398,17 @@ def _policy_loss(logp, old_logp, advantages, mask, method, loss_agg, given, norm
                 raise ValueError(f"log-ratio undefined at valid token {(i, t)}")
             delta[i][t], adv[i][t] = d, a
     lengths = [sum(1 for t in range(n_tok) if m[i][t]) for i in range(n_rows)]
+    wts, ref, beta, estimator = _terms(terms, m)
+    kl_val = {}  # (i, t) -> k(u), valid tokens, with ref_logp
+    kl_d = {}  # (i, t) -> dk/dlogp
+    if ref is not None:
+        for i in range(n_rows):
+            for t in range(n_tok):
+                if m[i][t]:
+                    u = mpf(ref[i][t]) - mpf(lp_rows[i][t])
+                    if mpmath.isnan(u):
+                        raise ValueError(f"logp - ref_logp is inf - inf at valid token {(i, t)}")
+                    kl_val[i, t], kl_d[i, t] = kl_estimate(u, estimator)
 
     mu: list[Any] = [None] * n_rows  # log s_i (clause 1.4)
     for i in range(n_rows):
@@ -336,9 +472,10 @@ def _policy_loss(logp, old_logp, advantages, mask, method, loss_agg, given, norm
                 term, dterm = cl["term"], cl["dlog"]
             if a == 0:
                 term, dterm = mpf(0), mpf(0)  # clause 5.1
-            if c != 0:
-                total += c * term
-                coef = c * dterm
+            w_it = mpf(1) if wts is None else wts[i][t]
+            if c != 0 and w_it != 0:  # a zero factor removes the term, infinite or not (10.1)
+                total += c * w_it * term
+                coef = c * w_it * dterm
             else:
                 coef = mpf(0)
             if ratio_kind == "sequence":
@@ -350,8 +487,34 @@ def _policy_loss(logp, old_logp, advantages, mask, method, loss_agg, given, norm
                 if m[i][t]:
                     grad[i][t] = -row_coef / lengths[i]
     loss = -total
+    ref_grad = None
+    if ref is not None:  # clauses 10.2, 10.3: beta c k(u) per valid token, beta = 0 exactly off
+        ref_grad = [[mpf(0)] * n_tok for _ in range(n_rows)]
+        kl_total = mpf(0)
+        for i in range(n_rows):
+            c = weight(i)
+            if c == 0 or beta == 0:
+                continue
+            for t in range(n_tok):
+                if m[i][t]:
+                    kl_total += c * kl_val[i, t]
+                    g = beta * c * kl_d[i, t]
+                    grad[i][t] += g
+                    ref_grad[i][t] = -g
+        if beta != 0:
+            loss += beta * kl_total
     metrics = _metrics(method, m, delta, adv, mu, lengths, gate_w, flags, soft, ratio_kind)
-    return Result(loss=loss, grad=grad, metrics=metrics)
+    if ref is not None:
+        metrics["kl_ref/mean"] = _mean(list(kl_val.values()))
+    if wts is not None:
+        metrics["weights/mean"] = _mean([wts[i][t] for i, t in _cells(m)])
+    keys = _metric_keys(method, {"ref_logp": ref is not None, "weights": wts is not None})
+    assert set(metrics) == set(keys), sorted(set(metrics) ^ set(keys))
+    return Result(loss=loss, grad=grad, metrics={k: metrics[k] for k in keys}, ref_grad=ref_grad)
+
+
+def _cells(m: list[list[bool]]) -> list[tuple[int, int]]:
+    return [(i, t) for i in range(len(m)) for t in range(len(m[0])) if m[i][t]]
 
 
 def _mean(values: list[Any]) -> Any:
@@ -368,7 +531,7 @@ def _k1(deltas: list[Any]) -> Any:
 
 def _metrics(method, m, delta, adv, mu, lengths, gate_w, flags, soft, ratio_kind):
     """Clause 7.1 from the [metrics.*] definitions, valid tokens only."""
-    cells = [(i, t) for i in range(len(m)) for t in range(len(m[0])) if m[i][t]]
+    cells = _cells(m)
     ratio = {k: (INF if delta[k[0]][k[1]] == INF else mpmath.exp(delta[k[0]][k[1]])) for k in cells}
     rs = [ratio[k] for k in cells]
     pos = [k for k in cells if adv[k[0]][k[1]] > 0]
@@ -403,9 +566,7 @@ def _metrics(method, m, delta, adv, mu, lengths, gate_w, flags, soft, ratio_kind
             count = sum(1 for k in cells if flags[k][name])
             out[f"clip/{name}_frac"] = mpf(count) / n if n else mpf(0)
         out["clip/frac"] = out["clip/low_frac"] + out["clip/high_frac"] + out["clip/dual_frac"]
-    keys = _metric_keys(method)
-    assert set(out) == set(keys), sorted(set(out) ^ set(keys))
-    return {k: out[k] for k in keys}
+    return out
 
 
 # ------------------------------------------------------------------------------------------
