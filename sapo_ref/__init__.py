@@ -34,6 +34,7 @@ from .gates import (
 )
 from .loss import PolicyLossResult, policy_loss
 from .metrics import compute_metrics, metric_keys
+from .penalties import KL_ESTIMATOR_NAMES, kl_penalty
 from .ratios import sequence_log_ratio, sequence_ratio, token_log_ratio, token_ratio
 
 __version__ = "0.1.0"
@@ -52,6 +53,8 @@ __all__ = [
     "Evaluation",
     "compute_metrics",
     "metric_keys",
+    "kl_penalty",
+    "KL_ESTIMATOR_NAMES",
     "sapo_gate",
     "sapo_weight",
     "sapo_parts",

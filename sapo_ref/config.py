@@ -15,7 +15,7 @@ __all__ = ["LossConfig", "resolve_config", "METHOD_NAMES", "LOSS_AGG_NAMES", "PA
 
 METHOD_NAMES: tuple[str, ...] = tuple(spec.METHODS)
 LOSS_AGG_NAMES: tuple[str, ...] = tuple(spec.LOSS_AGGS)
-#: Every method parameter any method takes.
+#: Every method parameter any method takes (the KL options of clause 10 are not method parameters).
 PARAM_NAMES: tuple[str, ...] = ("tau_pos", "tau_neg", "eps_low", "eps_high", "dual_clip")
 
 
@@ -35,6 +35,13 @@ class LossConfig:
     dual_clip: float | None = None
     norm_length: float | None = None
     count_empty_rows: bool = bool(spec.DATA["defaults"]["count_empty_rows"])
+    kl_coef: float | None = None  # clause 10.2: None without ref_logp
+    kl_estimator: str | None = None
+
+    @property
+    def has_kl(self) -> bool:
+        """True when the loss has a KL penalty with a non-zero coefficient (clause 10.2)."""
+        return self.kl_coef is not None and self.kl_coef != 0.0
 
     @property
     def method_spec(self) -> spec.MethodSpec:
@@ -70,6 +77,9 @@ class LossConfig:
                 out[f.name] = v
         if self.norm_length is not None:
             out["norm_length"] = self.norm_length
+        if self.kl_coef is not None:
+            out["kl_coef"] = self.kl_coef
+            out["kl_estimator"] = self.kl_estimator
         return out
 
 
@@ -106,13 +116,18 @@ def resolve_config(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     has_normalizer: bool = False,
+    kl_coef: float | None = None,
+    kl_estimator: str | None = None,
+    has_ref_logp: bool = False,
 ) -> LossConfig:
     """Validate options and fill the method's defaults from the spec (clause 4.1).
 
     Raises ``ValueError`` for an unknown method or aggregation (listing the valid ones), a
     parameter outside its domain, a parameter the method does not take, ``norm_length``
     missing for or given to the wrong mode, or ``count_empty_rows`` with a normalizer
-    (clause 8.3, 8.4).
+    (clause 8.3, 8.4); ``ref_logp`` (``has_ref_logp``) without ``kl_coef``, ``kl_coef`` or
+    ``kl_estimator`` without it, an unknown estimator or ``kl_coef`` outside its domain
+    (clause 10.4).
 
     >>> resolve_config("grpo", eps_high=0.28).eps_high
     0.28
@@ -176,7 +191,10 @@ def resolve_config(
             "count_empty_rows must be True or False; got "
             f"{type(count_empty_rows).__module__}.{type(count_empty_rows).__name__} {count_empty_rows!r}"
         )
+    coef, estimator = _kl_options(kl_coef, kl_estimator, has_ref_logp)
     return LossConfig(
+        kl_coef=coef,
+        kl_estimator=estimator,
         method=method,
         loss_agg=loss_agg,
         norm_length=norm,
@@ -185,3 +203,26 @@ def resolve_config(
         else count_empty_rows,
         **resolved,
     )
+
+
+def _kl_options(
+    kl_coef: float | None, kl_estimator: str | None, has_ref_logp: bool
+) -> tuple[float | None, str | None]:
+    # Clause 10.4: the three KL inputs come together or not at all.
+    if not has_ref_logp:
+        for name, value in (("kl_coef", kl_coef), ("kl_estimator", kl_estimator)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} requires ref_logp (the reference policy's log-probabilities, [N, T])"
+                )
+        return None, None
+    if kl_coef is None:
+        raise ValueError("ref_logp requires kl_coef (the KL penalty's coefficient beta >= 0)")
+    if kl_estimator is None:
+        kl_estimator = spec.DATA["defaults"]["kl_estimator"]
+    if not isinstance(kl_estimator, str) or kl_estimator not in spec.KL_ESTIMATORS:
+        raise ValueError(
+            f"unknown kl_estimator {kl_estimator!r}; expected one of: "
+            f"{', '.join(spec.KL_ESTIMATORS)}"
+        )
+    return _check_param("kl_coef", kl_coef), kl_estimator

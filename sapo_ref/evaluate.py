@@ -1,4 +1,4 @@
-r"""The loss and its closed-form gradient, generic over array namespaces (clauses 1-3, 5, 6).
+r"""The loss and its closed-form gradient, generic over array namespaces (clauses 1-3, 5, 6, 10).
 
 :func:`evaluate` is the whole computation on already validated arrays of one floating dtype.
 The reference (:func:`sapo_ref.policy_loss`) calls it in float64 on NumPy; adapters may call it
@@ -6,12 +6,16 @@ on their own arrays (e.g. inside a custom autograd function) and specialise wher
 
 .. math::
 
-    \mathcal{L} = -\sum_{i,t} c_{it}\,m_{it}\,A_{it}\,f_{it}(x_{it}),\qquad
+    \mathcal{L} = -\sum_{i,t} c_{it}\,m_{it}\,w_{it}\,A_{it}\,f_{it}(x_{it})
+        + \beta\sum_{i,t} c_{it}\,m_{it}\,k(u_{it}),\qquad
     \frac{\partial\mathcal{L}}{\partial\log\pi_\theta(y_{it'})} =
     \begin{cases}
-    -c_{it'}\,m_{it'}\,A_{it'}\,\partial_\delta f_{it'} & \text{token ratio, gspo-token}\\
-    -\frac{m_{it'}}{L_i}\sum_t c_{it}\,m_{it}\,A_{it}\,\partial_\mu f_{it} & \text{sequence ratio (gspo, sapo-seq)}
-    \end{cases}
+    -c_{it'}\,m_{it'}\,w_{it'}\,A_{it'}\,\partial_\delta f_{it'} & \text{token ratio, gspo-token}\\
+    -\frac{m_{it'}}{L_i}\sum_t c_{it}\,m_{it}\,w_{it}\,A_{it}\,\partial_\mu f_{it} & \text{sequence ratio (gspo, sapo-seq)}
+    \end{cases} + \beta\,c_{it'}\,m_{it'}\,k'(u_{it'})
+
+with the per-token weights :math:`w` (1 when absent) and the KL penalty
+:math:`u = \log\pi_\text{ref} - \log\pi_\theta` of clause 10 (0 when absent).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._xp import namespace
 from .aggregation import Normalizer, denominator, row_lengths, token_weights
 from .config import LossConfig
 from .gates import clip_parts, safe_exp, sapo_parts_signed
+from .penalties import kl_penalty
 
 __all__ = ["Evaluation", "evaluate", "prepare", "Prepared"]
 
@@ -55,6 +60,9 @@ class Evaluation:
     term: Any  # [N, T] per-token term A * f(x), 0 where invalid
     gate: Any  # SapoParts or ClipParts
     weights: Any  # [N, T] aggregation weights c_it
+    token_scale: Any = None  # [N, T] per-token weights w_it (clause 10.1), 0 where invalid
+    kl: Any = None  # [N, T] KL estimator k(u_it) (clause 10.2), 0 where invalid
+    kl_grad: Any = None  # [N, T] beta c k'(u): the KL part of grad (d loss / d ref_logp = -this)
 
 
 def prepare(logp: Any, old_logp: Any, advantages: Any, mask: Any, config: LossConfig) -> Prepared:
@@ -84,10 +92,15 @@ def evaluate(
     mask: Any,
     config: LossConfig,
     norm: Normalizer,
+    *,
+    weights: Any = None,
+    ref_logp: Any = None,
 ) -> Evaluation:
     """Loss and closed-form gradient d loss / d logp for validated inputs of one dtype.
 
-    ``norm`` holds the (global) counts; see :func:`sapo_ref.normalizer`.
+    ``norm`` holds the (global) counts; see :func:`sapo_ref.normalizer`. ``weights`` ([N] or
+    [N, T], in the compute dtype) and ``ref_logp`` ([N, T], with ``config.kl_coef``) are the
+    optional terms of clause 10.
     """
     xp = namespace(logp, old_logp, advantages)
     p = prepare(logp, old_logp, advantages, mask, config)
@@ -114,6 +127,13 @@ def evaluate(
 
     term = xp.where(p.valid, p.adv * g, zero)
     ca = c * p.adv  # 0 at invalid tokens
+    scale = None
+    if weights is not None:  # clause 10.1: the policy term only, counts (c) unchanged
+        w = weights
+        if w.ndim == 1:
+            w = xp.broadcast_to(xp.expand_dims(w, axis=1), zero.shape)
+        scale = xp.where(p.valid, w, zero)
+        ca = ca * scale
     inv_len = 1.0 / xp.where(p.lengths > 0, p.lengths, xp.ones_like(p.lengths))
     inv_len = xp.broadcast_to(xp.expand_dims(inv_len, axis=1), zero.shape)
     spread = inv_len if config.spreads_gradient else xp.ones_like(zero)
@@ -133,6 +153,15 @@ def evaluate(
         h, k = safe_exp(third), safe_exp(log_x - 2.0 * finite_third)
         weighted = xp.where(big, ((ca * h) * h) * k, weighted)
         coef = xp.where(big, ((ca * spread * h) * h) * k, coef)
+    kl = kl_grad = None
+    if ref_logp is not None and config.kl_coef is not None:  # clause 10.2
+        u = xp.where(p.valid, ref_logp, zero) - xp.where(p.valid, logp, zero)
+        k, dk = kl_penalty(u, config.kl_estimator)
+        kl = xp.where(p.valid, k, zero)
+        if config.has_kl:  # beta = 0 adds exactly nothing, not 0 * inf
+            bc = config.kl_coef * c
+            weighted = weighted - bc * kl  # one reduction for both terms
+            kl_grad = xp.where(p.valid, bc * dk, zero)
     loss = 0.0 - xp.sum(xp.where(p.valid, weighted, zero))  # 0.0 - x keeps an empty batch +0.0
     coef = xp.where(p.valid, coef, zero)
     if config.spreads_gradient:
@@ -140,4 +169,16 @@ def evaluate(
         grad = xp.where(p.valid, -xp.broadcast_to(xp.expand_dims(row, axis=1), zero.shape), zero)
     else:
         grad = xp.where(p.valid, -coef, zero)
-    return Evaluation(loss=loss, grad=grad, prepared=p, term=term, gate=gate, weights=c)
+    if kl_grad is not None:
+        grad = grad + kl_grad
+    return Evaluation(
+        loss=loss,
+        grad=grad,
+        prepared=p,
+        term=term,
+        gate=gate,
+        weights=c,
+        token_scale=scale,
+        kl=kl,
+        kl_grad=kl_grad,
+    )

@@ -18,9 +18,9 @@ from .gates import safe_exp
 __all__ = ["compute_metrics", "metric_keys"]
 
 
-def metric_keys(method: str) -> tuple[str, ...]:
-    """The metric keys ``method`` reports (clause 7.1)."""
-    return spec.method_metrics(method)
+def metric_keys(method: str, *, kl: bool = False, weights: bool = False) -> tuple[str, ...]:
+    """The metric keys ``method`` reports (clause 7.1), with a KL penalty / per-token weights."""
+    return spec.method_metrics(method, kl=kl, weights=weights)
 
 
 def _mean(xp: Any, x: Any, sel: Any) -> Any:
@@ -91,6 +91,10 @@ def compute_metrics(ev: Evaluation, config: LossConfig) -> dict[str, Any]:
         out["clip/high_frac"] = high
         out["clip/dual_frac"] = dual
         out["clip/frac"] = low + high + dual
-    keys = metric_keys(config.method)
+    if ev.kl is not None:
+        out["kl_ref/mean"] = _mean(xp, ev.kl, valid)
+    if ev.token_scale is not None:
+        out["weights/mean"] = _mean(xp, ev.token_scale, valid)
+    keys = metric_keys(config.method, kl=ev.kl is not None, weights=ev.token_scale is not None)
     assert set(out) == set(keys), sorted(set(out) ^ set(keys))  # spec and code agree
     return {k: out[k] for k in keys}

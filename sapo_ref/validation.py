@@ -50,20 +50,34 @@ def _require_array(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be an array; got {type(x).__name__}")
 
 
-def check_arrays(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
-    """Shapes and dtypes (clause 8.1, 8.2); raises ``ValueError``/``TypeError`` naming the argument.
+def check_arrays(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    *,
+    weights: Any = None,
+    ref_logp: Any = None,
+) -> None:
+    """Shapes and dtypes (clauses 8.1, 8.2, 10.4); raises ``ValueError``/``TypeError`` naming the
+    argument. ``weights`` and ``ref_logp`` are checked when given.
 
     Reads static facts only (shape, dtype), so it also runs while a framework traces.
     """
+    extra = [(n, x) for n, x in (("weights", weights), ("ref_logp", ref_logp)) if x is not None]
     for name, x in (
         ("logp", logp),
         ("old_logp", old_logp),
         ("advantages", advantages),
         ("mask", mask),
+        *extra,
     ):
         _require_array(name, x)
-    xp = namespace(logp, old_logp, advantages, mask)
-    for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
+    xp = namespace(logp, old_logp, advantages, mask, *(x for _, x in extra))
+    floating = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages)]
+    if ref_logp is not None:
+        floating.append(("ref_logp", ref_logp))
+    for name, x in floating:
         if not _is_real_floating(xp, x.dtype):
             raise TypeError(f"{name} must be a real floating array; got dtype {x.dtype}")
     if logp.ndim != 2:
@@ -71,9 +85,23 @@ def check_arrays(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
     n, t = _shape(logp)
     if n < 1 or t < 1:
         raise ValueError(f"logp must have N >= 1 rows and T >= 1 tokens; got shape {(n, t)}")
-    for name, x in (("old_logp", old_logp), ("mask", mask)):
+    same = [("old_logp", old_logp), ("mask", mask)]
+    if ref_logp is not None:
+        same.append(("ref_logp", ref_logp))
+    for name, x in same:
         if _shape(x) != (n, t):
             raise ValueError(f"{name} must have the shape of logp {(n, t)}; got {_shape(x)}")
+    if weights is not None:
+        if _shape(weights) not in ((n,), (n, t)):
+            raise ValueError(
+                f"weights must have shape [N] = {(n,)} or [N, T] = {(n, t)}; got {_shape(weights)}"
+            )
+        if weights.dtype != xp.bool and not (
+            _isdtype(xp, weights.dtype, "integral") or _is_real_floating(xp, weights.dtype)
+        ):
+            raise TypeError(
+                f"weights must be real floating, boolean or integer; got dtype {weights.dtype}"
+            )
     if _shape(advantages) not in ((n,), (n, t)):
         raise ValueError(
             f"advantages must have shape [N] = {(n,)} or [N, T] = {(n, t)}; got {_shape(advantages)}"
@@ -117,8 +145,10 @@ def faults(
     sequence: bool,
     normalizer: Any = None,
     local: Any = None,
+    weights: Any = None,
+    ref_logp: Any = None,
 ) -> tuple[Fault, ...]:
-    r"""Every data check of clauses 5.5, 8.2, 8.5, 8.6 and 8.8, as array operations only.
+    r"""Every data check of clauses 5.5, 8.2, 8.5, 8.6, 8.8 and 10.4, as array operations only.
 
     Args:
         logp, old_logp: [N, T] log-probabilities in the computation dtype.
@@ -128,6 +158,8 @@ def faults(
         sequence: whether the method takes the sequence ratio (clause 5.5 applies).
         normalizer, local: an explicit :class:`~sapo_ref.Normalizer` and the shard's own counts
             (clause 8.8); both or neither.
+        weights: [N] or [N, T] per-token weights already in a floating dtype (clause 10.1).
+        ref_logp: [N, T] reference log-probabilities (clause 10.2).
 
     The clause 5.5 check looks at the computed log-ratios :math:`\delta = \log\pi_\theta -
     \log\pi_\text{old}`, so a row whose finite inputs give differences that overflow to
@@ -160,6 +192,32 @@ def faults(
             valid & xp.isinf(logp) & (logp == old_logp),
         )
     )
+    if weights is not None:
+        w = weights
+        if w.ndim == 1:
+            w = xp.broadcast_to(xp.expand_dims(w, axis=1), valid.shape)
+        out.append(
+            Fault(
+                "weights",
+                "10.4",
+                "weights must be finite and >= 0 at valid tokens",
+                valid & ~(xp.isfinite(w) & (w >= 0)),
+            )
+        )
+    if ref_logp is not None:
+        out.append(
+            Fault(
+                "ref_logp", "10.4", "ref_logp is NaN at a valid token", valid & xp.isnan(ref_logp)
+            )
+        )
+        out.append(
+            Fault(
+                "ref_logp",
+                "10.4",
+                "log-ratio logp - ref_logp is undefined (inf - inf) at a valid token",
+                valid & xp.isinf(logp) & (logp == ref_logp),
+            )
+        )
     if sequence:
         zero = xp.zeros_like(logp)
         delta = xp.where(valid, logp, zero) - xp.where(valid, old_logp, zero)
@@ -277,7 +335,7 @@ def raise_faults(found: tuple[Fault, ...]) -> None:
         where_word = (
             "first bad value at"
             if f.argument == "mask"
-            else ("first bad at" if f.argument == "advantages" else "first at")
+            else ("first bad at" if f.argument in ("advantages", "weights") else "first at")
         )
         raise ValueError(f"{message}; {where_word} {first}")
 

@@ -37,6 +37,10 @@ __all__ = [
     "clause",
     "vectors_dir",
     "method_metrics",
+    "KL_ESTIMATORS",
+    "KL_CLIP",
+    "K3_SERIES_BELOW",
+    "CHANGELOG",
 ]
 
 
@@ -116,6 +120,7 @@ class Clause:
     title: str
     text: str
     eq: str | None = None
+    since: str = "0.1.0"  # the spec version that introduced the clause
 
 
 @dataclass(frozen=True)
@@ -181,12 +186,29 @@ TOLERANCES: Mapping[str, Mapping[str, Tolerance]] = MappingProxyType(
 )
 
 CLAUSES: tuple[Clause, ...] = tuple(
-    Clause(id=c["id"], kind=c["kind"], title=c["title"], text=c["text"].strip(), eq=c.get("eq"))
+    Clause(
+        id=c["id"],
+        kind=c["kind"],
+        title=c["title"],
+        text=c["text"].strip(),
+        eq=c.get("eq"),
+        since=c.get("since", "0.1.0"),
+    )
     for c in DATA["clauses"]
 )
 _BY_ID = {c.id: c for c in CLAUSES}
 
 X_SATURATION: float = float(DATA["numerics"]["x_saturation"])
+#: The KL-penalty estimators of clause 10.2 (name -> value, dlogp, summary), in spec order.
+KL_ESTIMATORS: Mapping[str, Mapping[str, str]] = MappingProxyType(
+    {k: MappingProxyType(dict(v)) for k, v in DATA["kl_estimators"].items()}
+)
+KL_CLIP: float = float(DATA["numerics"]["kl_clip"])
+K3_SERIES_BELOW: float = float(DATA["numerics"]["k3_series_below"])
+#: What each spec version added and changed, newest first.
+CHANGELOG: tuple[Mapping[str, Any], ...] = tuple(
+    MappingProxyType(dict(entry)) for entry in DATA["changelog"]
+)
 
 
 def clause(clause_id: str) -> Clause:
@@ -197,10 +219,23 @@ def clause(clause_id: str) -> Clause:
         raise KeyError(f"unknown clause {clause_id!r}; known: {', '.join(_BY_ID)}") from None
 
 
-def method_metrics(method: str) -> tuple[str, ...]:
-    """The metric keys clause 7.1 defines for ``method``, in spec order."""
+def method_metrics(method: str, *, kl: bool = False, weights: bool = False) -> tuple[str, ...]:
+    """The metric keys clause 7.1 defines for ``method``, in spec order.
+
+    ``kl`` and ``weights`` say whether the loss has a KL penalty (``ref_logp``) and per-token
+    weights (clause 10): their metrics exist only then.
+
+    >>> method_metrics("grpo", kl=True)[-1]
+    'clip/frac'
+    >>> "kl_ref/mean" in method_metrics("sapo"), "kl_ref/mean" in method_metrics("sapo", kl=True)
+    (False, True)
+    """
+    present = {"ref_logp": kl, "weights": weights}
     return tuple(
-        key for key, m in METRICS.items() if m["methods"] == "all" or method in m["methods"]
+        key
+        for key, m in METRICS.items()
+        if (m["methods"] == "all" or method in m["methods"])
+        and present.get(m.get("requires", ""), True)
     )
 
 

@@ -20,10 +20,23 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import CLAUSES, DATA, DOMAINS, LOSS_AGGS, METHODS, METRICS, TOLERANCES, VERSION
+from . import (
+    CHANGELOG,
+    CLAUSES,
+    DATA,
+    DOMAINS,
+    KL_ESTIMATORS,
+    LOSS_AGGS,
+    METHODS,
+    METRICS,
+    TOLERANCES,
+    VERSION,
+)
 
 __all__ = ["default_path", "main", "render", "render_body"]
 
+#: Section headings by section number where the kind of the first clause does not say it.
+_SECTION_TITLES = {"10": "Added per-token terms (since 0.2.0)"}
 #: Section headings by the kind of the section's first clause (presentation only).
 _SECTION_NAMES = {
     "definition": "Definitions",
@@ -123,7 +136,8 @@ def _metrics() -> list[str]:
         (
             f"`{key}`",
             "all" if m["methods"] == "all" else ", ".join(f"`{x}`" for x in m["methods"]),
-            m["definition"],
+            m["definition"]
+            + (f" (only with `{m['requires']}`; since {m['since']})" if "requires" in m else ""),
         )
         for key, m in METRICS.items()
     ]
@@ -151,11 +165,34 @@ def _clauses(anchors: bool) -> list[str]:
         head = c.id.split(".")[0]
         if head != section:
             section = head
-            out += [f"## {head}. {_SECTION_NAMES.get(c.kind, c.kind.capitalize())}", ""]
+            name = _SECTION_TITLES.get(head) or _SECTION_NAMES.get(c.kind, c.kind.capitalize())
+            out += [f"## {head}. {name}", ""]
         out += [f"### {c.id} {c.title}" + (f" {{ #{_anchor(c.id)} }}" if anchors else ""), ""]
-        tag = f"*{c.kind}*" + (f" · paper eq. {c.eq}" if c.eq else "")
+        tag = (
+            f"*{c.kind}*"
+            + (f" · paper eq. {c.eq}" if c.eq else "")
+            + (f" · since {c.since}" if c.since != "0.1.0" else "")
+        )
         out += [tag, "", c.text, ""]
     return out
+
+
+def _changelog() -> list[str]:
+    out = ["## Changes by version", ""]
+    for entry in CHANGELOG:
+        out += [f"**{entry['version']}** ({entry['date']})", ""]
+        out += [f"- added: {item}" for item in entry["added"]]
+        out += [f"- changed: {item}" for item in entry["changed"]]
+        out += [""]
+    return out
+
+
+def _kl_estimators() -> list[str]:
+    rows = [
+        (f"`{name}`", f"${e['value']}$", f"${e['dlogp']}$", e["summary"])
+        for name, e in KL_ESTIMATORS.items()
+    ]
+    return _table(("kl_estimator", "value k(u)", "d k / d log pi_theta", "note"), rows)
 
 
 def render() -> str:
@@ -193,6 +230,7 @@ def render_body(anchors: bool = True) -> str:
         ),
         "",
     ]
+    out += _changelog()
     out += _clauses(anchors)
     out += [
         "## Data tables",
@@ -219,6 +257,7 @@ def render_body(anchors: bool = True) -> str:
         "Bounds are inclusive unless the interval is written open; values must be finite.",
         "",
     ] + _domains()
+    out += ["### KL-penalty estimators (clause 10.2)", ""] + _kl_estimators()
     out += ["### Numerics constants (clause 6)", ""] + _numerics()
     out += ["### Metrics (clause 7.1)", ""] + _metrics()
     out += [

@@ -38,7 +38,7 @@ def test_token_methods_accept_rows_with_both_infinities(method):
     assert not math.isnan(res.loss)
 
 
-@pytest.mark.clause("8.4")
+@pytest.mark.clause("8.4", "10.4")
 @pytest.mark.parametrize("name", list(spec.DOMAINS))
 def test_domain_edges_are_accepted(name):
     """The domain bounds themselves are valid values (inclusive unless *_open)."""
@@ -46,6 +46,9 @@ def test_domain_edges_are_accepted(name):
     for value in ([] if d.min_open else [d.min]) + [d.max]:
         if name == "norm_length":
             call = setting(loss_agg="seq-mean-token-sum-norm", norm_length=value)(valid_call())
+        elif name == "kl_coef":  # clause 10.2: not a method parameter, it comes with ref_logp
+            base = valid_call()
+            call = setting(ref_logp=base["logp"] - 0.5, kl_coef=value)(base)
         else:
             method = next(m for m, s in spec.METHODS.items() if name in s.params)
             call = setting(method=method, **{name: value})(valid_call())
@@ -270,3 +273,139 @@ def test_count_empty_rows_numpy_bool_is_a_bool():
     """``count_empty_rows=np.bool_(True)`` was refused with "must be a bool; got bool"."""
     want = run({**valid_call(), "count_empty_rows": True}).loss
     assert run({**valid_call(), "count_empty_rows": np.bool_(True)}).loss == want
+
+
+# ------------------------------------------------------------------ added terms (clause 10.4)
+def _terms(**kw: Any) -> dict[str, Any]:
+    base = valid_call()
+    n, t = base["logp"].shape
+    return {
+        **base,
+        "weights": np.ones((n, t)),
+        "ref_logp": base["logp"] - 0.25,
+        "kl_coef": 0.1,
+        **kw,
+    }
+
+
+def _bad_at_valid(name: str, value: float) -> dict[str, Any]:
+    call = _terms()
+    x = np.array(call[name], dtype=float)
+    i, t = np.argwhere(np.asarray(call["mask"]) != 0)[0]
+    x[i, t] = value
+    return {**call, name: x}
+
+
+TERM_CASES: list[tuple[str, Callable[[], dict[str, Any]], type[Exception], str]] = [
+    (
+        "weights 3-D",
+        lambda: _terms(weights=np.ones((1, 1, 1))),
+        ValueError,
+        r"^weights must have shape",
+    ),
+    (
+        "weights complex",
+        lambda: _terms(weights=np.ones(valid_call()["logp"].shape, complex)),
+        TypeError,
+        r"^weights must be real floating, boolean or integer",
+    ),
+    (
+        "weights negative",
+        lambda: _bad_at_valid("weights", -1e-300),
+        ValueError,
+        r"^weights must be finite and >= 0 at valid tokens; first bad at \(",
+    ),
+    (
+        "weights NaN",
+        lambda: _bad_at_valid("weights", math.nan),
+        ValueError,
+        r"^weights must be finite",
+    ),
+    (
+        "weights inf",
+        lambda: _bad_at_valid("weights", math.inf),
+        ValueError,
+        r"^weights must be finite",
+    ),
+    (
+        "ref_logp [N]",
+        lambda: _terms(ref_logp=np.zeros(valid_call()["logp"].shape[0])),
+        ValueError,
+        r"^ref_logp must have the shape of logp",
+    ),
+    (
+        "ref_logp integer",
+        lambda: _terms(ref_logp=np.zeros(valid_call()["logp"].shape, int)),
+        TypeError,
+        r"^ref_logp must be a real floating array",
+    ),
+    (
+        "ref_logp NaN",
+        lambda: _bad_at_valid("ref_logp", math.nan),
+        ValueError,
+        r"^ref_logp is NaN at a valid token; first at \(",
+    ),
+    (
+        "logp - ref_logp = inf - inf",
+        lambda: {
+            **_bad_at_valid("ref_logp", -math.inf),
+            **{"logp": _bad_at_valid("logp", -math.inf)["logp"]},
+        },
+        ValueError,
+        r"^log-ratio logp - ref_logp is undefined",
+    ),
+    (
+        "ref_logp without kl_coef",
+        lambda: _terms(kl_coef=None),
+        ValueError,
+        r"^ref_logp requires kl_coef",
+    ),
+    (
+        "kl_coef without ref_logp",
+        lambda: _terms(ref_logp=None),
+        ValueError,
+        r"^kl_coef requires ref_logp",
+    ),
+    (
+        "kl_estimator without ref_logp",
+        lambda: _terms(ref_logp=None, kl_coef=None, kl_estimator="k3"),
+        ValueError,
+        r"^kl_estimator requires ref_logp",
+    ),
+    (
+        "unknown kl_estimator",
+        lambda: _terms(kl_estimator="low_var_kl"),
+        ValueError,
+        r"^unknown kl_estimator 'low_var_kl'; expected one of: k1, k2, k3, low-var-k3$",
+    ),
+    (
+        "kl_coef negative",
+        lambda: _terms(kl_coef=-0.1),
+        ValueError,
+        r"^kl_coef must be finite and in \[0, 1e\+06\]",
+    ),
+    ("kl_coef inf", lambda: _terms(kl_coef=math.inf), ValueError, r"^kl_coef must be finite"),
+    ("kl_coef string", lambda: _terms(kl_coef="0.1"), TypeError, r"^kl_coef must be a real number"),
+]
+
+
+@pytest.mark.clause("10.4")
+@pytest.mark.parametrize(
+    ("build", "exc", "pattern"), [c[1:] for c in TERM_CASES], ids=[c[0] for c in TERM_CASES]
+)
+def test_added_terms_bad_input(build, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        run(build())
+
+
+@pytest.mark.clause("10.1", "10.4")
+def test_added_terms_ignore_invalid_positions():
+    """Garbage (NaN, -inf, negative) in weights and ref_logp where the mask is 0 is ignored."""
+    call = _terms()
+    invalid = np.asarray(call["mask"]) == 0
+    assert invalid.any()
+    w, ref = call["weights"].copy(), call["ref_logp"].copy()
+    w[invalid], ref[invalid] = -math.nan, -math.inf
+    got, want = run({**call, "weights": w, "ref_logp": ref}), run(call)
+    assert got.loss == want.loss
+    np.testing.assert_array_equal(got.grad, want.grad)
