@@ -4,9 +4,10 @@ Subcommands:
 
 * ``sapo-ref plot OUTDIR`` writes the documentation's figures (needs matplotlib:
   ``pip install 'sapo-ref[plots]'``); see :mod:`sapo_ref.plots`.
-* ``sapo-ref selfcheck`` evaluates the reference on a small random batch for every method and
-  compares its closed-form gradient with central finite differences of its own loss; exits 1
-  if any gradient disagrees.
+* ``sapo-ref selfcheck`` evaluates the reference on a small random batch for every method, alone
+  and with the terms of clause 10 (per-token weights and a k3 KL penalty), and compares its
+  closed-form gradient with central finite differences of its own loss; exits 1 if any gradient
+  disagrees.
 """
 
 from __future__ import annotations
@@ -58,16 +59,28 @@ def selfcheck(seed: int = 0, out=None) -> bool:
         f"(seed {seed})",
         file=out,
     )
-    print(f"{'method':<12}{'loss':>14}{'max |grad|':>12}{'fd error':>12}  status  metric", file=out)
-    for method in METHOD_NAMES:
-        res = policy_loss(logp, old, adv, mask, method=method)
+    rng = np.random.default_rng(seed + 1)
+    terms = {  # clause 10: detached weights and a KL penalty against a nearby reference
+        "weights": rng.uniform(0.0, 2.0, size=logp.shape),
+        "ref_logp": logp + rng.normal(0.0, 0.3, size=logp.shape),
+        "kl_coef": 0.05,
+    }
+    print(f"{'method':<18}{'loss':>14}{'max |grad|':>12}{'fd error':>12}  status  metric", file=out)
+    # gspo-token's gradient is its surrogate's (clause 2.8), a finite difference of its value
+    # only when A and the weights are constant along each row: it gets one weight per row.
+    row_terms = {**terms, "weights": terms["weights"][:, 0]}
+    runs = [(m, m, {}) for m in METHOD_NAMES] + [
+        (f"{m} +terms", m, row_terms if m == "gspo-token" else terms) for m in METHOD_NAMES
+    ]
+    for label, method, extra in runs:
+        res = policy_loss(logp, old, adv, mask, method=method, **extra)
         fd = np.zeros_like(logp)
         for i, t in zip(*np.nonzero(mask)):
             up, dn = logp.copy(), logp.copy()
             up[i, t] += _FD_STEP
             dn[i, t] -= _FD_STEP
-            lu = policy_loss(up, old, adv, mask, method=method).loss
-            ld = policy_loss(dn, old, adv, mask, method=method).loss
+            lu = policy_loss(up, old, adv, mask, method=method, **extra).loss
+            ld = policy_loss(dn, old, adv, mask, method=method, **extra).loss
             fd[i, t] = (lu - ld) / (2 * _FD_STEP)
         err = float(np.max(np.abs(res.grad - fd)))
         scale = float(np.max(np.abs(fd)))
@@ -75,7 +88,7 @@ def selfcheck(seed: int = 0, out=None) -> bool:
         ok &= passed
         key = "gate/mean" if "gate/mean" in res.metrics else "clip/frac"
         print(
-            f"{method:<12}{res.loss:>14.8f}{np.max(np.abs(res.grad)):>12.5f}{err:>12.2e}"
+            f"{label:<18}{res.loss:>14.8f}{np.max(np.abs(res.grad)):>12.5f}{err:>12.2e}"
             f"  {'ok' if passed else 'FAIL':<6}  {key} = {res.metrics[key]:.4f}",
             file=out,
         )
