@@ -1,0 +1,99 @@
+"""A tiny causal LM, tokenizer, prompt set and reward for running TRL's GRPOTrainer on CPU.
+
+Everything is built here (nothing from a model hub): a character-level tokenizer over a
+12-symbol vocabulary (so that the end-of-sequence token is sampled often and completions have
+varied lengths), a 1-layer Llama with hidden size 16, a dataset of short letter prompts and a
+deterministic reward that prefers completions with many ``a`` and few other letters.
+
+The model and tokenizer are saved to a directory once (:func:`save_tiny`): the trainers load
+their policy from there, and TRL builds its reference model (``beta > 0``) from the same path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+__all__ = [
+    "LETTERS",
+    "build_model",
+    "build_tokenizer",
+    "load_model",
+    "prompts",
+    "reward",
+    "save_tiny",
+]
+
+LETTERS = "abcdefgh"
+SPECIALS = ("<pad>", "<eos>", "<bos>", " ")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character of ``LETTERS`` and space, plus pad, eos and bos (12 ids)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(LETTERS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        padding_side="left",
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """A 1-layer Llama, hidden 16, 2 heads, float32, seeded."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny(directory: Path, seed: int = 0) -> Path:
+    """Build and save the tokenizer and model into ``directory``; returns it."""
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_model(directory: Path) -> LlamaForCausalLM:
+    """A fresh copy of the saved model (identical initial weights for every trainer)."""
+    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+
+
+def prompts(n: int = 8) -> Dataset:
+    """``n`` short letter prompts in TRL's standard (non-conversational) format."""
+    texts = [" ".join(LETTERS[(i + k) % len(LETTERS)] for k in range(3)) + " " for i in range(n)]
+    return Dataset.from_dict({"prompt": texts})
+
+
+def reward(completions: list[str], **kwargs: object) -> list[float]:
+    """Deterministic: +1 per ``a``, -0.25 per other letter, +0.5 for ending early (short)."""
+    out = []
+    for text in completions:
+        letters = [c for c in text if c in LETTERS]
+        out.append(
+            letters.count("a") - 0.25 * (len(letters) - letters.count("a")) + 0.5 * (len(text) < 6)
+        )
+    return out
