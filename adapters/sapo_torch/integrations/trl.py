@@ -16,10 +16,17 @@ Every TRL option that shapes the loss either maps to the same numbers or raises 
 (:data:`UNSUPPORTED`); the spec's metrics (clause 7.1) are logged under ``sapo/`` next to TRL's
 own logs, reduced across processes as clause 3.11 says.
 
->>> from sapo_torch.integrations.trl import canonical_options
 >>> from trl import GRPOConfig
->>> canonical_options(GRPOConfig(output_dir="/tmp/x", loss_type="sapo", report_to="none"))
-LossOptions(method='sapo', loss_agg='seq-mean-token-mean', options={'tau_pos': 1.0, 'tau_neg': 1.05, 'count_empty_rows': True}, global_tokens=False)
+>>> from sapo_torch.integrations.trl import canonical_options
+>>> args = GRPOConfig("out", loss_type="sapo", use_cpu=True, bf16=False, report_to="none")
+>>> canonical_options(args)  # doctest: +NORMALIZE_WHITESPACE
+LossOptions(method='sapo', loss_agg='seq-mean-token-mean',
+            options={'tau_pos': 1.0, 'tau_neg': 1.05, 'count_empty_rows': True},
+            global_tokens=False)
+>>> canonical_options(GRPOConfig("out", loss_type="cispo", use_cpu=True, bf16=False))
+Traceback (most recent call last):
+...
+ValueError: SapoGRPOTrainer cannot reproduce TRL's loss_type='cispo': ...
 
 Importing this module imports TRL and checks its version against :data:`SUPPORTED_TRL`.
 """
@@ -57,9 +64,10 @@ def _check_trl_version() -> None:
     try:
         found = metadata.version("trl")
     except metadata.PackageNotFoundError:
-        raise ImportError(
+        raise ModuleNotFoundError(
             f"sapo_torch.integrations.trl needs TRL {SUPPORTED_TRL}; TRL is not installed "
-            f'(pip install "trl{SUPPORTED_TRL}")'
+            f'(pip install "trl{SUPPORTED_TRL}")',
+            name="trl",
         ) from None
     if Version(found) not in SpecifierSet(SUPPORTED_TRL):
         raise ImportError(
