@@ -422,3 +422,40 @@ def test_sapo_warns_that_verls_sapo_ignores_the_mode():
         sv.sapo(
             batch["old"], batch["logp"], batch["adv"], batch["mask"], "seq-mean-token-sum", _actor()
         )
+
+
+def test_enabled_in_a_fresh_verl_process():
+    """What a verl worker process does: ``import verl`` imports the modules named in
+    ``VERL_USE_EXTERNAL_MODULES`` (``model.external_lib`` goes through the same
+    ``import_external_libs``), after which the config's loss_mode resolves to ours."""
+    import os
+    import subprocess
+
+    code = (
+        "from verl.trainer.ppo.core_algos import get_policy_loss_fn as g\n"
+        "print(g('sapo_ref_sapo').__module__, g('sapo_ref_grpo').__name__)"
+    )
+    env = {
+        **os.environ,
+        "VERL_USE_EXTERNAL_MODULES": "sapo_torch.integrations.verl",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["sapo_torch.integrations.verl", "grpo"]
+
+
+def test_dictconfig_actor_config():
+    """verl's contract allows an OmegaConf DictConfig as ``config`` (its vanilla loss takes one)."""
+    from omegaconf import OmegaConf
+
+    batch = _batch(3, False)
+    fields = {k: CONFIG[k] for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")}
+    info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 9}
+    dict_cfg = OmegaConf.create({"clip_ratio": 0.2, **fields, "global_batch_info": info})
+    actor = _actor(**fields, global_batch_info=info)
+    args = (batch["old"], batch["logp"], batch["adv"], batch["mask"], "seq-mean-token-sum")
+    assert sv.grpo(*args, dict_cfg)[0].item() == sv.grpo(*args, actor)[0].item()
+    expected = get_policy_loss_fn("vanilla")(*args, actor)[0].item()
+    assert abs(sv.grpo(*args, dict_cfg)[0].item() - expected) <= TOL * max(1.0, abs(expected))

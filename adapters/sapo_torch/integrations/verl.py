@@ -201,7 +201,7 @@ def _count(info: Mapping[str, Any], key: str, *, positive: bool = False) -> Any:
     value = info.get(key)
     if value is None:
         return None
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.ndim == 0:  # e.g. an all-reduced count
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise TypeError(f"global_batch_info[{key!r}] must be a number; got {value!r}")
