@@ -390,10 +390,27 @@ def test_unsupported_options_raise_at_construction(tiny, tmp_path, options, matc
         _trainer(GRPOTrainer, tiny, tmp_path / "trl", **options)
 
 
-def test_supported_with_bias_correction_off_and_beta_zero(tiny, tmp_path):
+def test_bias_correction_is_irrelevant_without_kl(tmp_path):
     # use_bias_correction_kl (TRL's default True) changes nothing when beta = 0: accepted.
     opts = integration.canonical_options(_config(tmp_path, loss_type="grpo", beta=0.0))
     assert (opts.method, opts.loss_agg) == ("grpo", "seq-mean-token-mean")
+
+
+def test_metrics_can_be_switched_off(tiny, tmp_path):
+    trainer = SapoGRPOTrainer(
+        model=trl_tiny.load_model(tiny),
+        reward_funcs=trl_tiny.reward,
+        args=_config(tmp_path, loss_type="sapo", max_steps=1),
+        train_dataset=trl_tiny.prompts(),
+        processing_class=trl_tiny.build_tokenizer(),
+        sapo_metrics=False,
+    )
+    trainer.train()
+    logged = {k for e in trainer.state.log_history for k in e}
+    assert "loss" in logged and "entropy" in logged
+    assert not [k for k in logged if k.startswith("sapo/")]
+    with pytest.raises(TypeError, match="sapo_metrics must be a bool"):
+        SapoGRPOTrainer(model=object(), args=_config(tmp_path), sapo_metrics="yes")
 
 
 def test_version_check(monkeypatch):
