@@ -2,8 +2,9 @@
 
 Every ``policy_loss`` (sapo_ref, sapo_torch, sapo_jax, sapo_mlx) takes the four arrays
 positionally and exactly the spec's keywords (the parameters of ``sapo_ref.resolve_config``,
-plus ``normalizer``) as keyword-only arguments with the same defaults; the adapters add only
-``metrics``. The conformance contract's options are a subset of those keywords.
+plus the inputs it is only told about: ``normalizer``, ``weights`` and ``ref_logp``) as
+keyword-only arguments with the same defaults, in the reference's order; the adapters add only
+``metrics``, last. The conformance contract's options are a subset of those keywords.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import sapo_ref
 from sapo_ref import spec
 
 ARRAYS = ("logp", "old_logp", "advantages", "mask")
-#: resolve_config's keywords that are not policy_loss's (it is told whether a normalizer came).
-RESOLVER_ONLY = ("has_normalizer",)
+#: resolve_config's keywords that are not policy_loss's (it is told whether a normalizer or
+#: reference log-probabilities came).
+RESOLVER_ONLY = ("has_normalizer", "has_ref_logp")
+#: policy_loss's inputs that the resolver is told about only (clauses 3.8, 10.1, 10.2).
+INPUT_KEYWORDS = {"normalizer": None, "weights": None, "ref_logp": None}
 #: What only an adapter takes, with its default.
 ADAPTER_ONLY = {"metrics": False}
 APIS = (
@@ -31,11 +35,11 @@ APIS = (
 
 
 def spec_keywords() -> dict[str, object]:
-    """The spec's keywords with their defaults: resolve_config's parameters plus normalizer."""
+    """The spec's keywords with their defaults: resolve_config's parameters plus the inputs
+    (``normalizer``, ``weights``, ``ref_logp``)."""
     params = inspect.signature(sapo_ref.resolve_config).parameters
     out = {n: p.default for n, p in params.items() if n not in RESOLVER_ONLY}
-    out["normalizer"] = None
-    return out
+    return out | INPUT_KEYWORDS
 
 
 def _policy_loss(module: str):
@@ -47,16 +51,21 @@ def _policy_loss(module: str):
 
 def test_resolver_keywords_are_the_spec_data():
     """resolve_config takes the spec's options: its [defaults], every method's params (from
-    [methods.*]), the aggregation's requirements (from [loss_aggs.*]) and nothing else."""
+    [methods.*]), the aggregation's requirements (from [loss_aggs.*]), the KL coefficient (the
+    one [domains.*] entry that is no method's parameter, clause 10.2) and nothing else."""
     kw = spec_keywords()
     data = spec.DATA
     params = {p for m in spec.METHODS.values() for p in m.params}
     required = {r for a in spec.LOSS_AGGS.values() for r in a.requires}
-    assert set(kw) == set(data["defaults"]) | params | required | {"normalizer"}
+    others = set(spec.DOMAINS) - params - required
+    assert others == {"kl_coef"}
+    assert set(kw) == set(data["defaults"]) | params | required | others | set(INPUT_KEYWORDS)
     for name, value in data["defaults"].items():
-        # count_empty_rows: None means "the default (false) unless a normalizer fixed it"
-        assert kw[name] == (None if name == "count_empty_rows" else value), name
-    assert all(kw[p] is None for p in params | required)  # None: the method's own default
+        # None means "the default unless ...": count_empty_rows (false unless a normalizer fixed
+        # it), kl_estimator (k3, and only with ref_logp)
+        unset = name in ("count_empty_rows", "kl_estimator")
+        assert kw[name] == (None if unset else value), name
+    assert all(kw[p] is None for p in params | required | others)  # None: the default
 
 
 @pytest.mark.parametrize("module", APIS)
@@ -72,6 +81,15 @@ def test_policy_loss_takes_exactly_the_spec_keywords(module):
         want |= ADAPTER_ONLY
     assert keywords == want, f"{module}: {keywords} != {want}"
     assert not [p for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    # The reference's order (a reader of one signature reads them all), the adapters' own last.
+    reference = [
+        n
+        for n, p in inspect.signature(sapo_ref.policy_loss).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    order = list(keywords)
+    assert order[: len(reference)] == reference, f"{module}: {order} vs {reference}"
+    assert order[len(reference) :] == ([] if module == "sapo_ref" else list(ADAPTER_ONLY))
 
 
 def test_contract_options_are_spec_keywords():

@@ -54,11 +54,18 @@ def _stand_in_dtype(dtype: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def check_signature(signature: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
-    """:func:`sapo_ref.validation.check_arrays` of four ``(shape, dtype)`` pairs (cached)."""
+def check_signature(
+    signature: tuple[tuple[tuple[int, ...], Any], ...],
+    extra: tuple[tuple[str, tuple[int, ...], Any], ...] = (),
+) -> None:
+    """:func:`sapo_ref.validation.check_arrays` of four ``(shape, dtype)`` pairs and the
+    ``(name, shape, dtype)`` of ``weights``/``ref_logp`` when given (cached)."""
     # check_arrays reads only shapes and dtypes: empty NumPy stand-ins give its exact errors for
     # tracers, JAX arrays and host arrays of any dtype alike. Failures are not cached.
-    check_arrays(*(np.empty(shape, _stand_in_dtype(dt)) for shape, dt in signature))
+    check_arrays(
+        *(np.empty(shape, _stand_in_dtype(dt)) for shape, dt in signature),
+        **{name: np.empty(shape, _stand_in_dtype(dt)) for name, shape, dt in extra},
+    )
 
 
 def _as_array(x: Any) -> Any:
@@ -69,21 +76,41 @@ def _as_array(x: Any) -> Any:
     return np.asarray(x)
 
 
-def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any, ...]:
-    """The four inputs checked (clause 8.1, 8.2) and as JAX arrays (tracers pass through).
+def as_inputs(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    *,
+    weights: Any = None,
+    ref_logp: Any = None,
+) -> tuple[Any, ...]:
+    """The inputs checked (clauses 8.1, 8.2, 10.4) and as JAX arrays (tracers pass through):
+    ``(logp, old_logp, advantages, mask, weights, ref_logp)``, the last two ``None`` when not
+    given.
 
     Warns :class:`Float64TruncationWarning` once per call when a float64 host array would
     silently become float32 (JAX converts it without a word when x64 is off; under an outer
     ``jax.jit`` that has already happened before this function sees the tracers).
     """
-    arrays = tuple(_as_array(x) for x in (logp, old_logp, advantages, mask))
+    names = NAMES + tuple(
+        n for n, x in (("weights", weights), ("ref_logp", ref_logp)) if x is not None
+    )
+    given = (logp, old_logp, advantages, mask) + tuple(
+        x for x in (weights, ref_logp) if x is not None
+    )
+    arrays = tuple(_as_array(x) for x in given)
     if not all(hasattr(x, "shape") for x in arrays):
-        check_arrays(*(x if not hasattr(x, "shape") else np.empty((), np.float64) for x in arrays))
-    check_signature(tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays))
+        stand = [x if not hasattr(x, "shape") else np.empty((), np.float64) for x in arrays]
+        check_arrays(*stand[:4], **dict(zip(names[4:], stand[4:])))
+    check_signature(
+        tuple((tuple(x.shape), np.dtype(x.dtype)) for x in arrays[:4]),
+        tuple((n, tuple(x.shape), np.dtype(x.dtype)) for n, x in zip(names[4:], arrays[4:])),
+    )
     if not x64_enabled():
         lost = [
             name
-            for name, x in zip(NAMES, arrays)
+            for name, x in zip(names, arrays)
             if isinstance(x, np.ndarray) and x.dtype == np.float64
         ]
         if lost:
@@ -95,12 +122,13 @@ def as_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> tuple[Any
                 Float64TruncationWarning,
                 stacklevel=3,
             )
-    return tuple(x if isinstance(x, jax.Array) else jnp.asarray(x) for x in arrays)
+    out = dict(zip(names, (x if isinstance(x, jax.Array) else jnp.asarray(x) for x in arrays)))
+    return tuple(out.get(n) for n in (*NAMES, "weights", "ref_logp"))
 
 
 def compute_dtype(*dtypes: Any) -> Any:
     """The dtype the loss is computed in (clause 8.9): the promoted floating dtype of ``logp``,
-    ``old_logp`` and ``advantages``, at least float32 (bfloat16 and float16 are computed in
+    ``old_logp``, ``advantages`` (and ``ref_logp``), at least float32 (bfloat16 and float16 are computed in
     float32, clause 6.4).
 
     >>> import jax.numpy as jnp

@@ -33,6 +33,10 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Normalizer | None = None,
+    weights: Any = None,
+    ref_logp: Any = None,
+    kl_coef: float | None = None,
+    kl_estimator: str | None = None,
     metrics: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     r"""SAPO-family policy loss in JAX, differentiable in ``logp`` with the closed-form gradient.
@@ -64,15 +68,22 @@ def policy_loss(
         normalizer: global counts (clause 3.8), a :class:`sapo_ref.Normalizer` whose fields may
             be Python numbers or 0-d JAX arrays, traced ones included (e.g. from
             ``jax.lax.psum`` inside ``shard_map``).
+        weights: [N] or [N, T] per-token weights :math:`w_{it} \ge 0` (clause 10.1), real
+            floating, bool or integer, cast to the computation dtype: they scale each token's
+            policy term, not the counts, and are constants (a zero cotangent).
+        ref_logp: [N, T] reference-policy log-probabilities (clause 10.2); promotes with
+            ``logp``; its gradient is minus the KL part of ``logp``'s (clause 10.3).
+        kl_coef, kl_estimator: :math:`\beta` and the estimator (``"k1"``, ``"k2"``, ``"k3"``,
+            ``"low-var-k3"``) of the KL penalty :math:`\beta\sum c_{it} m_{it} k(u_{it})`,
+            :math:`u = \log\pi_\text{ref} - \log\pi_\theta`; as :func:`sapo_ref.policy_loss`.
         metrics: also return the clause 7.1 metrics, computed in the same program; without it
             they are not computed at all (eagerly or under ``jax.jit``).
 
     Returns:
         ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays, keyed as
-        ``sapo_ref.metric_keys(method)`` when ``metrics=True``, else ``{}`` (metrics carry no
-        gradient). The loss is computed in
-        the promoted dtype of ``logp``, ``old_logp`` and ``advantages`` (bfloat16 and float16
-        in float32) and returned in the promoted dtype (clause 8.9); each gradient has its
+        ``sapo_ref.metric_keys(method, kl=..., weights=...)`` when ``metrics=True``, else ``{}``
+        (metrics carry no gradient). The loss is computed in the promoted dtype of ``logp``,
+        ``old_logp``, ``advantages`` (and ``ref_logp``) (bfloat16 and float16 in float32) and returned in the promoted dtype (clause 8.9); each gradient has its
         input's dtype. The metrics are float64 with ``jax_enable_x64`` (as in ``sapo_mlx``:
         a mean ratio that fits float32 stays finite when one ratio overflows it), else
         float32.
@@ -80,8 +91,8 @@ def policy_loss(
     Raises:
         ValueError, TypeError: the reference's errors, same type and text (clause 8.7):
             options, shapes and dtypes always, also while ``jax.jit``/``jax.vmap`` trace;
-            data (mask values other than 0/1, NaN or inf at valid tokens, a bad normalizer)
-            when the inputs are concrete. Under tracing invalid data cannot raise: the loss
+            data (mask values other than 0/1, NaN or inf at valid tokens, a bad normalizer,
+            negative or non-finite weights, a NaN ``ref_logp``) when the inputs are concrete. Under tracing invalid data cannot raise: the loss
             and every gradient entry are NaN instead.
 
     Warns:
@@ -114,15 +125,24 @@ def policy_loss(
         norm_length=norm_length,
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        has_ref_logp=ref_logp is not None,
     )
     if not isinstance(metrics, bool):
         raise TypeError(f"metrics must be a bool; got {type(metrics).__name__}")
-    logp, old_logp, advantages, mask = as_inputs(logp, old_logp, advantages, mask)
+    logp, old_logp, advantages, mask, weights, ref_logp = as_inputs(
+        logp, old_logp, advantages, mask, weights=weights, ref_logp=ref_logp
+    )
     norm = check_normalizer(normalizer)
     counts = None if norm is None else (norm.num_tokens, norm.num_rows)
-    static = (config, logp.dtype, old_logp.dtype, metrics)
-    loss, values = loss_and_metrics(static, logp, old_logp, advantages, mask, counts)
+    ref_dtype = None if ref_logp is None else ref_logp.dtype
+    static = (config, logp.dtype, old_logp.dtype, metrics, ref_dtype)
+    loss, values = loss_and_metrics(
+        static, logp, old_logp, advantages, mask, counts, weights, ref_logp
+    )
     if not metrics:
         return loss, {}
     # JAX returns dicts with sorted keys; give them back in the spec's order.
-    return loss, {key: values[key] for key in metric_keys(method)}
+    keys = metric_keys(method, kl=ref_logp is not None, weights=weights is not None)
+    return loss, {key: values[key] for key in keys}

@@ -52,12 +52,26 @@ _TRACED_PARAMS = (*PARAM_NAMES, "norm_length")
 
 
 def _kernel_impl(
-    config: LossConfig, want_metrics: bool, logp, old_logp, advantages, mask, norm, local, params
+    config: LossConfig,
+    want_metrics: bool,
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    norm,
+    local,
+    params,
+    weights=None,
+    ref_logp=None,
 ):
-    """Loss, metrics (``{}`` unless ``want_metrics``), gradient (compute dtype) and the fault
-    flag; loss and gradient poisoned where it holds."""
-    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    """Loss, metrics (``{}`` unless ``want_metrics``), the gradient's parts (compute dtype) and
+    the fault flag; loss and gradient poisoned where it holds. The parts are ``(G, P, K)``:
+    the whole gradient, its policy part and its KL part (``P``, ``K`` ``None`` without
+    ``ref_logp``)."""
+    extra = () if ref_logp is None else (ref_logp.dtype,)
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype, *extra)
     lp, olp, adv = (x.astype(dtype) for x in (logp, old_logp, advantages))
+    w, ref = (None if x is None else x.astype(dtype) for x in (weights, ref_logp))
     valid = mask if mask.dtype == jnp.bool_ else mask != 0
     if local is None:
         # The row lengths evaluate computes too (XLA merges the two): exact below 2**24 tokens
@@ -70,18 +84,29 @@ def _kernel_impl(
     if params is not None:
         config = dataclasses.replace(config, **params)
     found = faults(
-        lp, olp, adv, mask, valid, sequence=config.sequence_value, normalizer=norm, local=local
+        lp,
+        olp,
+        adv,
+        mask,
+        valid,
+        sequence=config.sequence_value,
+        normalizer=norm,
+        local=local,
+        weights=w,
+        ref_logp=ref,
     )
     bad = any_fault(found, jnp)  # one reduction per shape of the checks
-    ev = evaluate(lp, olp, adv, valid, config, local if norm is None else norm)
+    ev = evaluate(
+        lp, olp, adv, valid, config, local if norm is None else norm, weights=w, ref_logp=ref
+    )
     nan = jnp.asarray(math.nan, dtype)
     loss = jnp.where(bad, nan, ev.loss)
-    grad = jnp.where(bad, nan, ev.grad)
+    parts = tuple(None if g is None else jnp.where(bad, nan, g) for g in gradient_parts(ev))
     # Not built unless asked: an eager call (bucketed or not) would otherwise pay for them.
     metrics = (
         compute_metrics(_widened(ev, config, lp, olp, adv, valid), config) if want_metrics else {}
     )
-    return loss, metrics, grad, bad
+    return loss, metrics, parts, bad
 
 
 def _widened(ev: Evaluation, config: LossConfig, lp, olp, adv, valid) -> Evaluation:
@@ -113,39 +138,79 @@ def _bucket(n: int, t: int) -> tuple[int, int] | None:
     )
 
 
-def _host_arrays(config: LossConfig, logp, old_logp, advantages, mask):
-    """NumPy copies in the compute dtype, the valid mask and the counts (local, used)."""
-    dtype = np.dtype(compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype))
+def gradient_parts(ev: Evaluation) -> tuple[Any, Any, Any]:
+    """``(G, P, K)``: the whole gradient w.r.t. ``logp``, its policy part (minus the gradient
+    w.r.t. ``old_logp``, clause 8.9) and its KL part (minus the gradient w.r.t. ``ref_logp``,
+    clause 10.3); ``P`` and ``K`` are ``None`` without a KL term (``P`` is then ``G``)."""
+    if ev.kl_grad is None:
+        return ev.grad, None, None
+    return ev.grad, ev.grad - ev.kl_grad, ev.kl_grad
+
+
+def _host_arrays(config: LossConfig, logp, old_logp, advantages, mask, weights, ref_logp):
+    """NumPy copies in the compute dtype (``weights``/``ref_logp`` too, when given), the valid
+    mask and the local counts."""
+    extra = () if ref_logp is None else (ref_logp.dtype,)
+    dtype = np.dtype(compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype, *extra))
     lp, olp, adv = (np.asarray(x).astype(dtype) for x in (logp, old_logp, advantages))
+    w, ref = (None if x is None else np.asarray(x).astype(dtype) for x in (weights, ref_logp))
     m = np.asarray(mask)
     valid = m if m.dtype == np.bool_ else m != 0
     local = aggregation.normalizer(valid, count_empty_rows=config.count_empty_rows)
-    return lp, olp, adv, m, valid, local
+    return lp, olp, adv, m, valid, local, w, ref
 
 
-def _raise_data_errors(config: LossConfig, logp, old_logp, advantages, mask, norm) -> None:
+def _raise_data_errors(
+    config: LossConfig, logp, old_logp, advantages, mask, norm, weights, ref_logp
+) -> None:
     """The reference's ``ValueError`` for concrete inputs that the kernel flagged (clause 8.7)."""
-    lp, olp, adv, m, valid, local = _host_arrays(config, logp, old_logp, advantages, mask)
+    lp, olp, adv, m, valid, local, w, ref = _host_arrays(
+        config, logp, old_logp, advantages, mask, weights, ref_logp
+    )
     if norm is not None:
         norm = Normalizer(*(float(np.asarray(c)) for c in norm))
     with np.errstate(over="ignore", invalid="ignore"):
         found = faults(
-            lp, olp, adv, m, valid, sequence=config.sequence_value, normalizer=norm, local=local
+            lp,
+            olp,
+            adv,
+            m,
+            valid,
+            sequence=config.sequence_value,
+            normalizer=norm,
+            local=local,
+            weights=w,
+            ref_logp=ref,
         )
     raise_faults(found)
 
 
 def _bucketed(
-    config: LossConfig, want_metrics: bool, shape, logp, old_logp, advantages, mask, norm
+    config: LossConfig,
+    want_metrics: bool,
+    shape,
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    norm,
+    weights,
+    ref_logp,
 ):
     """The kernel on inputs padded to ``shape`` with the method parameters traced."""
-    lp, olp, adv, m, _, local = _host_arrays(config, logp, old_logp, advantages, mask)
+    lp, olp, adv, m, _, local, w, ref = _host_arrays(
+        config, logp, old_logp, advantages, mask, weights, ref_logp
+    )
     n, t = lp.shape
-    if adv.ndim == 1:  # one layout, one program: [N] advantages broadcast along the rows
+    # One layout, one program: [N] advantages and weights broadcast along the rows.
+    if adv.ndim == 1:
         adv = np.broadcast_to(adv[:, None], (n, t))
+    if w is not None and w.ndim == 1:
+        w = np.broadcast_to(w[:, None], (n, t))
     pad = ((0, shape[0] - n), (0, shape[1] - t))
     dtype = lp.dtype
     arrays = [np.pad(x, pad) for x in (lp, olp, adv, m.astype(dtype))]
+    terms = [None if x is None else np.pad(x, pad) for x in (w, ref)]
     as_counts = lambda c: (np.asarray(c[0], dtype), np.asarray(c[1], dtype))
     used = None if norm is None else as_counts(norm)
     params = {k: getattr(config, k) for k in _TRACED_PARAMS if getattr(config, k) is not None}
@@ -154,56 +219,70 @@ def _bucketed(
     static = dataclasses.replace(
         config, count_empty_rows=False, **dict.fromkeys(params, 1.0)
     )  # one program per method and aggregation: the values are traced
-    loss, metrics, grad, bad = _kernel(
+    loss, metrics, parts, bad = _kernel(
         static,
         want_metrics,
         *arrays,
         used,
         as_counts((local.num_tokens, local.num_rows)),
         params,
+        *terms,
     )
-    return loss, metrics, jnp.asarray(np.asarray(grad)[:n, :t]), bad
+    parts = tuple(None if g is None else jnp.asarray(np.asarray(g)[:n, :t]) for g in parts)
+    return loss, metrics, parts, bad
 
 
-def _forward(config: LossConfig, want_metrics: bool, logp, old_logp, advantages, mask, norm):
-    concrete = _is_concrete(logp, old_logp, advantages, mask, norm)
+def _forward(config: LossConfig, want_metrics: bool, arrays: tuple[Any, ...]):
+    """``arrays = (logp, old_logp, advantages, mask, norm, weights, ref_logp)``."""
+    logp, old_logp, advantages, _, _, weights, ref_logp = arrays
+    concrete = _is_concrete(*arrays)
     shape = _bucket(*logp.shape) if concrete else None
-    arrays = (logp, old_logp, advantages, mask, norm)
     if shape is not None:
-        loss, metrics, grad, bad = _bucketed(config, want_metrics, shape, *arrays)
+        loss, metrics, parts, bad = _bucketed(config, want_metrics, shape, *arrays)
     else:
-        loss, metrics, grad, bad = _kernel(config, want_metrics, *arrays, None, None)
+        loss, metrics, parts, bad = _kernel(
+            config, want_metrics, *arrays[:5], None, None, weights, ref_logp
+        )
     if concrete and bool(bad):
-        _raise_data_errors(config, logp, old_logp, advantages, mask, norm)
+        _raise_data_errors(config, *arrays)
     # Clause 8.9: the loss in the promoted dtype (bfloat16 in, bfloat16 out; computed in float32).
-    loss = loss.astype(jnp.result_type(logp.dtype, old_logp.dtype, advantages.dtype))
-    return loss, metrics, grad
+    given = (logp, old_logp, advantages) + (() if ref_logp is None else (ref_logp,))
+    loss = loss.astype(jnp.result_type(*(x.dtype for x in given)))
+    return loss, metrics, parts
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def loss_and_metrics(static, logp, old_logp, advantages, mask, norm):
+def loss_and_metrics(static, logp, old_logp, advantages, mask, norm, weights=None, ref_logp=None):
     """Loss (0-d) and clause-7 metrics; ``static`` is ``(config, logp dtype, old_logp dtype,
-    want_metrics)`` and ``norm`` ``None`` or the counts ``(num_tokens, num_rows)``. The
-    metrics are ``{}`` unless ``want_metrics``.
+    want_metrics, ref_logp dtype or None)`` and ``norm`` ``None`` or the counts
+    ``(num_tokens, num_rows)``. The metrics are ``{}`` unless ``want_metrics``.
 
     Metrics carry no gradient (they are diagnostics).
     """
-    loss, metrics, _ = _forward(static[0], static[3], logp, old_logp, advantages, mask, norm)
+    arrays = (logp, old_logp, advantages, mask, norm, weights, ref_logp)
+    loss, metrics, _ = _forward(static[0], static[3], arrays)
     return loss, metrics
 
 
-def _fwd(static, logp, old_logp, advantages, mask, norm):
-    loss, metrics, grad = _forward(static[0], static[3], logp, old_logp, advantages, mask, norm)
-    return (loss, metrics), grad
+def _fwd(static, logp, old_logp, advantages, mask, norm, weights=None, ref_logp=None):
+    arrays = (logp, old_logp, advantages, mask, norm, weights, ref_logp)
+    loss, metrics, parts = _forward(static[0], static[3], arrays)
+    return (loss, metrics), parts
 
 
-def _bwd(static, grad, cotangents):
-    config, logp_dtype, old_dtype, _ = static
-    g = cotangents[0].astype(grad.dtype) * grad  # metric cotangents are ignored
-    # old_logp enters through logp - old_logp, except in gspo-token (only inside sg[s_i]).
+def _bwd(static, parts, cotangents):
+    config, logp_dtype, old_dtype, _, ref_dtype = static
+    grad, policy, kl = parts
+    c = cotangents[0].astype(grad.dtype)  # metric cotangents are ignored
+    g = c * grad
+    # old_logp enters through logp - old_logp, except in gspo-token (only inside sg[s_i]);
+    # ref_logp through the KL term only (clause 10.3); weights are constants.
     old_enters = config.spreads_gradient or not config.sequence_value
-    d_old = (-g).astype(old_dtype) if old_enters else None
-    return g.astype(logp_dtype), d_old, None, None, None
+    d_old = None
+    if old_enters:
+        d_old = (-g if policy is None else -(c * policy)).astype(old_dtype)
+    d_ref = None if kl is None else (-(c * kl)).astype(ref_dtype)
+    return g.astype(logp_dtype), d_old, None, None, None, None, d_ref
 
 
 loss_and_metrics.defvjp(_fwd, _bwd)

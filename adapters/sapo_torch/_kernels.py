@@ -25,7 +25,7 @@ Every other method runs the reference's own code, :func:`sapo_ref.evaluate.evalu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,8 +35,9 @@ from sapo_ref.config import LossConfig
 from sapo_ref.evaluate import evaluate
 from sapo_ref.gates import logistic_and_weight, saturation_log_ratio
 from sapo_ref.metrics import compute_metrics, metric_keys
+from sapo_ref.penalties import kl_penalty
 
-__all__ = ["forward_pass", "sapo_token_pass", "expm1"]
+__all__ = ["Pass", "forward_pass", "sapo_token_pass", "expm1"]
 
 Tensor = torch.Tensor
 
@@ -146,9 +147,13 @@ def sapo_token_pass(
     norm: Normalizer | None,
     dtype: torch.dtype,
     want_metrics: bool,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Token SAPO: loss (0-d), d loss / d logp ([N, T]) and, on request, the clause 7.1 metrics,
-    all in the compute dtype ``dtype``. Inputs are read, never written (clause 6.5)."""
+    weights: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> Pass:
+    """Token SAPO: loss (0-d), d loss / d logp ([N, T]) (with a KL term also its two parts) and,
+    on request, the clause 7.1 metrics, all in the compute dtype ``dtype``. ``weights`` (clause
+    10.1) fold into the per-token coefficient :math:`k`; the KL term (clause 10.2) is added from
+    :func:`sapo_ref.kl_penalty`. Inputs are read, never written (clause 6.5)."""
     bits = valid.to(_INT_OF[dtype])  # 1 where valid, 0 elsewhere, as wide as the dtype
     lengths = bits.sum(-1, dtype=bits.dtype)  # L_i, exact integers
     lengths_f = lengths.to(dtype)
@@ -160,14 +165,17 @@ def sapo_token_pass(
             norm = Normalizer(0.0, float(lengths.shape[0]))
         else:
             norm = Normalizer(0.0, (lengths > 0).sum().to(dtype))
-    weights = _row_weights(lengths_f, norm, config)  # [N, 1]
+    rho = _row_weights(lengths_f, norm, config)  # [N, 1]: c_it, the same on a row
     tp, tn = config.tau_pos, config.tau_neg
     if advantages.dim() == 1:
         # An empty row's advantage may be garbage (it is masked): select it away.
         adv = _as(advantages, dtype).masked_fill(lengths == 0, 0.0).unsqueeze(-1)
     else:
         adv = _select_(advantages.to(dtype, copy=True), bits)
-    k = weights * adv  # [N, 1] or [N, T]
+    k = rho * adv  # [N, 1] or [N, T]
+    scale = None if weights is None else _token_weights(weights, bits, lengths, dtype)
+    if scale is not None:  # clause 10.1: the weights scale the policy term, not the counts
+        k = k * scale
     pos = (adv > 0).to(dtype) if tp != tn or want_metrics else None  # 1.0 where A > 0
     # tau_pos where A > 0, else tau_neg (clause 1.6); lerp is exact at weights 0 and 1.
     tau: Any = (
@@ -217,7 +225,64 @@ def sapo_token_pass(
     if want_metrics:
         metrics = _sapo_metrics(grad, s_delta, s_u, lo, hi, big_mean, lengths, adv, pos, dtype)
     grad = grad.mul_(r).mul_(k * -4.0)  # -4 k p q r: tau cancels, nothing overflows first
-    return loss, grad, metrics
+    if scale is not None and want_metrics:
+        metrics["weights/mean"] = _valid_mean(scale, lengths, dtype)
+    if ref_logp is None:
+        return Pass(loss, grad, None, None, _ordered(metrics, config, scale is not None, False))
+    kl_loss, kl_grad, kl_values = _kl_term(logp, ref_logp, bits, rho, config, dtype)
+    if want_metrics:
+        metrics["kl_ref/mean"] = _valid_mean(kl_values, lengths, dtype)
+    metrics = _ordered(metrics, config, scale is not None, True)
+    return Pass(loss + kl_loss, grad + kl_grad, grad, kl_grad, metrics)
+
+
+def _token_weights(weights: Tensor, bits: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weights in ``dtype`` ([N, 1] or [N, T]), +0 where no token is valid (they may hold
+    anything there)."""
+    if weights.dim() == 1:
+        return _as(weights, dtype).masked_fill(lengths == 0, 0.0).unsqueeze(-1)
+    return _select_(weights.to(dtype, copy=True), bits)
+
+
+def _valid_mean(x: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
+    """Mean over valid tokens of ``x`` ([N, 1] per row or [N, T], 0 at invalid tokens); 0 when
+    no token is valid (clause 7.1)."""
+    n = lengths.sum().to(dtype)
+    total = (x * lengths.unsqueeze(-1).to(dtype)).sum() if x.shape[-1] == 1 else x.sum()
+    return total / torch.where(n > 0, n, 1.0)
+
+
+def _ordered(
+    metrics: dict[str, Tensor], config: LossConfig, weights: bool, kl: bool
+) -> dict[str, Tensor]:
+    return (
+        {key: metrics[key] for key in metric_keys(config.method, kl=kl, weights=weights)}
+        if metrics
+        else metrics
+    )
+
+
+def _kl_term(
+    logp: Tensor,
+    ref_logp: Tensor,
+    bits: Tensor,
+    rho: Tensor,
+    config: LossConfig,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The KL penalty of clause 10.2 on the pass's buffers: its loss
+    :math:`\beta\sum_{it} c_{it} m_{it} k(u_{it})`, its gradient
+    :math:`\beta c_{it} m_{it} k'(u_{it})` and the values :math:`k(u_{it})` (0 at invalid
+    tokens), with :math:`u = \log\pi_\text{ref} - \log\pi_\theta` selected to 0 where invalid.
+    :func:`sapo_ref.kl_penalty` gives :math:`k` and :math:`k'`; :math:`\beta = 0` adds exactly
+    nothing (not :math:`0\cdot\infty`)."""
+    u = _select_(_as(ref_logp, dtype) - _as(logp, dtype), bits)
+    value, slope = kl_penalty(u, config.kl_estimator)
+    if not config.has_kl:
+        return torch.zeros((), dtype=dtype, device=u.device), torch.zeros_like(u), value
+    beta = config.kl_coef
+    loss = beta * (rho * value).sum()
+    return loss, _select_((beta * rho) * slope, bits), value
 
 
 def _sapo_metrics(
@@ -284,6 +349,19 @@ def _sapo_metrics(
     return {key: out[key] for key in metric_keys("sapo")}
 
 
+class Pass(NamedTuple):
+    r"""What one forward pass computes, in the compute dtype: the loss (0-d), ``grad`` =
+    :math:`\partial\mathcal{L}/\partial\log\pi_\theta` ([N, T]), with a KL term its policy part
+    ``policy_grad`` and its KL part ``kl_grad`` (else ``None``), and the metrics (``{}`` unless
+    asked)."""
+
+    loss: Tensor
+    grad: Tensor
+    policy_grad: Tensor | None
+    kl_grad: Tensor | None
+    metrics: dict[str, Tensor]
+
+
 def forward_pass(
     logp: Tensor,
     old_logp: Tensor,
@@ -293,16 +371,24 @@ def forward_pass(
     norm: Normalizer | None,
     dtype: torch.dtype,
     want_metrics: bool,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Loss (0-d), d loss / d logp ([N, T]) and metrics (``{}`` unless ``want_metrics``) in the
-    compute dtype: the fused pass for token SAPO, the reference's code for every other method.
+    weights: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> Pass:
+    """Loss, gradient and metrics in the compute dtype ``dtype``: the fused pass for token SAPO,
+    the reference's code for every other method.
 
     ``valid`` is the boolean mask, ``norm`` the global counts or ``None`` for this batch's own.
     """
     if config.method == "sapo":
-        return sapo_token_pass(logp, old_logp, advantages, valid, config, norm, dtype, want_metrics)
+        return sapo_token_pass(
+            logp, old_logp, advantages, valid, config, norm, dtype, want_metrics, weights, ref_logp
+        )
     lp, olp, adv = (_as(x, dtype) for x in (logp, old_logp, advantages))
+    w, ref = (None if x is None else _as(x, dtype) for x in (weights, ref_logp))
     if norm is None:
         norm = normalizer(valid, count_empty_rows=config.count_empty_rows)
-    ev = evaluate(lp, olp, adv, valid, config, norm)
-    return ev.loss, ev.grad, (compute_metrics(ev, config) if want_metrics else {})
+    ev = evaluate(lp, olp, adv, valid, config, norm, weights=w, ref_logp=ref)
+    metrics = compute_metrics(ev, config) if want_metrics else {}
+    if ref is None:
+        return Pass(ev.loss, ev.grad, None, None, metrics)
+    return Pass(ev.loss, ev.grad, ev.grad - ev.kl_grad, ev.kl_grad, metrics)

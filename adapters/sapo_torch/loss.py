@@ -22,7 +22,7 @@ from sapo_ref.validation import (
     raise_faults,
 )
 
-from ._function import PolicyLossFunction, compute_dtype
+from ._function import PolicyLossFunction, compute_dtype, input_dtypes
 from ._namespace import TORCH
 from .distributed import binary, local_counts
 from .distributed import traced as is_traced
@@ -51,9 +51,18 @@ def _resolve_config(*args: Any, **kwargs: Any) -> LossConfig:
         return resolve_config(*args, **kwargs)
 
 
-def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
-    """Types, shapes and dtypes (clause 8.1, 8.2) with the reference's messages; reads no values,
-    so :func:`policy_loss` runs it under ``torch.compile`` too (at trace time).
+def check_inputs(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    *,
+    weights: Any = None,
+    ref_logp: Any = None,
+) -> None:
+    """Types, shapes and dtypes (clauses 8.1, 8.2, 10.4) with the reference's messages; reads no
+    values, so :func:`policy_loss` runs it under ``torch.compile`` too (at trace time).
+    ``weights`` and ``ref_logp`` are checked when given.
 
     >>> import torch
     >>> check_inputs(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
@@ -62,11 +71,15 @@ def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
     ValueError: advantages must have shape [N] = (2,) or [N, T] = (2, 3); got (3,)
     """
     given = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
+    if weights is not None:
+        given["weights"] = weights
+    if ref_logp is not None:
+        given["ref_logp"] = ref_logp
     tensors = not torch.compiler.is_compiling() and all(
         type(x) is torch.Tensor for x in given.values()
     )
     if tensors:  # shapes and dtypes seen before passed: the check reads nothing else
-        key = tuple((x.shape, x.dtype) for x in given.values())
+        key = tuple((name, x.shape, x.dtype) for name, x in given.items())
         if key in _CHECKED:
             return
     for name, x in given.items():
@@ -78,14 +91,15 @@ def check_inputs(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> None:
         if _real_dtype(a.dtype, bool_ok=True):  # numeric, but not a tensor
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
         given[name] = a
-    check_arrays(*given.values())
+    arrays = [given.pop(name) for name in ("logp", "old_logp", "advantages", "mask")]
+    check_arrays(*arrays, **given)
     if tensors:
         if len(_CHECKED) > 1024:  # bounded: shapes vary between batches
             _CHECKED.clear()
         _CHECKED.add(key)
 
 
-#: (shape, dtype) of the four inputs of calls whose check_arrays passed (clause 8.1, 8.2).
+#: (name, shape, dtype) of the inputs of calls whose check_arrays passed (clause 8.1, 8.2, 10.4).
 _CHECKED: set[tuple[Any, ...]] = set()
 
 
@@ -135,6 +149,10 @@ def policy_loss(
     norm_length: float | None = None,
     count_empty_rows: bool | None = None,
     normalizer: Normalizer | None = None,
+    weights: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float | None = None,
+    kl_estimator: str | None = None,
     metrics: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""SAPO-family policy loss (paper eq. 5-8, 10; spec clauses 1-8) as one autograd node.
@@ -169,18 +187,26 @@ def policy_loss(
         normalizer: global counts (``sapo_ref.Normalizer`` of numbers or 0-d tensors, e.g. from
             :func:`sapo_torch.distributed.global_normalizer`) for a micro-batch or a rank's shard
             (clause 3.8): the shard's loss and gradient are then its exact share of the global ones.
+        weights: [N] or [N, T] per-token weights :math:`w_{it} \ge 0` (clause 10.1), real
+            floating, bool or integer, cast to the computation dtype; they scale each token's
+            policy term, not the counts, and get no gradient (detached).
+        ref_logp: [N, T] reference-policy log-probabilities (clause 10.2); promotes with
+            ``logp``; its gradient is minus the KL part of ``logp``'s (clause 10.3).
+        kl_coef, kl_estimator: :math:`\beta` and the estimator (``"k1"``, ``"k2"``, ``"k3"``,
+            ``"low-var-k3"``) of the KL penalty :math:`\beta\sum c_{it} m_{it} k(u_{it})`,
+            :math:`u = \log\pi_\text{ref} - \log\pi_\theta`; as :func:`sapo_ref.policy_loss`.
         metrics: also return the clause 7.1 metrics, computed in the same pass.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d tensor in the promoted dtype of ``logp``,
-        ``old_logp`` and ``advantages`` (computed in float32 when that is bfloat16/float16,
-        clause 6.4, 8.9) whose gradient w.r.t. ``logp`` has ``logp``'s dtype; ``metrics`` a dict
-        of detached 0-d tensors in the computation dtype keyed as ``sapo_ref.metric_keys(method)``
-        when ``metrics=True``, else ``{}``.
+        ``old_logp``, ``advantages`` (and ``ref_logp``) (computed in float32 when that is
+        bfloat16/float16, clause 6.4, 8.9) whose gradient w.r.t. each input has that input's
+        dtype; ``metrics`` a dict of detached 0-d tensors in the computation dtype keyed as
+        ``sapo_ref.metric_keys(method, kl=..., weights=...)`` when ``metrics=True``, else ``{}``.
 
     Raises:
-        ValueError, TypeError: clause 8 (options, shapes, dtypes, data, normalizer), with the
-        reference's messages. Eager data checks read values (one host sync on an accelerator).
+        ValueError, TypeError: clauses 8 and 10.4 (options, shapes, dtypes, data, normalizer,
+        weights, KL options), with the reference's messages. Eager data checks read values (one host sync on an accelerator).
         Under ``torch.compile`` or ``torch.func`` transforms the shape, dtype and option checks
         still raise; invalid data makes the loss and every gradient entry NaN (clause 8.7).
 
@@ -212,10 +238,13 @@ def policy_loss(
         norm_length=norm_length,
         count_empty_rows=count_empty_rows,
         has_normalizer=normalizer is not None,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        has_ref_logp=ref_logp is not None,
     )
     if not isinstance(metrics, bool):
         raise TypeError(f"metrics must be a bool; got {type(metrics).__name__}")
-    check_inputs(logp, old_logp, advantages, mask)
+    check_inputs(logp, old_logp, advantages, mask, weights=weights, ref_logp=ref_logp)
     num_tokens, num_rows = _counts(normalizer)
     if normalizer is not None:  # counts as floats or tensors: what the checks can compare
         normalizer = Normalizer(num_tokens, num_rows)
@@ -224,14 +253,24 @@ def policy_loss(
     # Token SAPO checks its data after the pass: every data fault but a mask value or a bad
     # normalizer makes the fused pass's loss non-finite (a NaN or infinite advantage times
     # p > 0, or a NaN log-ratio), so the other checks run only when it is. Other methods: before.
-    after = config.method == "sapo" and (not traced or torch.compiler.is_compiling())
+    terms = (weights, ref_logp)
+    # With weights or a KL term, a bad value can leave the loss finite (a negative weight; a NaN
+    # ref_logp when kl_coef = 0): the checks then run first.
+    after = (
+        config.method == "sapo"
+        and weights is None
+        and ref_logp is None
+        and (not traced or torch.compiler.is_compiling())
+    )
     poison = None
     if traced:
-        found = _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer)
+        found = _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer, *terms)
         first = [f for f in found if not after or f.argument in ("mask", "normalizer")]
         poison = any_fault(tuple(first), TORCH)  # unused checks are dead code to Inductor
     elif not after:
-        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, normalizer))
+        raise_faults(
+            _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer, *terms)
+        )
     elif mask.dtype != torch.bool and not binary(mask, valid):
         raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
     elif normalizer is not None and bool(
@@ -241,8 +280,8 @@ def policy_loss(
     # Eagerly, the base class's apply: Function.apply binds the arguments with
     # inspect.signature on every call (about 0.1 ms), and every argument here is positional.
     apply = PolicyLossFunction.apply if traced else _EAGER_APPLY
-    loss, _, values = apply(
-        logp, old_logp, advantages, valid, num_tokens, num_rows, config, metrics
+    loss, _, _, _, values = apply(
+        logp, old_logp, advantages, valid, num_tokens, num_rows, config, metrics, weights, ref_logp
     )
     if after and traced:
         operands = (logp.detach(), old_logp.detach(), advantages.detach(), mask, valid)
@@ -257,7 +296,8 @@ def policy_loss(
         loss = loss * torch.where(poison, torch.nan, 1.0).to(loss.dtype)
     if not metrics:
         return loss, {}
-    return loss, dict(zip(metric_keys(config.method), values.unbind()))
+    keys = metric_keys(config.method, kl=ref_logp is not None, weights=weights is not None)
+    return loss, dict(zip(keys, values.unbind()))
 
 
 def _no_fault(*operands: torch.Tensor) -> torch.Tensor:
@@ -285,10 +325,13 @@ def _data_faults(
     valid: torch.Tensor,
     config: LossConfig,
     normalizer: Normalizer | None,
+    weights: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> tuple[Any, ...]:
-    """sapo_ref's data checks (clauses 5.5, 8.2, 8.5, 8.6, 8.8) in the computation dtype."""
-    cdt = compute_dtype(logp.dtype, old_logp.dtype, advantages.dtype)
+    """sapo_ref's data checks (clauses 5.5, 8.2, 8.5, 8.6, 8.8, 10.4) in the computation dtype."""
+    cdt = compute_dtype(*input_dtypes(logp, old_logp, advantages, ref_logp))
     lp, olp, adv = (x.detach().to(cdt) for x in (logp, old_logp, advantages))
+    w, ref = (None if x is None else x.detach().to(cdt) for x in (weights, ref_logp))
     local = None if normalizer is None else _local(valid, config)
     found = faults(
         lp,
@@ -299,5 +342,7 @@ def _data_faults(
         sequence=config.sequence_value,
         normalizer=normalizer,
         local=local,
+        weights=w,
+        ref_logp=ref,
     )
     return found
