@@ -222,16 +222,23 @@ def test_against_verl(name, mode, is_weights, info, per_token):
 
 
 def test_print_measured(capsys):
-    """Runs last in the module: the max differences per registered loss (for the docs)."""
+    """Runs after the comparisons: max |difference| (loss, gradient entry) per registered loss
+    and loss_agg_mode, without and with IS weights, as a Markdown table for the docs."""
     if not MEASURED:
         pytest.skip("no comparison ran")
-    by_name: dict[str, list[float]] = {}
+    table: dict[tuple[str, str, str], list[float]] = {}
     for key, (dv, dg) in MEASURED.items():
-        agg = by_name.setdefault(key.split()[0], [0.0, 0.0, 0])
-        agg[0], agg[1], agg[2] = max(agg[0], dv), max(agg[1], dg), agg[2] + 1
+        name, mode, is_w = key.split()[:3]
+        cell = table.setdefault((name, mode, is_w), [0.0, 0.0])
+        cell[0], cell[1] = max(cell[0], dv), max(cell[1], dg)
     with capsys.disabled():
-        for name, (dv, dg, n) in sorted(by_name.items()):
-            print(f"\n  {name}: {n} cases, max |d value| {dv:.1e}, max |d grad| {dg:.1e}")
+        print("\n| loss_mode | loss_agg_mode | no IS: loss, grad | IS: loss, grad |")
+        print("|---|---|---|---|")
+        for name in sv.LOSS_MODES:
+            for mode in MODES:
+                cells = [table.get((name, mode, w)) for w in ("no-is", "is")]
+                text = [f"{c[0]:.1e}, {c[1]:.1e}" if c else "-" for c in cells]
+                print(f"| `{name}` | `{mode}` | {text[0]} | {text[1]} |")
 
 
 # -- Through verl's actor loss: the config selects our function --------------------------------
