@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sapo_ref import KL_ESTIMATOR_NAMES
 from sapo_ref.config import LOSS_AGG_NAMES, METHOD_NAMES
 
 __all__ = ["CAPABILITIES"]
@@ -15,7 +16,8 @@ CAPABILITIES: dict[str, Any] = {
     "package": "sapo_jax",
     "framework": "jax",
     "api": (
-        "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options, metrics=False) "
+        "sapo_jax.policy_loss(logp, old_logp, advantages, mask, **options, weights=None, "
+        "ref_logp=None, kl_coef=None, kl_estimator=None, metrics=False) "
         "-> (loss, metrics)"
     ),
     "methods": METHOD_NAMES,
@@ -39,11 +41,16 @@ CAPABILITIES: dict[str, Any] = {
     "metrics": False,
     "metrics_option": {"metrics": True},
     "normalizer": True,
+    # Clause 10: per-token weights= and the KL penalty (ref_logp=, kl_coef=, kl_estimator=)
+    # with every estimator of the spec.
+    "weights": True,
+    "kl_estimators": KL_ESTIMATOR_NAMES,
     # Clause 8.7: concrete inputs raise the reference's errors; under jit/vmap tracing invalid
     # data makes the loss and every gradient entry NaN.
     "data_checks": "eager: raise; traced: NaN",
-    # Clause 8.9: d/d old_logp is the true derivative; advantages and mask get zeros.
-    "differentiable": ("logp", "old_logp"),
+    # Clause 8.9: d/d old_logp is the true derivative; clause 10.3: d/d ref_logp is minus the
+    # KL part of d/d logp; advantages, mask and weights get zeros.
+    "differentiable": ("logp", "old_logp", "ref_logp"),
     "transforms": ("jit", "grad", "value_and_grad", "vjp", "vmap", "shard_map"),
     # Declared tolerance deviations from spec [tolerances], by dtype, with the reason: none.
     "tolerance_deviations": {},

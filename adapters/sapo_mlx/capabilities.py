@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sapo_ref import KL_ESTIMATOR_NAMES
 from sapo_ref.config import LOSS_AGG_NAMES, METHOD_NAMES
 
 from .convert import FLOAT_DTYPES
@@ -22,12 +23,20 @@ CAPABILITIES: dict[str, Any] = {
     "metrics": False,
     "metrics_option": {"metrics": True},
     "normalizer": True,
+    # Clause 10: per-token weights= and the KL penalty (ref_logp=, kl_coef=, kl_estimator=)
+    # with every estimator of the spec.
+    "weights": True,
+    "kl_estimators": KL_ESTIMATOR_NAMES,
     # dtype -> {"value"/"grad": {"rtol", "atol"}, "reason": str} where this backend needs a
     # tolerance other than the spec's [tolerances.<dtype>]. Empty: none is needed, float64
     # included (the namespace's exp is rebuilt from expm1, see sapo_mlx.namespace).
     "tolerance_deviations": {},
     "notes": (
         "float64 exists on the MLX CPU device only; float64 losses run on the CPU stream.",
+        (
+            "Clause 10 terms: weights and ref_logp enter sapo_ref.evaluate; the VJP gives "
+            "ref_logp minus the KL part of the gradient and the weights zeros."
+        ),
         (
             "The loss, gradient and metrics are sapo_ref's own formula run on mx.arrays; the "
             "namespace replaces mx.exp (float32-accurate, ml-explore/mlx#3047) and mx.sum "

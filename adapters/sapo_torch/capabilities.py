@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sapo_ref import KL_ESTIMATOR_NAMES
 from sapo_ref.config import LOSS_AGG_NAMES, METHOD_NAMES
 
 __all__ = ["CAPABILITIES"]
@@ -20,6 +21,10 @@ CAPABILITIES: dict[str, Any] = {
     "metrics": False,
     "metrics_option": {"metrics": True},
     "normalizer": True,
+    # Clause 10: per-token weights= and the KL penalty (ref_logp=, kl_coef=, kl_estimator=)
+    # with every estimator of the spec.
+    "weights": True,
+    "kl_estimators": KL_ESTIMATOR_NAMES,
     # dtype -> {"value"/"grad": {"rtol", "atol"}, "reason": str} where this backend needs a
     # tolerance other than the spec's [tolerances.<dtype>]. Empty: none is needed.
     "tolerance_deviations": {},
@@ -41,6 +46,13 @@ CAPABILITIES: dict[str, Any] = {
         (
             "First-order only: the node saves the closed-form gradient, so second "
             "derivatives through it are not available."
+        ),
+        (
+            "Clause 10 terms: the fused token-SAPO pass folds weights into its per-token "
+            "coefficient and adds the KL part from sapo_ref.kl_penalty; other methods run "
+            "sapo_ref.evaluate with the terms. ref_logp gets minus the KL part of the gradient "
+            "(old_logp minus the policy part), weights none; only the buffers the requested "
+            "gradients need are saved."
         ),
     ),
 }
