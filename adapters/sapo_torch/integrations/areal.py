@@ -36,8 +36,10 @@ process that computes the loss (each training worker). Only the SAPO branch is r
 ``use_sapo_loss=false`` AReaL's own ``ppo_actor_loss_fn`` runs.
 
 Where the numbers differ from AReaL's own SAPO: at sequence level AReaL averages the
-advantages over each row before gating; the canonical ``sapo-seq`` keeps each token's
-advantage, so the two agree when advantages are constant along a row (GRPO's). AReaL's float32
+advantages over each row before gating, so its temperature follows the sign of the row's mean
+advantage; the canonical ``sapo-seq`` keeps each token's advantage and its sign, so the two
+agree when no token's advantage has another sign than its row's mean (GRPO's row-constant
+advantages). AReaL's float32
 :math:`r = e^\delta` overflows past :math:`\delta \approx 88.7` (NaN gradient); the canonical
 core saturates exactly. Supported AReaL versions: :data:`SUPPORTED_AREAL` (checked at import).
 """

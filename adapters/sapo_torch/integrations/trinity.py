@@ -83,8 +83,8 @@ class SapoRefPolicyLossFn(_base.PolicyLossFn):
     >>> fn = SapoRefPolicyLossFn(backend="verl")
     >>> loss, metrics = fn(logprob=torch.zeros(2, 3), old_log_probs=torch.zeros(2, 3),
     ...                    response_mask=torch.ones(2, 3), advantages=torch.tensor([[1.0] * 3, [-1.0] * 3]))
-    >>> round(loss.item(), 6), round(metrics["sapo_ref/gate/mean"], 6)  # -(2 - 2/1.05) / 2
-    (-0.047619, 1.952381)
+    >>> round(loss.item(), 6), metrics["sapo_ref/gate/mean"]  # -(2 - 2/1.05) / 2; w(1) = 1
+    (-0.047619, 1.0)
     """
 
     def __init__(
