@@ -281,7 +281,8 @@ _PREFIX = "actor/sapo_ref/"
 def _metrics(method: str, spec_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """verl's three keys (as verl defines them) and the spec's clause 7.1 metrics, prefixed."""
     keys = list(spec_metrics)
-    values = torch.stack([spec_metrics[k].detach().double() for k in keys]).tolist()  # one sync
+    # One device-to-host copy; Python floats hold float32 and float64 values exactly.
+    values = torch.stack([spec_metrics[k].detach() for k in keys]).cpu().tolist()
     m = dict(zip(keys, values, strict=True))
     clipped = m.get("clip/low_frac", 0.0) + m.get("clip/high_frac", 0.0)
     out = {
@@ -293,7 +294,6 @@ def _metrics(method: str, spec_metrics: dict[str, torch.Tensor]) -> dict[str, fl
     return out
 
 
-_TAKES_WEIGHTS = "weights" in inspect.signature(sapo_torch.policy_loss).parameters
 _WARNED_SAPO_MODES: set[str] = set()
 
 
@@ -318,32 +318,38 @@ def _compute(
                 UserWarning,
                 stacklevel=3,
             )
-    extra: dict[str, Any] = {}
-    if rollout_is_weights is not None:
-        if not _TAKES_WEIGHTS:
-            raise NotImplementedError(
-                "rollout_is_weights needs sapo_torch.policy_loss(weights=...) (spec 0.2.0); "
-                f"the installed sapo_torch {sapo_torch.__version__} does not take it"
-            )
-        extra["weights"] = rollout_is_weights.detach()
-    loss, spec_metrics = sapo_torch.policy_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        method=method,
-        loss_agg=agg.loss_agg,
-        norm_length=agg.norm_length,
-        normalizer=agg.normalizer,
-        metrics=True,
-        **options,
-        **extra,
-    )
+    weights = None if rollout_is_weights is None else rollout_is_weights.detach()
+    try:
+        loss, spec_metrics = sapo_torch.policy_loss(
+            log_prob,
+            old_log_prob,
+            advantages,
+            response_mask,
+            method=method,
+            loss_agg=agg.loss_agg,
+            norm_length=agg.norm_length,
+            normalizer=agg.normalizer,
+            weights=weights,
+            metrics=True,
+            **options,
+        )
+    except ValueError as err:
+        if not str(err).startswith("normalizer"):
+            raise
+        info = dict(_field(config, "global_batch_info") or {})
+        raise ValueError(
+            f"config.global_batch_info {info} does not fit this batch: {err}"
+        ) from None
     scale = agg.scale.to(loss.dtype) if isinstance(agg.scale, torch.Tensor) else agg.scale
     return loss * scale, _metrics(method, spec_metrics)
 
 
 def _policy_loss(method: str, name: str, default_mode: str, counterpart: str) -> Callable[..., Any]:
+    soft = method in ("sapo", "sapo-seq")
+    # The documented example's value: -A f(1), f(1) = 2 / tau_pos (verl's default 1) or 1.
+    on_policy = "-(4 / tau_pos) sigmoid(0) = -2 / tau_pos" if soft else "-A r = -1"
+    on_policy_value = -2.0 if soft else -1.0
+
     def policy_loss(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
@@ -375,9 +381,11 @@ def _policy_loss(method: str, name: str, default_mode: str, counterpart: str) ->
         f">>> from verl.workers.config import ActorConfig\n"
         f">>> cfg = ActorConfig(strategy='fsdp', ppo_micro_batch_size_per_gpu=1, rollout_n=1)\n"
         f">>> loss, m = {policy_loss.__name__}(torch.zeros(1, 2), torch.zeros(1, 2),\n"
-        f"...     torch.zeros(1, 2), torch.ones(1, 2).bool(), config=cfg)\n"
-        f">>> loss.item(), m['actor/ppo_kl']\n"
-        f"(0.0, 0.0)\n"
+        f"...     torch.ones(1, 2), torch.ones(1, 2).bool(), config=cfg)\n"
+        f">>> loss.item()  # on policy, A = 1: {on_policy}\n"
+        f"{on_policy_value!r}\n"
+        f">>> m['actor/ppo_kl'] == 0\n"
+        f"True\n"
     )
     policy_loss.sapo_method = method  # type: ignore[attr-defined]
     return policy_loss
