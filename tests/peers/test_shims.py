@@ -48,6 +48,26 @@ HAS_TERMS = all(
 )
 
 
+#: Largest relative difference per test and comparison, printed at the end (``-s``) for the docs.
+MEASURED: dict[str, float] = {}
+_CURRENT = ["?"]
+
+
+@pytest.fixture(autouse=True)
+def _record_test_name(request):
+    _CURRENT[0] = request.node.name
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_measured():
+    yield
+    if MEASURED:
+        print("\nmeasured max |difference| / max(1, max |reference|):")
+        for key, err in sorted(MEASURED.items()):
+            print(f"  {err:9.2e}  {key}")
+
+
 def _integration(name: str):
     try:
         return importlib.import_module(f"sapo_torch.integrations.{name}")
@@ -81,6 +101,8 @@ def _close(got, want, tol, what):
     want = np.asarray(want, dtype=float)
     scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    key = f"{_CURRENT[0]}: {what}"
+    MEASURED[key] = max(MEASURED.get(key, 0.0), err / scale)
     assert err <= tol * scale, f"{what}: max |difference| {err:.3g} > {tol * scale:.3g}"
     return err
 
@@ -513,6 +535,10 @@ def _swift_trainer(ss, **options):
 
     own = ss._grpo.GRPOTrainer
     names = (
+        "_compute_rollout_offpolicy_metrics",
+        "_compute_is_correction_metrics",
+        "_apply_rollout_importance_sampling",
+        "_compute_sequence_level_ratios",
         "_compute_loss",
         "_compute_loss_single",
         "_update_metrics",
@@ -531,6 +557,7 @@ def _swift_trainer(ss, **options):
             per_device_train_batch_size=5,
             per_device_eval_batch_size=5,
             delta=None,
+            gradient_accumulation_steps=1,
             log_entropy=False,
             top_entropy_quantile=1.0,
         ),
@@ -561,6 +588,8 @@ def _swift_trainer(ss, **options):
         model_accepts_loss_kwargs=False,
         compute_loss_func=None,
         real_tau=1.0,
+        rollout_importance_sampling_threshold=2.0,
+        current_gradient_accumulation_steps=1,
         num_generations=5,
     )
     for k, v in {**defaults, **options}.items():
@@ -648,6 +677,71 @@ def test_swift_compute_loss(case):
     _close(grad, own_grad.numpy(), F64, "gradient vs ms-swift")
 
 
+SWIFT_OPTIONS = {
+    "kl-entropy-mask-overlong": dict(
+        beta=0.04,
+        compute_entropy=True,
+        top_entropy_quantile=0.6,
+        overlong_filter=True,
+        log_entropy=True,
+    ),
+    "dapo-accumulation": dict(loss_type="dapo", current_gradient_accumulation_steps=3),
+    "rollout-is-token-truncate": dict(rollout_importance_sampling_mode="token_truncate"),
+    "rollout-is-sequence-mask-grpo": dict(
+        loss_type="grpo", rollout_importance_sampling_mode="sequence_mask"
+    ),
+}
+
+
+@pytest.mark.skipif(not HAS_TERMS, reason="sapo_torch has no weights/ref_logp yet (spec 0.2.0)")
+@pytest.mark.parametrize("name", list(SWIFT_OPTIONS))
+def test_swift_loss_shaping_options(name):
+    """The options that shape ms-swift's loss beyond the policy term (KL to the reference,
+    entropy mask, overlong filter, DAPO's window normaliser under accumulation, rollout IS
+    weights) against ms-swift's own loss on the same stand-in; ms-swift's logs kept."""
+    ss = _integration("swift")
+    from swift.rl_core.data import GRPOBatch
+
+    opts = dict(SWIFT_OPTIONS[name])
+    log_entropy = opts.pop("log_entropy", False)
+    logp, old, adv, mask = _batch(14, per_row=False)
+    g = torch.Generator().manual_seed(15)
+    batch = GRPOBatch(
+        completion_mask=mask,
+        truncated_mask=torch.tensor([False, False, True, False, False]),
+        seq_lengths=mask.sum(1),
+        old_per_token_logps=old,
+        ref_per_token_logps=old + 0.3 * torch.randn(old.shape, generator=g, dtype=old.dtype),
+        rollout_per_token_logps=old + 0.2 * torch.randn(old.shape, generator=g, dtype=old.dtype),
+        advantages=adv,
+        num_items_in_batch=torch.tensor(2.5 * float(mask.sum()), dtype=torch.float64),
+    )
+    entropy = torch.rand(mask.shape, generator=g, dtype=torch.float64)
+    inputs = {"input_ids": mask.long(), "entropy": entropy}
+    stand = _swift_trainer(ss, **opts)
+    stand.args.log_entropy = log_entropy
+    stand.args.top_entropy_quantile = stand.top_entropy_quantile
+
+    def ours(lp):
+        return stand._compute_loss(None, {**inputs, "logp": lp}, batch)
+
+    def theirs(lp):
+        own = ss._grpo.GRPOTrainer._compute_loss_and_metrics
+        return own(stand, None, {**inputs, "logp": lp}, batch)[0]
+
+    loss, grad = _loss_and_grad(ours, logp)
+    own_loss, own_grad = _loss_and_grad(theirs, logp)
+    _close(loss, float(own_loss), F64, "loss vs ms-swift")
+    _close(grad, own_grad.numpy(), F64, "gradient vs ms-swift")
+    logged = set(stand._metrics["train"])
+    if "beta" in opts:
+        assert {"kl", "entropy/mean", "entropy/threshold", "sapo_ref/kl_ref/mean"} <= logged
+        assert "sapo_ref/weights/mean" in logged
+    if "rollout_importance_sampling_mode" in opts:
+        assert any(k.startswith("rollout_correction/") for k in logged)
+        assert "sapo_ref/weights/mean" in logged
+
+
 def test_swift_refuses_what_it_cannot_reproduce():
     ss = _integration("swift")
     logp, old, adv, mask = _batch(13, per_row=False)
@@ -658,6 +752,8 @@ def test_swift_refuses_what_it_cannot_reproduce():
         truncated_mask=torch.zeros(5, dtype=torch.bool),
         seq_lengths=mask.sum(1),
         old_per_token_logps=old,
+        ref_per_token_logps=old,
+        rollout_per_token_logps=old,
         advantages=adv,
     )
     for opts, what in (
@@ -665,6 +761,7 @@ def test_swift_refuses_what_it_cannot_reproduce():
         ({"importance_sampling_level": "sequence_token"}, "sequence_token"),
         ({"off_policy_sequence_mask_delta": 0.1}, "off_policy"),
         ({"use_liger_loss": True}, "Liger"),
+        ({"beta": 0.04, "rollout_importance_sampling_mode": "token_truncate"}, "beta"),
     ):
         with pytest.raises(ValueError, match=what):
             _swift_trainer(ss, **opts)._compute_loss(

@@ -170,7 +170,7 @@ class SapoRefLossMixin:
         if self.loss_type == "dapo":
             tokens = grpo_batch.num_items_in_batch / self.accelerator.num_processes
             options["normalizer"] = Normalizer(tokens, float(mask.shape[0]))
-        rollout = self._sapo_ref_rollout_weights(old, grpo_batch, mask)
+        rollout, rollout_metrics = self._sapo_ref_rollout(old, grpo_batch, mask)
         if rollout is not None:
             weights = rollout if weights is None else weights * rollout
         extra: dict[str, Any] = {}
@@ -205,6 +205,14 @@ class SapoRefLossMixin:
         if self.loss_type == "dapo":
             loss = self._undo_gradient_accumulation_scaling(loss)
         metrics_data = self._sapo_ref_metrics(mode, mask, spec, entropy_metrics, method)
+        if rollout_metrics:  # gathered as ms-swift does: one row per rank
+            values = torch.stack(list(rollout_metrics.values())).detach().unsqueeze(0)
+            gathered = self.accelerator.gather_for_metrics(values)
+            out = dict(zip(rollout_metrics, gathered.nanmean(0).unbind()))
+            for key, reduce in (("log_ppl_diff_max", torch.max), ("log_ppl_diff_min", torch.min)):
+                if key in rollout_metrics:
+                    out[key] = reduce(gathered[:, list(rollout_metrics).index(key)])
+            metrics_data["rollout_correction"] = out
         return loss, metrics_data
 
     def _sapo_ref_entropy(
@@ -230,20 +238,25 @@ class SapoRefLossMixin:
         out["entropy_threshold"] = threshold.item()
         return out, (entropies >= threshold).to(entropies.dtype)
 
-    def _sapo_ref_rollout_weights(
+    def _sapo_ref_rollout(
         self, old: torch.Tensor, grpo_batch: Any, mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """ms-swift's rollout IS weights where its options turn them on (else None)."""
-        if (
-            self.rollout_importance_sampling_mode is None
-            or self.disable_rollout_importance_sampling
-        ):
-            return None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """ms-swift's rollout IS weights (None where its options leave them off) and its
+        rollout diagnostics, from its own methods, on the same condition as ms-swift."""
+        wanted = (
+            self.rollout_importance_sampling_mode is not None or self.log_rollout_offpolicy_metrics
+        )
         local = grpo_batch.rollout_per_token_logps is not None
+        if self.disable_rollout_importance_sampling or not wanted:
+            return None, {}
         if not all(_grpo.gather_object([local])):
-            return None
-        _, weights = self._get_rollout_is_correction(old, grpo_batch.rollout_per_token_logps, mask)
-        return weights
+            return None, {}
+        rollout = grpo_batch.rollout_per_token_logps
+        metrics = self._compute_rollout_offpolicy_metrics(old, rollout, mask)
+        log_ratio, weights = self._get_rollout_is_correction(old, rollout, mask)
+        if log_ratio is not None:
+            metrics.update(self._compute_is_correction_metrics(log_ratio, weights, mask))
+        return (weights if self.rollout_importance_sampling_mode is not None else None), metrics
 
     def _sapo_ref_metrics(
         self,
