@@ -63,6 +63,9 @@ class Evaluation:
     token_scale: Any = None  # [N, T] per-token weights w_it (clause 10.1), 0 where invalid
     kl: Any = None  # [N, T] KL estimator k(u_it) (clause 10.2), 0 where invalid
     kl_grad: Any = None  # [N, T] beta c k'(u): the KL part of grad (d loss / d ref_logp = -this)
+    policy_grad: Any = None  # [N, T] the policy part of grad (grad itself without a KL term);
+    # d loss / d old_logp is -this for every method but gspo-token (clause 8.9), kept apart so
+    # that it is never recovered as grad - kl_grad (cancellation when the KL part dominates)
 
 
 def prepare(logp: Any, old_logp: Any, advantages: Any, mask: Any, config: LossConfig) -> Prepared:
@@ -169,6 +172,7 @@ def evaluate(
         grad = xp.where(p.valid, -xp.broadcast_to(xp.expand_dims(row, axis=1), zero.shape), zero)
     else:
         grad = xp.where(p.valid, -coef, zero)
+    policy_grad = grad
     if kl_grad is not None:
         grad = grad + kl_grad
     return Evaluation(
@@ -181,4 +185,5 @@ def evaluate(
         token_scale=scale,
         kl=kl,
         kl_grad=kl_grad,
+        policy_grad=policy_grad,
     )
