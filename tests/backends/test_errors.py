@@ -16,7 +16,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from backends._inputs import ARRAYS, Edit, N, T, at, both, setting, then, valid_call
+from backends._inputs import (
+    ARRAYS,
+    KL_ESTIMATORS,
+    Edit,
+    N,
+    T,
+    at,
+    both,
+    setting,
+    then,
+    valid_call,
+)
 from sapo_conformance.compare import compare
 
 import sapo_ref
@@ -290,6 +301,118 @@ CASES: list[tuple[str, Edit, type[Exception], str, tuple[str, ...]]] = [
     ("-inf - -inf", both((2, 0), -math.inf, -math.inf), ValueError, "logp - old_logp", ("8.6",)),
 ]
 
+
+def terms(**kw: Any) -> Edit:
+    """The valid call with [N, T] weights and a KL term (clause 10), then ``kw``."""
+
+    def edit(c):
+        out = {**c, "weights": np.ones((N, T)), "ref_logp": c["logp"] - 0.25, "kl_coef": 0.1}
+        out.update(kw)
+        return {k: v for k, v in out.items() if v is not None}
+
+    return edit
+
+
+# clause 10.4: the added terms' shapes, dtypes, values at valid tokens and options
+CASES += [
+    ("weights [T]", terms(weights=np.ones(T)), ValueError, "weights", ("10.4",)),
+    ("weights [N, 1]", terms(weights=np.ones((N, 1))), ValueError, "weights", ("10.4",)),
+    ("weights 3-D", terms(weights=np.ones((N, T, 1))), ValueError, "weights", ("10.4",)),
+    ("weights complex", terms(weights=np.ones((N, T), complex)), TypeError, "weights", ("10.4",)),
+    ("weights string array", terms(weights=np.full(N, "1")), TypeError, "weights", ("10.4",)),
+    ("weights=1.0", terms(weights=1.0), TypeError, "weights", ("10.4",)),
+    *[
+        (
+            f"weights {label} at a valid token",
+            then(terms(), at("weights", (1, 1), v)),
+            ValueError,
+            names("weights must be finite and >= 0 at valid tokens; first bad at (1, 1)"),
+            ("10.4",),
+        )
+        for label, v in (("NaN", math.nan), ("inf", math.inf), ("-1e-300", -1e-300))
+    ],
+    (
+        "[N] weights negative",
+        then(terms(weights=np.ones(N)), at("weights", 2, -1.0)),
+        ValueError,
+        names("weights must be finite and >= 0 at valid tokens; first bad at (2, 0)"),
+        ("10.4",),
+    ),
+    ("ref_logp [N]", terms(ref_logp=np.zeros(N)), ValueError, "ref_logp", ("10.4",)),
+    ("ref_logp [1, T]", terms(ref_logp=np.zeros((1, T))), ValueError, "ref_logp", ("10.4",)),
+    (
+        "integer ref_logp",
+        terms(ref_logp=np.zeros((N, T), np.int64)),
+        TypeError,
+        "ref_logp",
+        ("10.4",),
+    ),
+    ("ref_logp=0.0", terms(ref_logp=0.0), TypeError, "ref_logp", ("10.4",)),
+    (
+        "ref_logp NaN at a valid token",
+        then(terms(), at("ref_logp", (0, 2), math.nan)),
+        ValueError,
+        names("ref_logp is NaN at a valid token; first at (0, 2)"),
+        ("10.4",),
+    ),
+    (
+        "logp - ref_logp = inf - inf",
+        then(terms(), at("ref_logp", (1, 0), -math.inf), at("logp", (1, 0), -math.inf)),
+        ValueError,
+        names("log-ratio logp - ref_logp is undefined"),
+        ("10.4",),
+    ),
+    (
+        "ref_logp without kl_coef",
+        terms(kl_coef=None),
+        ValueError,
+        names("ref_logp requires kl_coef"),
+        ("10.4",),
+    ),
+    (
+        "kl_coef without ref_logp",
+        terms(ref_logp=None),
+        ValueError,
+        names("kl_coef requires ref_logp"),
+        ("10.4",),
+    ),
+    (
+        "kl_estimator without ref_logp",
+        terms(ref_logp=None, kl_coef=None, kl_estimator="k3"),
+        ValueError,
+        names("kl_estimator requires ref_logp"),
+        ("10.4",),
+    ),
+    (
+        "unknown kl_estimator",
+        terms(kl_estimator="low_var_kl"),
+        ValueError,
+        names("kl_estimator", "low_var_kl", *KL_ESTIMATORS),
+        ("10.4",),
+    ),
+    (
+        "kl_estimator not a str",
+        terms(kl_estimator=3),
+        ValueError,
+        names("kl_estimator", *KL_ESTIMATORS),
+        ("10.4",),
+    ),
+    *[
+        (
+            f"kl_coef {label}",
+            terms(kl_coef=v),
+            ValueError,
+            names("kl_coef", spec.DOMAINS["kl_coef"].describe()),
+            ("10.4",),
+        )
+        for label, v in outside("kl_coef")
+    ],
+    *[
+        (f"kl_coef {label}", terms(kl_coef=v), TypeError, "kl_coef", ("10.4",))
+        for label, v in (("str", "0.1"), ("bool", True), ("list", [0.1]))
+    ],
+]
+
 # clause 8.4 domains, read from the spec
 for _method, _ms in spec.METHODS.items():
     for _p in _ms.params:
@@ -337,6 +460,10 @@ for _method, _ms in spec.METHODS.items():
             )
 
 
+#: The keyword arrays of clause 10.
+TERM_ARRAYS = ("weights", "ref_logp")
+
+
 def call_reference(call: dict[str, Any]) -> Any:
     call = dict(call)
     arrays = [call.pop(k) for k in ARRAYS]
@@ -381,8 +508,14 @@ def test_bad_input_raises_the_references_error(backend, edit, exc, pattern):
         return
     given = [call.pop(k) for k in ARRAYS]
     arrays = [_to_backend(backend, x) for x in given]
+    pairs = list(zip(given, arrays))
+    for name in TERM_ARRAYS:  # the clause 10 arrays, as the backend's too
+        if name in call:
+            x = call[name]
+            call[name] = _to_backend(backend, x)
+            pairs.append((x, call[name]))
     expected = _same_text(str(want.value))
-    for x, a in zip(given, arrays):  # a dtype the framework lacks (MLX: complex64 only)
+    for x, a in pairs:  # a dtype the framework lacks (MLX: complex64 only)
         if a is not x and isinstance(x, np.ndarray) and backend.dtype_name(a) != x.dtype.name:
             expected = expected.replace(f"dtype {x.dtype.name}", f"dtype {backend.dtype_name(a)}")
     with pytest.raises(Exception) as got:
@@ -409,16 +542,29 @@ ACCEPTED: list[tuple[str, Edit]] = [
         "NaN and inf at invalid positions",
         then(at("logp", (0, 3), math.nan), at("old_logp", (1, 3), math.inf)),
     ),
+    # clause 10: the terms' valid spellings
+    ("bool weights", terms(weights=np.array([[1, 0, 1, 1]] * N, bool))),
+    ("integer [N] weights", terms(weights=np.array([2, 0, 1], np.int32))),
+    ("float32 weights", terms(weights=np.full((N, T), 0.5, np.float32))),
+    ("zero weights everywhere", terms(weights=np.zeros((N, T)))),
+    ("weights garbage where masked", then(terms(), at("weights", (2, 3), -math.inf))),
+    ("ref_logp garbage where masked", then(terms(), at("ref_logp", (0, 3), math.nan))),
+    ("kl_coef 0 beside a far ref_logp", terms(kl_coef=0.0, ref_logp=np.full((N, T), -700.0))),
+    ("kl_coef numpy float", terms(kl_coef=np.float32(0.5))),
+    ("kl_coef 0-d array and integer", terms(kl_coef=np.array(2))),
+    *[(f"kl_estimator {e}", terms(kl_estimator=e)) for e in KL_ESTIMATORS],
 ]
 
 
-@pytest.mark.clause("8.2", "8.4", "8.8")
+@pytest.mark.clause("8.2", "8.4", "8.8", "10.1", "10.2")
 @pytest.mark.parametrize("edit", [e for _, e in ACCEPTED], ids=[n for n, _ in ACCEPTED])
 def test_valid_spellings_are_accepted(backend, edit):
-    """NumPy scalars, 0-d arrays and 0/1 masks of any real dtype are valid input everywhere."""
+    """NumPy scalars, 0-d arrays and 0/1 masks of any real dtype are valid input everywhere; so
+    are bool, integer and float32 weights, and garbage in the terms where the mask is 0."""
     call = edit(valid_call())
     want = call_reference(dict(call)).loss
     arrays = [_to_backend(backend, call.pop(k)) for k in ARRAYS]
+    call.update({k: _to_backend(backend, call[k]) for k in TERM_ARRAYS if k in call})
     got = float(backend.to_numpy(backend.loss(*arrays, **call)))
     c = compare("loss", got, want, backend.tolerance("float64", "value"))
     assert c.ok, c.message

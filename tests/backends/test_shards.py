@@ -3,7 +3,8 @@
 The rows of a batch are split into shards in a random order, each shard padded to its own
 length; every shard is evaluated with the global counts (the sum of the shards' own counts from
 ``sapo_ref.normalizer`` or ``<adapter>.distributed.local_counts``). The shard losses must sum to
-the reference's loss of the whole batch and the shard gradients must be its rows (clause C.1).
+the reference's loss of the whole batch and the shard gradients must be its rows (clause C.1),
+also with the clause 10 terms (weights and ref_logp cut like the other arrays).
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ import inspect
 
 import numpy as np
 import pytest
-from backends._inputs import LOSS_AGGS, METHODS, make_case, materialized
+from backends._inputs import (
+    KL_ESTIMATORS,
+    LOSS_AGGS,
+    METHODS,
+    Terms,
+    make_case,
+    make_terms,
+    materialized,
+    materialized_with_terms,
+)
 from sapo_conformance.cases import Case, Materialized
 from sapo_conformance.compare import compare
 
@@ -121,3 +131,55 @@ def test_global_normalizer_of_a_generator_counts_or_says_so(backend):
         assert "generator" in str(err), f"{backend.name}: {err}"
         return
     assert (float(got.num_tokens), float(got.num_rows)) == (3.0, 2.0)
+
+
+def _shard_terms(terms: Terms, rows: np.ndarray, t: int) -> Terms:
+    """The rows of ``terms`` a shard holds, cut to its padded length ``t``."""
+    w = terms.weights
+    if w is not None:
+        w = w[rows][:, :t] if w.ndim == 2 else w[rows]
+    ref = None if terms.ref_logp is None else terms.ref_logp[rows][:, :t]
+    return Terms(w, ref, dict(terms.kl))
+
+
+TERMS_GRID = [
+    (m, LOSS_AGGS[i % len(LOSS_AGGS)], KL_ESTIMATORS[i % len(KL_ESTIMATORS)], d)
+    for i, m in enumerate(METHODS)
+    for d in ("float64", "float32")
+]
+
+
+@pytest.mark.clause("3.8", "10.1", "10.2")
+@pytest.mark.parametrize(
+    "method,loss_agg,estimator,dtype", TERMS_GRID, ids=["-".join(g) for g in TERMS_GRID]
+)
+def test_shards_with_terms_sum_to_the_batch(backend, method, loss_agg, estimator, dtype):
+    """Weights and the KL term are per token: with the global counts the shards' losses and
+    gradients are the batch's (clause 3.8 holds for the clause 10 terms as written)."""
+    backend.require_dtype(dtype)
+    i = METHODS.index(method)
+    count_empty = i % 2 == 0
+    case = make_case(method, loss_agg, seed=14, empty=True, count_empty_rows=count_empty)
+    terms = make_terms(
+        case, seed=i, weights=("token", "row")[i % 2], kl_estimator=estimator, kl_coef=0.2
+    )
+    full, rounded = materialized_with_terms(case, dtype, terms)
+    shards = _shards(full, seed=i + 1)
+    opts = {k: v for k, v in case.options.items() if k != "count_empty_rows"}
+    norm = None
+    for _, s in shards:
+        c = backend.local_counts(backend.to_array(s.mask), count_empty_rows=count_empty)
+        norm = c if norm is None else norm + c
+    loss, grad = 0.0, np.zeros(full.mask.shape)
+    for rows, shard in shards:
+        part = _shard_terms(rounded, rows, shard.mask.shape[1])
+        options = {**opts, "normalizer": norm, **part.options(backend, dtype)}
+        out = backend.run(shard, options=options, cotangent=0.75)
+        loss += out.loss
+        grad[rows, : shard.mask.shape[1]] = out.grad
+    checks = [
+        compare("sum of shard losses", loss, full.want_loss, backend.tolerance(dtype, "value")),
+        compare("shard gradients", grad, full.want_grad, backend.tolerance(dtype, "grad")),
+    ]
+    bad = [c.message for c in checks if not c.ok]
+    assert not bad, f"{backend.name} {dtype} {case.options}: " + "; ".join(bad)
