@@ -22,6 +22,12 @@ Tolerance: |difference| <= 1e-13 * max(1, |value|) for the value and 1e-13 * max
 for every gradient entry: sums of ~50 float64 terms accumulate ~1e-15 of rounding; measured maxima
 are printed with ``-s`` and listed in docs/integrations/verl.md.
 
+Also: verl's actor loss ``verl.workers.utils.losses.ppo_loss`` on a packed batch with
+``policy_loss.loss_mode`` set to ours vs verl's (loss, gradient, verl's metric values); float32
+(1e-6 relative); the config line resolving to our function, in this process and in a fresh one
+(``VERL_USE_EXTERNAL_MODULES``); bad config values raising with the field's name; the version
+check; idempotent registration; the module's doctests.
+
 Opt-in: ``bash tools/setup_peers.sh`` then ``.venv-peers/bin/python -m pytest -m trainers
 tests/peers/test_verl_registry.py``.
 """
@@ -158,6 +164,7 @@ CASES = [
 ]
 
 
+@pytest.mark.clause("3.2", "3.3", "3.4", "3.5", "3.6", "3.8", "10.1")
 @pytest.mark.filterwarnings("ignore:sapo_ref_sapo honours loss_agg_mode")
 @pytest.mark.parametrize(("name", "mode", "is_weights", "info", "per_token"), CASES)
 def test_against_verl(name, mode, is_weights, info, per_token):
@@ -276,6 +283,7 @@ ACTOR_PAIRS = [
 ]
 
 
+@pytest.mark.clause("3.8", "7.1", "10.1")
 @pytest.mark.parametrize("is_weights", ["no-is", "is"])
 @pytest.mark.parametrize(
     ("ours", "theirs", "mode"),
@@ -372,6 +380,7 @@ BAD = [
 ]
 
 
+@pytest.mark.clause("8.4")
 @pytest.mark.parametrize(("name", "fields", "info", "mode", "error", "match"), BAD)
 def test_bad_config_names_the_field(name, fields, info, mode, error, match):
     batch = _batch(1, False)
