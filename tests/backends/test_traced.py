@@ -2,7 +2,7 @@
 
 Shape, dtype and option errors (clauses 8.1, 8.2, 8.3, 8.4) still raise at trace time, with the
 reference's type and text. Invalid data that raises eagerly (clauses 5.5, 8.2 values, 8.5, 8.6,
-8.8) makes the loss and every gradient entry NaN; the same call on valid data gives the
+8.8, and 10.4 for the weights and ref_logp) makes the loss and every gradient entry NaN; the same call on valid data gives the
 reference's loss and gradient, so a backend that always returned NaN would fail.
 """
 
@@ -164,3 +164,92 @@ def test_bad_normalizer_poisons_under_tracing(backend, counts):
     _check_clean(backend, *step(*_arrays(backend, arrays), *scalars), arrays, opts, good)
     scalars = [backend.to_array(np.array(v), "float64") for v in counts]
     _assert_poisoned(backend, *step(*_arrays(backend, arrays), *scalars))
+
+
+# ----------------------------------------------------------------------------- clause 10 terms
+def _with_terms(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "weights": np.ones((N, T)), "ref_logp": c["logp"] - 0.3, "kl_coef": 0.2}
+
+
+def _term_arrays(backend, call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` with its clause 10 arrays as the backend's (float64 or their own dtype)."""
+    return {
+        k: (backend.to_array(v, "float64") if v.dtype.kind == "f" else backend.native(v))
+        if isinstance(v, np.ndarray)
+        else v
+        for k, v in call.items()
+    }
+
+
+TERM_TRACE_ERRORS: list[tuple[str, Edit]] = [
+    ("weights [T]", then(_with_terms, setting(weights=np.ones(T)))),
+    ("weights complex", then(_with_terms, setting(weights=np.ones((N, T), np.complex64)))),
+    ("ref_logp [1, T]", then(_with_terms, setting(ref_logp=np.zeros((1, T))))),
+    ("integer ref_logp", then(_with_terms, setting(ref_logp=np.zeros((N, T), np.int32)))),
+    ("ref_logp without kl_coef", then(_with_terms, setting(kl_coef=None))),
+    ("unknown kl_estimator", then(_with_terms, setting(kl_estimator="k4"))),
+    ("kl_coef out of its domain", then(_with_terms, setting(kl_coef=-1.0))),
+]
+
+
+@pytest.mark.clause("8.7", "10.4")
+@pytest.mark.parametrize(
+    "edit", [e for _, e in TERM_TRACE_ERRORS], ids=[n for n, _ in TERM_TRACE_ERRORS]
+)
+def test_term_shape_dtype_and_option_errors_raise_under_tracing(backend, edit):
+    call = {k: v for k, v in edit(valid_call()).items() if v is not None}
+    arrays, opts = _split(call)
+    with pytest.raises(Exception) as want:
+        sapo_ref.policy_loss(*arrays, **opts)
+    kw = _term_arrays(backend, opts)
+    traced = backend.traced(lambda lp, old, adv, mask: backend.loss(lp, old, adv, mask, **kw))
+    with pytest.raises(Exception) as got:
+        traced(*_arrays(backend, arrays))
+    found = [e for e in _chain(got.value) if type(e) is type(want.value)]
+    assert found, f"{backend.name} raised {got.value!r} under tracing; reference {want.value!r}"
+    drop = r"\b(?:torch|mlx\.core|jax\.numpy|numpy)\.(?=[a-z])"
+    assert re.sub(drop, "", str(found[0])) == re.sub(drop, "", str(want.value))
+
+
+#: (label, the terms' estimator and kl_coef, spoil the valid call with terms) at a valid token.
+TERM_POISON: list[tuple[str, dict[str, Any], Edit]] = [
+    ("NaN weight", {"kl_estimator": "k3"}, at("weights", (0, 1), math.nan)),
+    ("inf weight", {"kl_estimator": "k1"}, at("weights", (1, 0), math.inf)),
+    ("negative weight", {"kl_estimator": "k2"}, at("weights", (2, 0), -0.5)),
+    ("NaN ref_logp", {"kl_estimator": "low-var-k3"}, at("ref_logp", (0, 0), math.nan)),
+    ("NaN ref_logp, kl_coef 0", {"kl_coef": 0.0}, at("ref_logp", (1, 1), math.nan)),
+    (
+        "logp - ref_logp = inf - inf",
+        {"kl_estimator": "k3"},
+        then(at("ref_logp", (0, 2), math.inf), at("logp", (0, 2), math.inf)),
+    ),
+]
+
+
+@pytest.mark.clause("8.7", "10.4")
+@pytest.mark.parametrize(
+    "options,spoil", [p[1:] for p in TERM_POISON], ids=[p[0] for p in TERM_POISON]
+)
+def test_invalid_terms_poison_loss_and_gradient_under_tracing(backend, options, spoil):
+    """The weights and ref_logp are traced arguments: a bad value at a valid token makes the
+    loss and every gradient entry NaN; the same program on valid terms gives the reference's."""
+    clean = _with_terms(valid_call())
+    clean.update(options)
+    arrays, opts = _split(clean)
+    w, ref = opts.pop("weights"), opts.pop("ref_logp")
+
+    def f(lp, old, adv, mask, weights, ref_logp):
+        return backend.loss(lp, old, adv, mask, **opts, weights=weights, ref_logp=ref_logp)
+
+    step = backend.traced_value_and_grad(f)
+    terms = [backend.to_array(a, "float64") for a in (w, ref)]
+    _check_clean(
+        backend,
+        *step(*_arrays(backend, arrays), *terms),
+        arrays,
+        {**opts, **{"weights": w, "ref_logp": ref}},
+    )
+    dirty = spoil({**dict(zip(ARRAYS, arrays)), "weights": w, "ref_logp": ref})
+    bad_arrays = [dirty[k] for k in ARRAYS]
+    bad_terms = [backend.to_array(dirty[k], "float64") for k in ("weights", "ref_logp")]
+    _assert_poisoned(backend, *step(*_arrays(backend, bad_arrays), *bad_terms))
