@@ -117,7 +117,7 @@ def _coefficients(mode: str, mask: torch.Tensor, info: dict) -> torch.Tensor:
     return x.grad
 
 
-def _verl_sapo_terms(batch, weights: torch.Tensor, cfg: ActorConfig) -> torch.Tensor:
+def _verl_sapo_terms(batch, weights: torch.Tensor) -> torch.Tensor:
     """sum_it weights_it l_it with verl's own SAPO term: one token per row, global batch size 1."""
     one = _actor(
         **{k: CONFIG[k] for k in ("tau_pos", "tau_neg")}, global_batch_info={"global_batch_size": 1}
@@ -152,6 +152,22 @@ def _reference(method: str, batch, weights: torch.Tensor) -> tuple[float, np.nda
     return res.loss * rows, np.asarray(res.grad) * rows
 
 
+def _loss_and_grad(name: str, batch, mode: str, cfg, weights):
+    """``get_policy_loss_fn(name)`` called as verl's actor calls it: (loss, d loss/d logp, metrics)."""
+    logp = batch["logp"].clone().requires_grad_()
+    loss, metrics = get_policy_loss_fn(name)(
+        old_log_prob=batch["old"],
+        log_prob=logp,
+        advantages=batch["adv"],
+        response_mask=batch["mask"],
+        loss_agg_mode=mode,
+        config=cfg,
+        rollout_is_weights=weights,
+    )
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss, grad, metrics
+
+
 CASES = [
     pytest.param(name, mode, is_w, info, per_token, id=f"{name}-{mode}-{is_w}-{info}-{adv}-adv")
     for name in sv.LOSS_MODES
@@ -171,43 +187,22 @@ def test_against_verl(name, mode, is_weights, info, per_token):
     batch = _batch(zlib.crc32(f"{name}{mode}{is_weights}{info}{per_token}".encode()), per_token)
     cfg = _actor(**CONFIG, global_batch_info=dict(INFOS[info]))
     w = batch["weights"] if is_weights == "is" else None
-    # Ours, through verl's registry.
-    logp = batch["logp"].clone().requires_grad_()
-    ours, metrics = get_policy_loss_fn(name)(
-        old_log_prob=batch["old"],
-        log_prob=logp,
-        advantages=batch["adv"],
-        response_mask=batch["mask"],
-        loss_agg_mode=mode,
-        config=cfg,
-        rollout_is_weights=w,
-    )
-    (grad,) = torch.autograd.grad(ours, logp)
+    ours, grad, metrics = _loss_and_grad(name, batch, mode, cfg, w)  # through verl's registry
     # The independent computation.
-    logp_v = batch["logp"].clone().requires_grad_()
-    vb = {**batch, "logp": logp_v}
     direct = {"sapo_ref_grpo": "vanilla", "sapo_ref_gspo_token": "gspo"}.get(name)
     if name == "sapo_ref_sapo" and mode == "seq-mean-token-mean":
         direct = "sapo"
     if name == "sapo_ref_gspo" and mode == "seq-mean-token-mean" and w is None:
         direct = "gspo"
     if direct is not None:
-        expected, _ = get_policy_loss_fn(direct)(
-            old_log_prob=batch["old"],
-            log_prob=logp_v,
-            advantages=batch["adv"],
-            response_mask=batch["mask"],
-            loss_agg_mode=mode,
-            config=cfg,
-            rollout_is_weights=w,
-        )
-        (expected_grad,) = torch.autograd.grad(expected, logp_v)
+        expected, expected_grad, _ = _loss_and_grad(direct, batch, mode, cfg, w)
         expected = expected.item()
     else:
         c = _coefficients(mode, batch["mask"], INFOS[info])
         cw = c if w is None else c * w
         if name == "sapo_ref_sapo":
-            loss_v = _verl_sapo_terms(vb, cw, cfg)
+            logp_v = batch["logp"].clone().requires_grad_()
+            loss_v = _verl_sapo_terms({**batch, "logp": logp_v}, cw)
             (expected_grad,) = torch.autograd.grad(loss_v, logp_v)
             expected = loss_v.item()
         else:
@@ -488,15 +483,11 @@ def test_float32_against_verl(ours, theirs, mode):
             k: v.float() if v.is_floating_point() else v for k, v in _batch(seed, False).items()
         }
         cfg = _actor(**CONFIG, global_batch_info=dict(INFOS["global"]))
-        out = []
-        for name in (ours, theirs):
-            logp = batch["logp"].clone().requires_grad_()
-            loss, _ = get_policy_loss_fn(name)(
-                batch["old"], logp, batch["adv"], batch["mask"], mode, cfg, batch["weights"]
-            )
-            assert loss.dtype == torch.float32
-            out.append((loss.item(), torch.autograd.grad(loss, logp)[0]))
-        (loss, grad), (expected, expected_grad) = out
+        (loss, grad, _), (expected, expected_grad, _) = (
+            _loss_and_grad(name, batch, mode, cfg, batch["weights"]) for name in (ours, theirs)
+        )
+        assert loss.dtype == expected.dtype == torch.float32
+        loss, expected = loss.item(), expected.item()
         assert abs(loss - expected) <= 1e-6 * max(1.0, abs(expected))
         scale = max(1.0, expected_grad.abs().max().item())
         assert (grad - expected_grad).abs().max().item() <= 1e-6 * scale
