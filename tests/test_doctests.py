@@ -29,7 +29,8 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 
 #: Optional dependencies a single module may need (e.g. plotting); the module is skipped
 #: when its import fails on one of these, with the reason shown.
-OPTIONAL = ("matplotlib", "mpmath", "rich", "torch", "jax", "mlx")
+# The trainer integrations' frameworks are installed only in the peers venv (tools/setup_peers.sh).
+OPTIONAL = ("matplotlib", "mpmath", "rich", "torch", "jax", "mlx", "trl", "verl")
 
 #: Functions that must carry an example, whatever else changes.
 REQUIRED_EXAMPLES = (

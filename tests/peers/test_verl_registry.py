@@ -456,6 +456,30 @@ def test_enabled_in_a_fresh_verl_process():
     assert out.stdout.split() == ["sapo_torch.integrations.verl", "grpo"]
 
 
+@pytest.mark.parametrize("policy", ["auto", "sapo_ref", "none"])
+def test_installed_plugin_registers_on_import_verl(policy):
+    """The one-line switch: sapo-ref declares the ``verl.plugins`` entry point ``sapo_ref``, which
+    ``import verl`` loads (``VERL_USE_EXTERNAL_PLUGINS`` "auto" or naming it), so the config's
+    loss_mode alone resolves to ours; "none" turns plugins off and the name is then unknown."""
+    import os
+    import subprocess
+
+    code = (
+        "import verl\n"
+        "from verl.trainer.ppo.core_algos import get_policy_loss_fn as g\n"
+        "try:\n    print(g('sapo_ref_sapo').__module__)\n"
+        "except Exception as err:\n    print(type(err).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env["VERL_USE_EXTERNAL_PLUGINS"] = policy
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    want = "sapo_torch.integrations.verl" if policy != "none" else "ValueError"
+    assert out.stdout.split()[-1:] == [want], out.stdout + out.stderr
+
+
 def test_dictconfig_actor_config():
     """verl's contract allows an OmegaConf DictConfig as ``config`` (its vanilla loss takes one)."""
     from omegaconf import OmegaConf
