@@ -400,6 +400,27 @@ def test_liger_gradient_reaches_head_and_hidden(loss_type):
         _close(a, b.numpy(), F32, f"d loss / d {name} vs Liger")
 
 
+@pytest.mark.parametrize("num_items", [None, 30.0])
+def test_liger_dapo(num_items):
+    """DAPO's denominator (the batch's tokens, or num_items_in_batch) against Liger's own."""
+    sl = _integration("liger")
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+    hidden, weight, _, ids, mask, adv, old = _liger_inputs(16)
+    kw = {"beta": 0.0, "use_ref_model": False, "loss_type": "dapo"}
+    xs = [x.clone().requires_grad_(True) for x in (hidden, weight)]
+    loss, _ = sl.SapoFusedLinearLoss(**kw)(
+        *xs, ids, mask, adv, old_per_token_logps=old, num_items_in_batch=num_items
+    )
+    zs = [x.clone().requires_grad_(True) for x in (hidden, weight)]
+    own, _ = LigerFusedLinearGRPOLoss(compiled=False, **kw)(
+        *zs, ids, mask, adv, old_per_token_logps=old, num_items_in_batch=num_items
+    )
+    _close(loss, float(own), F32, "loss vs Liger")
+    for a, b in zip(_grads(loss, *xs), _grads(own, *zs)):
+        _close(a, b.numpy(), F32, "gradient vs Liger")
+
+
 def test_liger_refuses_what_it_cannot_reproduce():
     sl = _integration("liger")
     for kw, what in (

@@ -111,6 +111,20 @@ def selected_logprobs(
     return _CHUNK_FORWARD(hidden, weight, token_ids, bias=bias, temperature=temperature)
 
 
+def _dapo_normalizer(mask: torch.Tensor, num_items_in_batch: Any) -> Normalizer:
+    """Liger's DAPO denominator: ``num_items_in_batch`` (or the valid tokens summed over the
+    processes) divided by the number of processes, as the token count of a token mean."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if num_items_in_batch is not None:
+        tokens = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+    else:
+        tokens = mask.sum().to(torch.float32)
+        if world > 1:
+            dist.all_reduce(tokens)
+    return Normalizer((tokens / world).clamp(min=1.0), float(mask.shape[0]))
+
+
 class SapoFusedLinearLoss(torch.nn.Module):
     """``LigerFusedLinearGRPOLoss``'s interface with the canonical policy loss.
 
@@ -201,14 +215,8 @@ class SapoFusedLinearLoss(torch.nn.Module):
         options = dict(self.options)
         if self.options["loss_agg"] != "token-mean":
             options["count_empty_rows"] = True
-        if self.loss_type == "dapo" and num_items_in_batch is not None:
-            world = (
-                torch.distributed.get_world_size()
-                if torch.distributed.is_available() and torch.distributed.is_initialized()
-                else 1
-            )
-            tokens = torch.as_tensor(num_items_in_batch, dtype=torch.float32) / world
-            options["normalizer"] = Normalizer(tokens, float(mask.shape[0]))
+        if self.loss_type == "dapo":
+            options["normalizer"] = _dapo_normalizer(mask, num_items_in_batch)
         kl_terms: dict[str, Any] = {}
         if self.beta != 0.0:
             if ref_per_token_logps is None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 import sapo_torch
+from sapo_ref.gates import sapo_parts_signed
 
 __all__ = ["AGG_TYPES", "SOURCE_COMMIT", "SapoRefLoss", "sapo_loss_terms"]
 
@@ -153,8 +154,6 @@ def _mean_gate(
     tau_neg: float,
 ) -> torch.Tensor:
     """torchforge's gate metric: the mean over valid tokens of :math:`f = \\frac4\\tau\\sigma`."""
-    from sapo_ref.gates import sapo_parts_signed
-
     adv2 = adv[:, None].expand_as(logp) if adv.ndim == 1 else adv
     zero = torch.zeros_like(logp)
     delta = torch.where(mask, logp, zero) - torch.where(mask, old.to(logp.dtype), zero)
