@@ -8,7 +8,8 @@ For each TRL loss type (mapped by ``canonical_options``), on the same float32 in
   single process, then ``sapo_ref.combine_metrics`` on host floats).
 
 Prints the median and minimum of each side and the extra cost of the metrics as a fraction of
-the loss's median time, with the load average. Run (TRL installed, e.g. the peers venv):
+the loss's time (of the medians, and of the minima, steadier on a loaded machine), with the load
+average. Run (TRL installed, e.g. the peers venv):
 
     .venv-peers/bin/python benchmarks/bench_trl_metrics.py                  # 16 x 1024
     .venv-peers/bin/python benchmarks/bench_trl_metrics.py --rows 64 --cols 4096 --repeats 30
@@ -92,6 +93,7 @@ def main() -> None:
             f"{loss_type:8s} {opts.method:5s} loss {p * 1e3:6.3f} ms (min {min(plain) * 1e3:.3f})"
             f"  loss+metrics {f * 1e3:6.3f} ms (min {min(full) * 1e3:.3f},"
             f" reduction {r * 1e3:.3f})  metrics {100 * (f - p) / p:+5.0f}% of the loss"
+            f" (mins: {100 * (min(full) - min(plain)) / min(plain):+4.0f}%)"
         )
     print(f"load at the end {os.getloadavg()[0]:.2f}")
 

@@ -24,7 +24,6 @@ tests/peers/test_trl_trainer.py``.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -53,10 +52,6 @@ LOSS_TYPES = ("sapo", "grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LEVELS = ("token", "sequence")
 # Wall-clock and throughput logs: not numbers of the loss.
 TIMING = ("step_time", "_runtime", "_per_second")
-HAS_TERMS = {"weights", "ref_logp"} <= set(inspect.signature(sapo_torch.policy_loss).parameters)
-needs_terms = pytest.mark.skipif(
-    not HAS_TERMS, reason="sapo_torch.policy_loss has no weights/ref_logp yet (spec 0.2.0)"
-)
 
 # Max relative difference per compared case, written to $SAPO_TRL_DIFFS when set (report).
 DIFFS: dict[str, dict[str, float]] = {}
@@ -183,8 +178,6 @@ VARIANTS = {
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_steps_match_trl(tiny, tmp_path, loss_type, level, variant):
     options = VARIANTS[variant]
-    if not HAS_TERMS and ("beta" in options or "top_entropy_quantile" in options):
-        pytest.skip("sapo_torch.policy_loss has no weights/ref_logp yet (spec 0.2.0)")
     ours = _run_both(
         tiny,
         tmp_path,
@@ -227,7 +220,6 @@ def test_trainer_terms_match_trl(tiny, tmp_path, name, options):
         assert any("policy_loss" in e for e in ours) and any("entropy_coef" in e for e in ours)
 
 
-@needs_terms
 def test_off_policy_mask_matches_trl(tiny, tmp_path):
     _run_both(
         tiny,
@@ -330,7 +322,6 @@ def _loss_and_grads(trainer: Any, inputs: dict[str, Any], mode: str) -> tuple[fl
     return loss.item(), grads
 
 
-@needs_terms
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -201,30 +201,6 @@ def canonical_options(args: GRPOConfig) -> LossOptions:
     return LossOptions(method, "token-mean", options, global_tokens=True)  # dapo
 
 
-def _loss_keywords() -> set[str]:
-    return set(inspect.signature(sapo_torch.policy_loss).parameters)
-
-
-def _check_terms(args: GRPOConfig) -> None:
-    """The weights and KL terms need sapo_torch's spec-0.2.0 keywords; say so at construction."""
-    have = _loss_keywords()
-    needs = []
-    if args.top_entropy_quantile < 1.0:
-        needs.append(("top_entropy_quantile < 1", "weights"))
-    if args.off_policy_mask_threshold is not None:
-        needs.append(("off_policy_mask_threshold", "weights"))
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        needs.append(("vllm_importance_sampling_correction with use_vllm", "weights"))
-    if args.beta != 0.0:
-        needs.append(("beta != 0", "ref_logp"))
-    for option, keyword in needs:
-        if keyword not in have:
-            raise ValueError(
-                f"SapoGRPOTrainer needs sapo_torch.policy_loss(..., {keyword}=) (spec 0.2.0) for "
-                f"TRL's {option}; the installed sapo_torch {sapo_torch.__version__} lacks it"
-            )
-
-
 def reduce_metrics(metrics: dict[str, torch.Tensor], gather: Any) -> dict[str, float]:
     """One rank's clause-7.1 metrics reduced over all ranks (clause 3.11).
 
@@ -264,11 +240,9 @@ class SapoGRPOTrainer(GRPOTrainer):
         config = bound.arguments.get("args")
         if config is not None:  # fail before the models are built
             canonical_options(config)
-            _check_terms(config)
         super().__init__(*args, **kwargs)
         self.sapo_metrics = sapo_metrics
         self.sapo_options = canonical_options(self.args)
-        _check_terms(self.args)
 
     # -- the loss --------------------------------------------------------------------------
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
