@@ -9,8 +9,14 @@ the rounded inputs (clause C.1); the adapter must match its loss, gradient and m
 where the reference raises (a sequence row with both infinite signs, clause 5.5), raise the
 same error. Inputs a dtype cannot hold are rejected, not counted.
 
+With the clause 10 terms: per configuration fixed weights (layout and kind) and KL estimator
+and coefficient, random weights (zeros, up to 1e4, garbage where masked) and reference
+log-probabilities with extreme ``u = log pi_ref - log pi_theta`` (both signs in float64, u <= 0
+with negative advantages in lower precision, so that no sum cancels beyond the dtype).
+
 Examples per adapter and dtype: ``SAPO_FUZZ_EXAMPLES``, default 500 (the CI budget: about 90 s
-for the three adapters and four dtypes on two busy cores); set it lower for a quick local run.
+for the three adapters and four dtypes on two busy cores), half as many with the terms; set it
+lower for a quick local run.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import zlib
 
 import numpy as np
 import pytest
-from backends._inputs import DTYPES
+from backends._inputs import DTYPES, Terms
 from hypothesis import HealthCheck, given, note, reject, settings
 from hypothesis import strategies as st
 from sapo_conformance.cases import Case, materialize, round_to
@@ -70,9 +76,11 @@ MAX_ADV = {"float64": 1e30, "float32": 1e30, "bfloat16": 1e30, "float16": 1e2}
 
 
 @st.composite
-def cases(draw, dtype: str) -> Case:
-    """A random batch: ragged mask, empty rows, extremes at valid tokens, garbage elsewhere."""
-    k = draw(st.integers(0, len(CONFIGS) - 1), label="configuration")
+def cases(draw, dtype: str, k: int | None = None) -> Case:
+    """A random batch: ragged mask, empty rows, extremes at valid tokens, garbage elsewhere;
+    configuration ``k`` of :data:`CONFIGS` (drawn when None)."""
+    if k is None:
+        k = draw(st.integers(0, len(CONFIGS) - 1), label="configuration")
     options, per_token = CONFIGS[k]
     low = dtype != "float64"
     pool = LOW_PRECISION_DELTAS if low else EXTREME_DELTAS
@@ -188,3 +196,123 @@ def test_ratio_metrics_when_a_ratio_overflows_float32(backend, dtype):
     m = materialize(case, dtype)
     assert not isinstance(m, str), m
     backend.assert_matches(m, backend.run(m))
+
+
+# ----------------------------------------------------------------------------- clause 10 terms
+#: Per configuration of CONFIGS: the weights' layout and kind (None: no weights), the KL
+#: estimator and kl_coef (fixed: each is one more program for a jitting backend).
+TERM_CONFIGS: tuple[tuple[str | None, str, str, float], ...] = (
+    ("token", "float", "k3", 0.1),
+    ("row", "float", "k1", 1.0),
+    ("token", "bool", "k2", 0.01),
+    ("row", "int", "low-var-k3", 10.0),
+    (None, "float", "k3", 0.0),
+    ("token", "float", "k1", 100.0),
+)
+TERM_EXAMPLES = max(1, EXAMPLES // 2)
+#: Extreme u = log pi_ref - log pi_theta at valid tokens: float64 takes both signs (k3 and k2
+#: past exp's and the square's overflow); lower precision u <= 0 only (with A < 0 every term
+#: then has one sign: no cancellation beyond the dtype's tolerance, as for the advantages).
+EXTREME_U = (-np.inf, -1e4, -700.0, -50.0, 50.0, 700.0, 1e4)
+LOW_PRECISION_U = (-np.inf, -80.0, -20.0)
+
+
+@st.composite
+def term_cases(draw, dtype: str) -> tuple[Case, Terms]:
+    """A random batch of :func:`cases` with the clause 10 terms: weights (zeros, up to 1e4,
+    garbage where masked), ref_logp = logp + u with random and extreme u, garbage where masked."""
+    k = draw(st.integers(0, len(CONFIGS) - 1), label="configuration")
+    case = draw(cases(dtype, k))
+    layout, kind, estimator, beta = TERM_CONFIGS[k]
+    low = dtype != "float64"
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="terms seed"))
+    n, t = case.mask.shape
+    if low and np.any(case.advantages > 0):  # one sign for every term (see LOW_PRECISION_U)
+        case = dataclasses.replace(case, advantages=-np.abs(case.advantages))
+    w = None
+    if layout is not None:
+        shape = (n, t) if layout == "token" else (n,)
+        if kind == "bool":
+            w = rng.random(shape) < 0.7
+        elif kind == "int":
+            w = rng.integers(0, 4, size=shape).astype(np.int64)
+        else:
+            scale = draw(st.sampled_from((1e-6, 1.0, 1e4)), label="weight scale")
+            w = rng.uniform(0.0, 2.0, size=shape) * scale
+            w[rng.random(shape) < 0.2] = 0.0
+            if layout == "token":
+                w = np.where(case.mask, w, rng.choice(np.array(GARBAGE), size=shape))
+    sigma = draw(st.sampled_from((1e-3, 0.1, 1.0, 5.0)), label="u scale")
+    u = rng.normal(0.0, sigma, size=(n, t))
+    if low:
+        u = -np.abs(u)
+    pool = LOW_PRECISION_U if low else EXTREME_U
+    for i, j, v in draw(
+        st.lists(
+            st.tuples(st.integers(0, n - 1), st.integers(0, t - 1), st.sampled_from(pool)),
+            max_size=2,
+        ),
+        label="extreme u (row, col, u)",
+    ):
+        u[i, j] = v
+    with np.errstate(invalid="ignore"):
+        ref = np.where(case.mask, case.logp + u, rng.choice(np.array(GARBAGE), size=(n, t)))
+    terms = Terms(w, ref, {"kl_coef": beta, "kl_estimator": estimator})
+    return case, terms
+
+
+def _fuzz_terms(backend, case: Case, terms: Terms, dtype: str) -> None:
+    note(
+        f"options={case.options} terms={terms.kl}\nlogp={case.logp.tolist()}\n"
+        f"old_logp={case.old_logp.tolist()}\nadvantages={case.advantages.tolist()}\n"
+        f"mask={case.mask.astype(int).tolist()}\nweights="
+        f"{None if terms.weights is None else terms.weights.tolist()}\n"
+        f"ref_logp={terms.ref_logp.tolist()}"
+    )
+    m = materialize(case, dtype)
+    if isinstance(m, str):
+        reject()  # the base case's own errors and ranges: test_adapter_matches_reference...
+    rounded = terms.rounded(dtype)
+    valid = m.mask.astype(bool)
+    lp = np.where(valid, m.logp.astype(np.float64), 0.0)
+    if np.any(valid & np.isinf(lp) & (lp == np.where(valid, rounded.ref_logp, 0.0))):
+        reject()  # inf - inf: an error case (test_errors, test_traced)
+    if np.any(valid & np.isfinite(terms.ref_logp) & ~np.isfinite(rounded.ref_logp)):
+        reject()  # ref_logp out of the dtype's range
+    try:
+        with np.errstate(all="ignore"):
+            res = sapo_ref.policy_loss(
+                m.logp, m.old_logp, m.advantages, m.mask, **case.options, **rounded.numpy_options()
+            )
+    except ValueError:
+        reject()
+    top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+    outs = np.concatenate([[res.loss], np.asarray(res.grad).ravel()])
+    if np.any(np.isfinite(outs) & (np.abs(outs) > top)):
+        reject()  # the reference's outputs exceed the dtype
+    want = dict(res.metrics)
+    if dtype != "float64" and _ratio_overflows(m):
+        want = {k: v for k, v in want.items() if k not in OVERFLOW_METRICS}
+    m = dataclasses.replace(
+        m, want_loss=float(res.loss), want_grad=np.asarray(res.grad), want_metrics=want
+    )
+    cotangent = COTANGENTS[zlib.crc32(case.id.encode()) % len(COTANGENTS)]
+    options = {**case.options, **rounded.options(backend, dtype)}
+    backend.assert_matches(m, backend.run(m, options=options, cotangent=cotangent))
+
+
+@pytest.mark.clause("C.1", "10.1", "10.2", "10.5", "6.1")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_matches_reference_with_terms_on_random_extreme_inputs(backend, dtype):
+    backend.require_dtype(dtype)
+
+    @settings(
+        max_examples=TERM_EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    @given(drawn=term_cases(dtype))
+    def fuzz(drawn):
+        _fuzz_terms(backend, *drawn, dtype)
+
+    fuzz()
