@@ -233,45 +233,9 @@ def test_off_policy_mask_matches_trl(tiny, tmp_path):
 
 
 def test_moe_aux_loss_matches_trl(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    tok = trl_tiny.build_tokenizer()
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        router_aux_loss_coef=0.1,
-    )
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-    tok.save_pretrained(tmp_path / "moe")
-
-    def history(cls):
-        model = MixtralForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
-        trainer = _trainer(
-            cls,
-            tmp_path / "moe",
-            tmp_path / cls.__name__,
-            model=model,
-            loss_type="grpo",
-            gradient_accumulation_steps=2,
-        )
-        assert trainer.aux_loss_enabled
-        trainer.train()
-        return trainer.state.log_history
-
-    ours, theirs = history(SapoGRPOTrainer), history(GRPOTrainer)
-    _compare("moe-aux-loss", ours, theirs)
-    assert any("aux_loss" in e for e in theirs)
+    moe = trl_tiny.save_tiny(tmp_path / "moe", moe=True)
+    ours = _run_both(moe, tmp_path, "moe-aux-loss", loss_type="grpo", gradient_accumulation_steps=2)
+    assert any("aux_loss" in e for e in ours)
 
 
 # -- options that need vLLM or tool calls: the loss method itself, on built inputs -----------

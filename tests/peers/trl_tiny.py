@@ -2,8 +2,9 @@
 
 Everything is built here (nothing from a model hub): a character-level tokenizer over a
 12-symbol vocabulary (so that the end-of-sequence token is sampled often and completions have
-varied lengths), a 1-layer Llama with hidden size 16, a dataset of short letter prompts and a
-deterministic reward that prefers completions with many ``a`` and few other letters.
+varied lengths), a 1-layer Llama with hidden size 16 (or a 2-expert Mixtral of that size), a
+dataset of short letter prompts and a deterministic reward that prefers completions with many
+``a`` and few other letters.
 
 The model and tokenizer are saved to a directory once (:func:`save_tiny`): the trainers load
 their policy from there, and TRL builds its reference model (``beta > 0``) from the same path.
@@ -12,11 +13,19 @@ their policy from there, and TRL builds its reference model (``beta > 0``) from 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 __all__ = [
     "LETTERS",
@@ -47,13 +56,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """A 1-layer Llama, hidden 16, 2 heads, float32, seeded."""
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = False) -> Any:
+    """A 1-layer Llama, hidden 16, 2 heads, float32, seeded; with ``moe`` a Mixtral of the same
+    size with 2 experts (1 per token) and ``router_aux_loss_coef=0.1``, so that TRL adds its
+    load-balancing loss."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    size = dict(
         vocab_size=len(tokenizer),
         hidden_size=16,
-        intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
@@ -63,23 +73,27 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCa
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    if moe:
+        experts = dict(num_local_experts=2, num_experts_per_tok=1, router_aux_loss_coef=0.1)
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=16, **experts, **size))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=32, **size))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def save_tiny(directory: Path, seed: int = 0) -> Path:
+def save_tiny(directory: Path, seed: int = 0, moe: bool = False) -> Path:
     """Build and save the tokenizer and model into ``directory``; returns it."""
     tokenizer = build_tokenizer()
-    build_model(tokenizer, seed).save_pretrained(directory)
+    build_model(tokenizer, seed, moe).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def load_model(directory: Path) -> LlamaForCausalLM:
+def load_model(directory: Path) -> Any:
     """A fresh copy of the saved model (identical initial weights for every trainer)."""
-    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
 
 def prompts(n: int = 8) -> Dataset:
