@@ -172,3 +172,96 @@ def test_inputs_are_not_modified() -> None:
                     b[k].nan_to_num(0.0, 1.0, -1.0), copy.nan_to_num(0.0, 1.0, -1.0)
                 ), k
                 assert b[k]._version == version, k
+
+
+# ----------------------------------------------------------------------------- clause 10 terms
+def terms(b: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """[N, T] weights and ref_logp beside batch ``b`` (finite, also where masked)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = b["logp"].shape
+    w = torch.rand(shape, generator=g, dtype=torch.float64) * 2.0
+    ref = torch.where(b["mask"], b["logp"], 0.0) + 0.3 * torch.randn(
+        shape, generator=g, dtype=torch.float64
+    )
+    return {"weights": w, "ref_logp": ref}
+
+
+#: Which inputs require a gradient -> the [N, T] buffers saved for backward (clause 10.3).
+NEEDS = {
+    ("logp",): 1,
+    ("logp", "ref_logp"): 2,
+    ("logp", "old_logp"): 2,
+    ("logp", "old_logp", "ref_logp"): 3,
+    ("ref_logp",): 1,
+}
+
+
+@pytest.mark.clause("10.3")
+@pytest.mark.parametrize("method", ("sapo", "gspo", "gspo-token"))
+@pytest.mark.parametrize("needs", list(NEEDS), ids=["+".join(n) for n in NEEDS])
+def test_saves_only_the_buffers_the_requested_gradients_need(method: str, needs: tuple) -> None:
+    """With a KL term: logp's gradient alone keeps one buffer (the usual training call); each
+    other requested gradient one more (old_logp: the policy part; none for gspo-token, whose
+    zero gradient needs only a shape); every gradient is the reference's."""
+    b = batch(4, n=5, t=7)
+    t = terms(b)
+    x = {**b, **t}
+    x = {k: v.clone().requires_grad_(k in needs) for k, v in x.items()}
+    saved: list[Any] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        loss, _ = sapo_torch.policy_loss(
+            x["logp"],
+            x["old_logp"],
+            x["advantages"],
+            x["mask"],
+            method=method,
+            weights=x["weights"],
+            ref_logp=x["ref_logp"],
+            kl_coef=0.4,
+            metrics=True,
+        )
+    # gspo-token: old_logp's zero gradient has no buffer of its own
+    want = NEEDS[needs] - (method == "gspo-token" and "old_logp" in needs)
+    assert len(saved) == want, [tuple(s.shape) for s in saved]
+    assert all(tuple(s.shape) == tuple(b["logp"].shape) for s in saved)
+    loss.backward()
+    opts = {"method": method, "kl_coef": 0.4}
+    full = reference(b, **opts, weights=t["weights"].numpy(), ref_logp=t["ref_logp"].numpy())
+    policy = reference(b, method=method, weights=t["weights"].numpy())
+    if "logp" in needs:
+        check("d/d logp", x["logp"].grad, full.grad, "float64", "grad")
+    if "old_logp" in needs:
+        want_old = 0.0 * policy.grad if method == "gspo-token" else -policy.grad
+        check("d/d old_logp", x["old_logp"].grad, want_old, "float64", "grad")
+    if "ref_logp" in needs:
+        check("d/d ref_logp", x["ref_logp"].grad, policy.grad - full.grad, "float64", "grad")
+    assert x["weights"].grad is None and x["advantages"].grad is None
+
+
+@pytest.mark.clause("10.3")
+@pytest.mark.parametrize("method", ("sapo", "grpo"))
+def test_torch_func_grad_and_vmap_with_terms(method: str) -> None:
+    """torch.func.grad over (logp, ref_logp) and vmap over a batch of logp, with the terms."""
+    b = batch(6)
+    t = terms(b, seed=1)
+    opts = {"method": method, "kl_coef": 0.25, "kl_estimator": "k2"}
+
+    def fn(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        args = (b["old_logp"], b["advantages"], b["mask"])
+        return sapo_torch.policy_loss(lp, *args, **opts, weights=t["weights"], ref_logp=ref)[0]
+
+    g_lp, g_ref = torch.func.grad(fn, argnums=(0, 1))(b["logp"], t["ref_logp"])
+    full = reference(b, **opts, weights=t["weights"].numpy(), ref_logp=t["ref_logp"].numpy())
+    policy = reference(b, method=method, weights=t["weights"].numpy())
+    check("func.grad logp", g_lp, full.grad, "float64", "grad")
+    check("func.grad ref_logp", g_ref, policy.grad - full.grad, "float64", "grad")
+    logps = torch.stack([b["logp"], b["logp"] - 0.2])
+    grads = torch.func.vmap(torch.func.grad(fn), in_dims=(0, None))(logps, t["ref_logp"])
+    for i in range(2):
+        want = reference(
+            {**b, "logp": logps[i]},
+            **opts,
+            weights=t["weights"].numpy(),
+            ref_logp=t["ref_logp"].numpy(),
+        ).grad
+        check(f"vmap sample {i}", grads[i], want, "float64", "grad")

@@ -234,3 +234,73 @@ def test_compiled_metrics_match_eager() -> None:
             continue
         _close(got[key], np.asarray(ref.metrics[key]), "float32", "value")
         _close(value, np.asarray(ref.metrics[key]), "float32", "value")
+
+
+#: (dtype, options, per_token, weights layout): the fused pass (token SAPO) and the generic one.
+TERM_CASES = [
+    ("float32", {"kl_estimator": "low-var-k3"}, False, "token"),
+    ("bfloat16", {"method": "gspo", "loss_agg": "token-mean", "kl_estimator": "k1"}, True, "row"),
+]
+
+
+@pytest.mark.clause("10.1", "10.2", "10.3", "7.1")
+@pytest.mark.parametrize("dtype,opts,per_token,layout", TERM_CASES)
+def test_compiled_with_terms_matches_eager_and_reference(
+    dtype: str, opts: dict, per_token: bool, layout: str
+) -> None:
+    """fullgraph=True with weights and a KL term (ref_logp traced, differentiated too): the
+    loss, both gradients and the metrics are eager's and the reference's; garbage where masked."""
+    torch._dynamo.reset()
+    dt = getattr(torch, dtype)
+    logp, old, adv, mask = _batch(dt, per_token)
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(logp.shape if layout == "token" else logp.shape[:1], generator=g) * 2.0
+    if layout == "token":
+        w = torch.where(mask, w, -torch.inf)  # garbage where masked
+    ref = torch.where(mask, old + 0.4 * torch.randn(logp.shape, generator=g), torch.nan).to(dt)
+    kw = {**opts, "kl_coef": 0.3}
+
+    def step(lp: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return sapo_torch.policy_loss(lp, old, adv, mask, weights=w, ref_logp=r, **kw, metrics=True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    runs = []
+    for fn in (compiled, step):
+        lp, r = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+        loss, metrics = fn(lp, r)
+        loss.backward()
+        runs.append((loss, lp.grad, r.grad, metrics))
+    (loss_c, g_c, r_c, m_c), (loss_e, g_e, r_e, m_e) = runs
+    _close(loss_c, loss_e.detach().double().numpy(), dtype, "value")
+    _close(g_c, g_e.double().numpy(), dtype, "grad")
+    _close(r_c, r_e.double().numpy(), dtype, "grad")
+    assert list(m_c) == list(m_e)
+    for key in m_c:
+        _close(m_c[key], m_e[key].double().numpy(), dtype, "value")
+    arrays = [x.double().numpy() for x in (logp, old, adv)]
+    want = sapo_ref.policy_loss(
+        *arrays, mask.numpy(), **kw, weights=w.double().numpy(), ref_logp=ref.double().numpy()
+    )
+    _close(loss_c, np.asarray(want.loss), dtype, "value")
+    _close(g_c, want.grad, dtype, "grad")
+    for key, value in want.metrics.items():
+        _close(m_c[key], np.asarray(value), dtype, "value")
+
+
+@pytest.mark.clause("8.7", "10.4")
+def test_invalid_weights_poison_loss_and_gradient_when_compiled() -> None:
+    """A negative weight leaves the fused loss finite: the checks run before the pass."""
+    x = _valid()
+    w = torch.ones(3, 5)
+    w[1, 1] = -1.0
+
+    def step(logp, old_logp, advantages, mask, weights):
+        return sapo_torch.policy_loss(logp, old_logp, advantages, mask, weights=weights)[0]
+
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        step(**x, weights=w)
+    torch._dynamo.reset()
+    lp = x["logp"].clone().requires_grad_(True)
+    loss = torch.compile(step, fullgraph=True)(lp, x["old_logp"], x["advantages"], x["mask"], w)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(lp.grad).all(), (loss, lp.grad)

@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from sapo_conformance.compare import compare  # noqa: E402 (after the torch skip)
 from sapo_torch._kernels import expm1, sapo_token_pass  # noqa: E402 (after the torch skip)
 
 import sapo_ref  # noqa: E402 (after the torch skip)
@@ -259,3 +260,86 @@ def test_ratio_extremes_when_every_valid_log_ratio_has_one_sign(sign: float) -> 
     ref = sapo_ref.policy_loss(lp.numpy(), old.numpy(), adv.numpy(), mask.numpy())
     for key in ("ratio/min", "ratio/max", "ratio/mean", "kl/k1", "kl/k3"):
         assert float(got[key]) == pytest.approx(ref.metrics[key], rel=1e-14), key
+
+
+# ----------------------------------------------------------------------------- clause 10 terms
+#: log pi_ref - log pi_theta at valid tokens: tiny (k3's series), moderate, past low-var-k3's
+#: clip (k3 > 10 from u = 2.6), past exp's overflow in float32 and float64, and infinite.
+KL_US = (0.0, 1e-12, -1e-6, 0.3, -0.5, 2.5, 2.7, -12.0, 60.0, 88.8, 100.0, 709.0, 710.0, -math.inf)
+
+
+def _term_batch(dtype: torch.dtype, layout: str, per_token: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    n, t = 4, len(KL_US)
+    lp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 2.0 - 0.1
+    old = lp + 0.2 * torch.randn(n, t, generator=g, dtype=torch.float64)
+    u = torch.tensor(KL_US, dtype=torch.float64).expand(n, t)
+    mask = torch.rand(n, t, generator=g) < 0.8
+    mask[:, 0] = True
+    mask[3] = False
+    w = torch.rand((n, t) if layout == "token" else (n,), generator=g, dtype=torch.float64) * 3
+    adv = torch.randn((n, t) if per_token else (n,), generator=g, dtype=torch.float64)
+    out = {"logp": lp, "old_logp": old, "adv": adv, "weights": w, "ref_logp": lp + u}
+    out = {k: v.to(dtype) for k, v in out.items()}
+    out["mask"] = mask
+    return out
+
+
+@pytest.mark.clause("10.1", "10.2", "10.3", "10.5")
+@pytest.mark.parametrize("estimator", sapo_ref.KL_ESTIMATOR_NAMES)
+@pytest.mark.parametrize("layout,per_token", [("token", False), ("row", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_terms_match_the_reference_formula_on_the_same_tensors(
+    dtype: torch.dtype, layout: str, per_token: bool, estimator: str
+) -> None:
+    """The fused pass with weights folded into its coefficient and the KL part from
+    sapo_ref.kl_penalty against sapo_ref.evaluate itself on the same tensors (k3's series, the
+    low-var clip, +inf past exp's overflow): loss, both gradient parts and the two metrics."""
+    from sapo_torch._kernels import forward_pass
+
+    from sapo_ref.evaluate import evaluate
+    from sapo_ref.metrics import compute_metrics
+
+    b = _term_batch(dtype, layout, per_token)
+    config = sapo_ref.resolve_config(
+        "sapo", "seq-mean-token-mean", kl_coef=0.7, kl_estimator=estimator, has_ref_logp=True
+    )
+    norm = sapo_ref.normalizer(b["mask"])
+    norm = Normalizer(float(norm.num_tokens), float(norm.num_rows))
+    args = (b["logp"], b["old_logp"], b["adv"], b["mask"], config, norm)
+    got = forward_pass(*args, dtype, True, b["weights"], b["ref_logp"])
+    with np.errstate(all="ignore"):
+        ev = evaluate(*args, weights=b["weights"], ref_logp=b["ref_logp"])
+        want_metrics = compute_metrics(ev, config)
+        policy = evaluate(*args, weights=b["weights"]).grad  # G - K is NaN where K is inf
+    tol = spec.TOLERANCES["float64" if dtype == torch.float64 else "float32"]
+    pairs = [
+        ("loss", got.loss, ev.loss, "value"),
+        ("grad", got.grad, ev.grad, "grad"),
+        ("kl part", got.kl_grad, ev.kl_grad, "grad"),
+        ("policy part", got.policy_grad, policy, "grad"),
+        ("kl_ref/mean", got.metrics["kl_ref/mean"], want_metrics["kl_ref/mean"], "value"),
+        ("weights/mean", got.metrics["weights/mean"], want_metrics["weights/mean"], "value"),
+    ]
+    for name, g, w, kind in pairs:
+        c = compare(name, g.double().numpy(), w.double().numpy(), tol[kind])
+        assert c.ok, c.message
+    assert list(got.metrics) == list(want_metrics)
+    assert bool(torch.isfinite(got.policy_grad).all())
+
+
+@pytest.mark.clause("10.2")
+def test_kl_coef_zero_adds_exactly_nothing_beside_infinite_estimators() -> None:
+    """beta = 0: not 0 * inf (u = 710 makes k3 +inf): the loss and gradient of no KL term."""
+    import sapo_torch
+
+    b = _term_batch(torch.float64, "token", False)
+    base = sapo_torch.policy_loss(b["logp"], b["old_logp"], b["adv"], b["mask"])[0]
+    lp = b["logp"].clone().requires_grad_()
+    ref = b["ref_logp"].clone().requires_grad_()
+    loss, m = sapo_torch.policy_loss(
+        lp, b["old_logp"], b["adv"], b["mask"], ref_logp=ref, kl_coef=0.0, metrics=True
+    )
+    loss.backward()
+    assert loss.item() == base.item() and torch.all(ref.grad == 0)
+    assert float(m["kl_ref/mean"]) == math.inf  # the metric is the estimator's, before beta
