@@ -247,3 +247,78 @@ def test_copies_out_of_the_trace_are_bit_exact():
         assert a.dtype == b.dtype and a.shape == b.shape
         bits = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[a.dtype.size]
         assert np.array_equal(np.array(a.view(bits)), np.array(b.view(bits)))
+
+
+# ----------------------------------------------------------------------------- clause 10 terms
+def make_terms(case, seed: int, layout: str = "token"):
+    """float64 weights (a zero among them, garbage where masked) and ref_logp beside ``case``."""
+    lp, _, _, mask = case
+    rng = np.random.default_rng(seed)
+    n, t = mask.shape
+    w = rng.uniform(0.0, 2.0, (n, t) if layout == "token" else n)
+    w.flat[1] = 0.0
+    if layout == "token":
+        w = np.where(mask, w, rng.choice([np.nan, -1.0, np.inf], size=(n, t)))
+    ref = np.where(mask, np.where(mask, lp, 0.0) + rng.normal(0.0, 0.4, (n, t)), np.nan)
+    return w, ref
+
+
+@pytest.mark.clause("10.1", "10.2", "10.3")
+@pytest.mark.parametrize("estimator", sapo_ref.KL_ESTIMATOR_NAMES)
+@pytest.mark.parametrize("method", ["sapo", "gspo"])
+def test_terms_under_compile_vmap_and_grad(method, estimator):
+    """mx.compile(mx.value_and_grad) over (logp, ref_logp) and mx.vmap over problems with
+    their own weights and ref_logp: the reference's loss and gradients (ref_logp: minus the KL
+    part); the weights are constants."""
+    opts = {"method": method, "kl_coef": 0.4, "kl_estimator": estimator}
+    cases = [make_case(s) for s in (21, 22)]
+    terms = [make_terms(c, 30 + i, ("token", "row")[i]) for i, c in enumerate(cases)]
+    for case, (w, ref) in zip(cases, terms):
+        want = sapo_ref.policy_loss(*case, **opts, weights=w, ref_logp=ref)
+        policy = sapo_ref.policy_loss(*case, method=method, weights=w)
+        _, old, adv, mask = _mx(case)
+
+        def f(x, r, v):
+            return sapo_mlx.policy_loss(x, old, adv, mask, **opts, weights=v, ref_logp=r)[0]
+
+        args = [sapo_mlx.to_mx(a) for a in (case[0], ref, w)]
+        for step in (mx.value_and_grad(f, (0, 1, 2)), mx.compile(mx.value_and_grad(f, (0, 1, 2)))):
+            loss, (g, g_ref, g_w) = step(*args)
+            assert_close(loss.item(), want.loss, F64["value"], "loss")
+            assert_close(np.array(g), want.grad, F64["grad"], "grad")
+            assert_close(np.array(g_ref), policy.grad - want.grad, F64["grad"], "ref_logp grad")
+            assert not np.any(np.array(g_w)), "weights must get a zero gradient"
+    # vmap: each problem its own [N, T] ref_logp and [N] weights
+    cases = [make_case(s, per_token=False) for s in (23, 24, 25)]
+    terms = [make_terms(c, 40 + i, "row") for i, c in enumerate(cases)]
+    stacked = [mx.stack([_mx(c)[k] for c in cases]) for k in range(4)]
+    stacked += [mx.stack([sapo_mlx.to_mx(t[k]) for t in terms]) for k in range(2)]
+
+    def g(lp, old, adv, mask, w, ref):
+        return sapo_mlx.policy_loss(lp, old, adv, mask, **opts, weights=w, ref_logp=ref)[0]
+
+    v, grads = mx.vmap(mx.value_and_grad(g, (0, 5)))(*stacked)
+    for b, (case, (w, ref)) in enumerate(zip(cases, terms)):
+        want = sapo_ref.policy_loss(*case, **opts, weights=w, ref_logp=ref)
+        policy = sapo_ref.policy_loss(*case, method=method, weights=w)
+        assert_close(v[b].item(), want.loss, F64["value"], f"vmap loss {b}")
+        assert_close(np.array(grads[0][b]), want.grad, F64["grad"], f"vmap grad {b}")
+        assert_close(np.array(grads[1][b]), policy.grad - want.grad, F64["grad"], f"ref {b}")
+
+
+@pytest.mark.clause("8.7", "10.4")
+def test_compiled_invalid_terms_poison():
+    case = make_case(26)
+    w, ref = make_terms(case, 50)
+    i, t = np.argwhere(case[3])[0]
+    w[i, t] = -1.0
+    _, old, adv, mask = _mx(case)
+
+    def f(x, v, r):
+        return sapo_mlx.policy_loss(x, old, adv, mask, weights=v, ref_logp=r, kl_coef=0.1)[0]
+
+    args = [sapo_mlx.to_mx(a) for a in (case[0], w, ref)]
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        f(*args)
+    loss, g = mx.compile(mx.value_and_grad(f))(*args)
+    assert np.isnan(loss.item()) and np.all(np.isnan(np.array(g)))
