@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ trl = pytest.importorskip("trl")
 import sapo_torch  # noqa: E402
 from sapo_torch.integrations import trl as integration  # noqa: E402
 from sapo_torch.integrations.trl import SapoGRPOTrainer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
 
 import sapo_ref  # noqa: E402
 from peers import trl_tiny  # noqa: E402
@@ -68,44 +70,6 @@ def _write_diffs():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return trl_tiny.save_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def _config(tmp_path: Path, **options: Any) -> GRPOConfig:
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=0.5,
-        optim="sgd",
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=1,
-        bf16=False,
-        disable_tqdm=True,
-    )
-    base.update(options)
-    return GRPOConfig(**base)
-
-
-def _trainer(cls: type, tiny: Path, tmp_path: Path, model: Any = None, **options: Any) -> Any:
-    return cls(
-        model=trl_tiny.load_model(tiny) if model is None else model,
-        reward_funcs=trl_tiny.reward,
-        args=_config(tmp_path, **options),
-        train_dataset=trl_tiny.prompts(),
-        eval_dataset=trl_tiny.prompts(4) if options.get("eval_strategy") else None,
-        processing_class=trl_tiny.build_tokenizer(),
-    )
-
-
-def _history(cls: type, tiny: Path, tmp_path: Path, **options: Any) -> list[dict[str, Any]]:
-    trainer = _trainer(cls, tiny, tmp_path / cls.__name__, **options)
-    trainer.train()
-    return trainer.state.log_history
 
 
 def _close(got: Any, want: Any) -> float | None:
@@ -141,8 +105,8 @@ def _compare(name: str, ours: list[dict], theirs: list[dict]) -> dict[str, float
 
 
 def _run_both(tiny: Path, tmp_path: Path, name: str, **options: Any) -> list[dict]:
-    theirs = _history(GRPOTrainer, tiny, tmp_path, **options)
-    ours = _history(SapoGRPOTrainer, tiny, tmp_path, **options)
+    theirs = trl_tiny.history(GRPOTrainer, tiny, tmp_path, **options)
+    ours = trl_tiny.history(SapoGRPOTrainer, tiny, tmp_path, **options)
     _compare(name, ours, theirs)
     assert any("loss" in e for e in theirs) and any("grad_norm" in e for e in theirs)
     return ours
@@ -188,7 +152,7 @@ def test_steps_match_trl(tiny, tmp_path, loss_type, level, variant):
     )
     logged = {k for e in ours for k in e}
     method = integration.canonical_options(
-        _config(tmp_path, loss_type=loss_type, importance_sampling_level=level)
+        trl_tiny.config(tmp_path, loss_type=loss_type, importance_sampling_level=level)
     ).method
     for key in sapo_ref.metric_keys(method):
         assert "sapo/" + key in logged, key
@@ -236,6 +200,58 @@ def test_moe_aux_loss_matches_trl(tmp_path):
     moe = trl_tiny.save_tiny(tmp_path / "moe", moe=True)
     ours = _run_both(moe, tmp_path, "moe-aux-loss", loss_type="grpo", gradient_accumulation_steps=2)
     assert any("aux_loss" in e for e in ours)
+
+
+# -- two processes (gloo on CPU): dapo's process factor, the cross-process masks and metrics ----
+
+DISTRIBUTED = {
+    "dapo-entropy-kl": dict(
+        loss_type="dapo",
+        top_entropy_quantile=0.5,  # TRL's quantile is over the tokens of every process
+        beta=0.04,
+        use_bias_correction_kl=False,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+    ),
+    "sapo-seq-off-policy-entropy-bonus": dict(
+        loss_type="sapo",
+        importance_sampling_level="sequence",
+        off_policy_mask_threshold=0.01,
+        entropy_coef=0.01,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTED))
+def test_two_processes_match_trl(tiny, tmp_path, name):
+    out = tmp_path / "histories.json"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "peers.trl_tiny",
+        str(tiny),
+        str(out),
+        json.dumps(DISTRIBUTED[name]),
+    ]
+    tests = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    _compare(f"2-processes/{name}", runs["ours"], runs["trl"])
+    # Our metrics reduced over both processes agree with TRL's own cross-process reductions.
+    for step in runs["ours"]:
+        if "sapo/rows" in step:
+            assert step["sapo/rows"] == 8.0  # 4 rows on each process, none empty
+        if "kl" in step:
+            assert step["sapo/kl_ref/mean"] == pytest.approx(step["kl"], rel=TOL)
 
 
 # -- options that need vLLM or tool calls: the loss method itself, on built inputs -----------
@@ -301,8 +317,8 @@ def test_vllm_correction_and_tool_mask_match_trl(tiny, tmp_path, loss_type, leve
         steps_per_generation=2,
         gradient_accumulation_steps=2,
     )
-    theirs = _trainer(GRPOTrainer, tiny, tmp_path / "trl", **options)
-    ours = _trainer(SapoGRPOTrainer, tiny, tmp_path / "ours", **options)
+    theirs = trl_tiny.trainer(GRPOTrainer, tiny, tmp_path / "trl", **options)
+    ours = trl_tiny.trainer(SapoGRPOTrainer, tiny, tmp_path / "ours", **options)
     inputs = _inputs(theirs, level)
     want, want_grads = _loss_and_grads(theirs, inputs, mode)
     got, got_grads = _loss_and_grads(ours, inputs, mode)
@@ -339,15 +355,15 @@ def test_vllm_correction_and_tool_mask_match_trl(tiny, tmp_path, loss_type, leve
 def test_unsupported_options_raise_at_construction(tiny, tmp_path, options, match):
     # The options are checked before the model is touched: a stand-in model is never used.
     with pytest.raises(ValueError, match=match):
-        _trainer(SapoGRPOTrainer, tiny, tmp_path / "ours", model=object(), **options)
+        trl_tiny.trainer(SapoGRPOTrainer, tiny, tmp_path / "ours", model=object(), **options)
     if options.get("importance_sampling_level") != "sequence_token":
         # TRL itself accepts these options (and computes a loss we cannot): the error is ours.
-        _trainer(GRPOTrainer, tiny, tmp_path / "trl", **options)
+        trl_tiny.trainer(GRPOTrainer, tiny, tmp_path / "trl", **options)
 
 
 def test_bias_correction_is_irrelevant_without_kl(tmp_path):
     # use_bias_correction_kl (TRL's default True) changes nothing when beta = 0: accepted.
-    opts = integration.canonical_options(_config(tmp_path, loss_type="grpo", beta=0.0))
+    opts = integration.canonical_options(trl_tiny.config(tmp_path, loss_type="grpo", beta=0.0))
     assert (opts.method, opts.loss_agg) == ("grpo", "seq-mean-token-mean")
 
 
@@ -355,7 +371,7 @@ def test_metrics_can_be_switched_off(tiny, tmp_path):
     trainer = SapoGRPOTrainer(
         model=trl_tiny.load_model(tiny),
         reward_funcs=trl_tiny.reward,
-        args=_config(tmp_path, loss_type="sapo", max_steps=1),
+        args=trl_tiny.config(tmp_path, loss_type="sapo", max_steps=1),
         train_dataset=trl_tiny.prompts(),
         processing_class=trl_tiny.build_tokenizer(),
         sapo_metrics=False,
@@ -365,7 +381,7 @@ def test_metrics_can_be_switched_off(tiny, tmp_path):
     assert "loss" in logged and "entropy" in logged
     assert not [k for k in logged if k.startswith("sapo/")]
     with pytest.raises(TypeError, match="sapo_metrics must be a bool"):
-        SapoGRPOTrainer(model=object(), args=_config(tmp_path), sapo_metrics="yes")
+        SapoGRPOTrainer(model=object(), args=trl_tiny.config(tmp_path), sapo_metrics="yes")
 
 
 def test_version_check(monkeypatch):

@@ -12,6 +12,9 @@ their policy from there, and TRL builds its reference model (``beta > 0``) from 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from transformers import (
     MixtralForCausalLM,
     PreTrainedTokenizerFast,
 )
+from trl import GRPOConfig
 
 __all__ = [
     "LETTERS",
@@ -111,3 +115,66 @@ def reward(completions: list[str], **kwargs: object) -> list[float]:
             letters.count("a") - 0.25 * (len(letters) - letters.count("a")) + 0.5 * (len(text) < 6)
         )
     return out
+
+
+def config(output_dir: Path, **options: Any) -> GRPOConfig:
+    """The runs' GRPOConfig: 4 prompts x 4 generations of up to 8 tokens per micro-batch, 3
+    optimizer steps of SGD (lr 0.5: the ratios move within a step), logs at every step, CPU,
+    float32, seed 1; ``options`` override."""
+    base: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=1,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    base.update(options)
+    return GRPOConfig(**base)
+
+
+def trainer(cls: type, directory: Path, output_dir: Path, model: Any = None, **options: Any) -> Any:
+    """``cls`` (GRPOTrainer or a subclass) on the saved tiny model in ``directory``."""
+    return cls(
+        model=load_model(directory) if model is None else model,
+        reward_funcs=reward,
+        args=config(output_dir, **options),
+        train_dataset=prompts(),
+        eval_dataset=prompts(4) if options.get("eval_strategy") else None,
+        processing_class=build_tokenizer(),
+    )
+
+
+def history(cls: type, directory: Path, output_dir: Path, **options: Any) -> list[dict[str, Any]]:
+    """Train ``cls`` and return its log history (one dict per logged step)."""
+    run = trainer(cls, directory, output_dir / cls.__name__, **options)
+    run.train()
+    return run.state.log_history
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m peers.trl_tiny DIRECTORY OUT.json OPTIONS_JSON`` (under torch.distributed.run):
+    TRL's GRPOTrainer, then SapoGRPOTrainer, on the tiny model saved in DIRECTORY; rank 0
+    writes both log histories to OUT.json as {"trl": [...], "ours": [...]}."""
+    from sapo_torch.integrations.trl import SapoGRPOTrainer
+    from trl import GRPOTrainer
+
+    directory, out, options = argv if argv is not None else sys.argv[1:]
+    histories = {
+        name: history(cls, Path(directory), Path(out).parent / name, **json.loads(options))
+        for name, cls in (("trl", GRPOTrainer), ("ours", SapoGRPOTrainer))
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(histories))
+
+
+if __name__ == "__main__":
+    main()
