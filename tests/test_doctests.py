@@ -30,7 +30,10 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 #: Optional dependencies a single module may need (e.g. plotting); the module is skipped
 #: when its import fails on one of these, with the reason shown.
 # The trainer integrations' frameworks are installed only in the peers venv (tools/setup_peers.sh).
-OPTIONAL = ("matplotlib", "mpmath", "rich", "torch", "jax", "mlx", "trl", "verl")
+OPTIONAL = (
+    *("matplotlib", "mpmath", "rich", "torch", "jax", "mlx"),
+    *("trl", "verl", "areal", "trinity", "liger_kernel", "swift"),
+)
 
 #: Functions that must carry an example, whatever else changes.
 REQUIRED_EXAMPLES = (
@@ -54,7 +57,6 @@ KNOWN_GAPS = frozenset(
         "sapo_ref.metric_keys",
         "sapo_ref.spec.clause",
         "sapo_ref.spec.vectors_dir",
-        "sapo_ref.spec.method_metrics",
     }
 )
 
