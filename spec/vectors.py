@@ -9,9 +9,14 @@ byte). Format (:data:`VECTOR_SCHEMA`, strict JSON; a non-finite float is the str
 
     {"schema": "sapo-ref-vectors/1", "spec_version": "0.1.0", "generator": ..., "digits": 60,
      "cases": [{"id", "kind", "clauses": [...], "description",
-                "inputs": {"logp", "old_logp", "advantages", "mask"},
+                "inputs": {"logp", "old_logp", "advantages", "mask"[, "weights", "ref_logp"]},
                 "options": {only the keywords the case sets},
-                "expected": {"loss", "grad", "metrics"}}, ...]}
+                "expected": {"loss", "grad", "metrics"[, "grad_ref_logp"]}}, ...]}
+
+Since spec 0.2.0 (clause 10) a case may carry ``weights`` ([N] or [N, T]) and ``ref_logp``
+([N, T]) among its inputs, ``kl_coef`` and ``kl_estimator`` among its options, and then
+``grad_ref_logp`` (d loss / d ref_logp) among its expected values; :meth:`Vector.kwargs` passes
+the two inputs as keywords. The files of every version stay readable: ``load_vectors("0.1.0")``.
 
 ``kind`` is ``"policy_loss"`` for the cases above; the tool cases of clause 9 use
 ``"group_advantages"`` (inputs ``rewards``; expected ``advantages``) and
@@ -48,6 +53,7 @@ from . import VERSION, vectors_dir
 __all__ = [
     "SCHEMA_ID",
     "KINDS",
+    "KEYWORD_INPUTS",
     "VECTOR_SCHEMA",
     "Vector",
     "load_vectors",
@@ -57,6 +63,8 @@ __all__ = [
 ]
 
 SCHEMA_ID = "sapo-ref-vectors/1"
+#: policy_loss inputs passed as keywords (clause 10, spec 0.2.0).
+KEYWORD_INPUTS: tuple[str, ...] = ("weights", "ref_logp")
 KINDS: tuple[str, ...] = ("policy_loss", "group_advantages", "sequence_gate_diagnostics")
 
 _FLOAT = {"oneOf": [{"type": "number"}, {"enum": ["nan", "inf", "-inf"]}]}
@@ -110,6 +118,8 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                                 "advantages": {"oneOf": [_VEC, _MAT]},
                                 "mask": _MASK,
                                 "rewards": _VEC,
+                                "weights": {"oneOf": [_VEC, _MAT]},
+                                "ref_logp": _MAT,
                             },
                         },
                         "options": {
@@ -128,8 +138,10 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                                         "dual_clip",
                                         "norm_length",
                                         "eps",
+                                        "kl_coef",
                                     )
                                 },
+                                "kl_estimator": {"enum": ["k1", "k2", "k3", "low-var-k3"]},
                                 "count_empty_rows": {"type": "boolean"},
                                 "normalizer": {
                                     "type": "object",
@@ -152,6 +164,7 @@ VECTOR_SCHEMA: Mapping[str, Any] = MappingProxyType(
                             "properties": {
                                 "loss": _FLOAT,
                                 "grad": _MAT,
+                                "grad_ref_logp": _MAT,
                                 "metrics": {"type": "object", "additionalProperties": _FLOAT},
                                 "advantages": _VEC,
                                 "var": _VEC,
@@ -212,9 +225,9 @@ class Vector:
     """One golden case.
 
     ``inputs`` maps names to float64 arrays (``mask`` bool); ``options`` holds exactly the
-    keywords the case sets; ``expected`` holds ``loss`` (float), ``grad`` ([N, T] float64) and
-    ``metrics`` (key -> float) for ``kind == "policy_loss"``, and the tool outputs ([N]
-    float64 arrays) otherwise.
+    keywords the case sets; ``expected`` holds ``loss`` (float), ``grad`` ([N, T] float64),
+    ``metrics`` (key -> float) and, with ``ref_logp``, ``grad_ref_logp`` for
+    ``kind == "policy_loss"``, and the tool outputs ([N] float64 arrays) otherwise.
     """
 
     id: str
@@ -237,6 +250,11 @@ class Vector:
         return self.expected["grad"]
 
     @property
+    def grad_ref_logp(self) -> np.ndarray | None:
+        """Expected d loss / d ref_logp (clause 10.3), None without ``ref_logp``."""
+        return self.expected.get("grad_ref_logp")
+
+    @property
     def metrics(self) -> Mapping[str, float]:
         """Expected clause 7.1 metrics (policy_loss cases)."""
         return self.expected["metrics"]
@@ -252,8 +270,12 @@ class Vector:
         return tuple(self.inputs[n] for n in names)
 
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the call, ``normalizer`` made a :class:`sapo_ref.Normalizer`."""
+        """Keyword arguments for the call: the options, ``normalizer`` made a
+        :class:`sapo_ref.Normalizer`, and the keyword inputs ``weights`` and ``ref_logp``
+        (clause 10) when the case has them."""
         out = dict(self.options)
+        if self.kind == "policy_loss":
+            out.update({k: self.inputs[k] for k in KEYWORD_INPUTS if k in self.inputs})
         if isinstance(out.get("tau"), list):  # per-row temperatures of the diagnostics
             out["tau"] = np.array(out["tau"], dtype=np.float64)
         if "normalizer" in out:

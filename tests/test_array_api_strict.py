@@ -166,3 +166,74 @@ def test_no_data_dependent_shapes_and_oldest_standard(method):
     ):
         got = sapo_ref.policy_loss(*to_strict(logp, old, adv, mask), **kw)
         assert_matches(got, want)
+
+
+def terms(seed: int, mask: np.ndarray, logp: np.ndarray, weights_kind: str):
+    """Clause 10 inputs: weights ([N] float, [N, T] float, bool or int) and ref_logp near logp,
+    one ref_logp = -inf at a valid token, garbage at invalid slots."""
+    rng = np.random.default_rng(seed)
+    n, t = mask.shape
+    weights = {
+        "row": rng.uniform(0.0, 2.0, n),
+        "token": np.where(mask, rng.uniform(0.0, 2.0, (n, t)), np.nan),
+        "bool": rng.random((n, t)) < 0.7,
+        "int": rng.integers(0, 3, (n, t)),
+    }[weights_kind]
+    ref = np.where(mask & np.isfinite(logp), logp + rng.normal(scale=0.5, size=(n, t)), np.nan)
+    ref[2, 0] = -math.inf  # u = -inf: k = inf (low-var-k3: 10)
+    return weights, ref
+
+
+@pytest.mark.clause("C.1", "10.1", "10.2", "10.3")
+@pytest.mark.parametrize("weights_kind", ["row", "token", "bool", "int"])
+@pytest.mark.parametrize("kl_estimator", list(spec.KL_ESTIMATORS))
+@pytest.mark.parametrize("method", list(spec.METHODS))
+def test_weights_and_kl_on_array_api_strict(method, kl_estimator, weights_kind):
+    """The clause 10 keywords on strict arrays: loss, gradient and metrics as NumPy's."""
+    seed = list(spec.METHODS).index(method) * 10 + list(spec.KL_ESTIMATORS).index(kl_estimator)
+    logp, old, adv, mask = batch(seed, per_token=seed % 2 == 0, extreme=False)
+    weights, ref = terms(seed, mask, logp, weights_kind)
+    agg = list(spec.LOSS_AGGS)[seed % len(spec.LOSS_AGGS)]
+    kw = {"method": method, "loss_agg": agg, "kl_coef": 0.3, "kl_estimator": kl_estimator}
+    if "norm_length" in spec.LOSS_AGGS[agg].requires:
+        kw["norm_length"] = 11.0
+    want = sapo_ref.policy_loss(logp, old, adv, mask, weights=weights, ref_logp=ref, **kw)
+    got = sapo_ref.policy_loss(
+        *to_strict(logp, old, adv, mask), weights=xps.asarray(weights),
+        ref_logp=xps.asarray(ref), **kw,
+    )  # fmt: skip
+    assert_matches(got, want)
+    assert {"kl_ref/mean", "weights/mean"} <= set(got.metrics)
+
+
+@pytest.mark.clause("10.4")
+def test_term_errors_on_array_api_strict():
+    """Clause 10.4 data checks on strict arrays name the input and the position."""
+    logp, old, adv, mask = batch(2, False, False)
+    weights = np.ones(mask.shape)
+    i, t = np.argwhere(mask)[0]
+    weights[i, t] = -1.0
+    with pytest.raises(ValueError, match="weights"):
+        sapo_ref.policy_loss(*to_strict(logp, old, adv, mask), weights=xps.asarray(weights))
+    ref = np.where(mask, logp, 0.0)
+    ref[i, t] = math.nan
+    with pytest.raises(ValueError, match="ref_logp"):
+        sapo_ref.policy_loss(
+            *to_strict(logp, old, adv, mask), ref_logp=xps.asarray(ref), kl_coef=0.1
+        )
+
+
+def test_terms_without_data_dependent_shapes():
+    """The added terms need neither boolean indexing nor data-dependent shapes either."""
+    logp, old, adv, mask = batch(13, True, True)
+    weights, ref = terms(13, mask, logp, "token")
+    kw = {"method": "gspo", "dual_clip": 3.0, "kl_coef": 0.5, "kl_estimator": "low-var-k3"}
+    want = sapo_ref.policy_loss(logp, old, adv, mask, weights=weights, ref_logp=ref, **kw)
+    with xps.ArrayAPIStrictFlags(
+        api_version="2023.12", boolean_indexing=False, data_dependent_shapes=False
+    ):
+        got = sapo_ref.policy_loss(
+            *to_strict(logp, old, adv, mask), weights=xps.asarray(weights),
+            ref_logp=xps.asarray(ref), **kw,
+        )  # fmt: skip
+        assert_matches(got, want)

@@ -7,6 +7,10 @@ ragged masks, empty rows, garbage at invalid positions, per-token advantages wit
 sign changes, random temperatures / clip widths / dual clip / count_empty_rows / normalizers,
 and, in some batches, infinite log-ratios and (token methods) exact log-ratios in the hundreds.
 Clip-method batches keep the ratios that matter 2e-3 (relative) away from the kinks.
+
+Spec 0.2.0 (clause 10): the same batches with per-token weights and the KL penalty (every
+estimator, u from 1e-10 to 800 in magnitude and -inf, beta = 0 included), d loss / d ref_logp
+as well, and ``sapo_ref.kl_penalty`` per token for |u| from 1e-300 to past overflow.
 """
 
 from __future__ import annotations
@@ -234,3 +238,177 @@ def test_sequence_gate_diagnostics_match_mpmath() -> None:
             assert c.ok, f"{c.message}; case {j}"
         # Eq. 21 holds exactly in the high-precision values.
         assert all(g <= b for g, b in zip(want["gap"], want["bound"]))
+
+
+# --------------------------------------------------------------------------- spec 0.2.0 terms
+ESTIMATORS = M.KL_ESTIMATORS
+TERM_CASES_PER_METHOD = 80
+
+
+def _with_terms(case, j: int, rng: np.random.Generator):
+    """``case`` with clause 10 inputs: weights ([N] or [N, T]; fractional with zeros, 0/1 or
+    up to 1e12; garbage at invalid slots) in 2/3 of the cases, and a KL penalty in 3/4, its
+    log-ratio u = ref_logp - logp log-uniform in magnitude from 1e-10 to 5 (where k3's naive
+    formula loses its digits and where it is large), sometimes 5..800 (low-var clip, k3
+    overflow), sometimes ref_logp = -inf; beta = 0 in some."""
+    logp, old, adv, mask, opts = case
+    opts = dict(opts)
+    n, t = logp.shape
+    valid = mask.astype(bool)
+    weights = None
+    if j % 3:
+        shape = (n, t) if rng.random() < 0.6 else (n,)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            weights = np.where(rng.random(shape) < 0.2, 0.0, rng.uniform(0.0, 3.0, shape))
+        elif kind == 1:
+            weights = (rng.random(shape) < 0.7).astype(np.float64)
+        else:
+            weights = 10.0 ** rng.uniform(-3, 12, shape)
+        if weights.ndim == 2:
+            weights = np.where(valid, weights, GARBAGE[rng.integers(0, 3, shape)])
+    ref = None
+    if j % 4:
+        mag = 10.0 ** rng.uniform(-10, np.log10(5.0), (n, t))
+        mag = np.where(rng.random((n, t)) < 0.1, rng.uniform(5.0, 800.0, (n, t)), mag)
+        u = np.where(rng.random((n, t)) < 0.5, 1.0, -1.0) * mag
+        with np.errstate(invalid="ignore"):
+            ref = np.where(np.isfinite(logp), logp + u, -1.0)
+        # u = -inf where logp is finite (both -inf is an error, clause 10.4)
+        ref = np.where(valid & np.isfinite(logp) & (rng.random((n, t)) < 0.05), -np.inf, ref)
+        ref = np.where(valid, ref, GARBAGE[rng.integers(0, 3, (n, t))])
+        opts["kl_coef"] = float(rng.choice([0.0, 1e-3, 0.05, 1.0, 30.0]))
+        opts["kl_estimator"] = ESTIMATORS[(j // 2) % len(ESTIMATORS)]
+        if opts["kl_estimator"] == "low-var-k3" and _near_kl_clip(logp, ref, valid):
+            opts["kl_estimator"] = "k3"
+    return logp, old, adv, mask, weights, ref, opts
+
+
+def _near_kl_clip(logp, ref, valid) -> bool:
+    """A k3 value within 1e-6 (relative) of low-var-k3's clip, where float64 may pick the
+    other side of the clip than the exact value."""
+    with np.errstate(all="ignore"):
+        u = ref - logp
+        k3 = np.expm1(u) - u
+    return bool((valid & (np.abs(k3 / M.LOW_VAR_CLIP - 1) < 1e-6)).any())
+
+
+def _repro_terms(case) -> str:
+    logp, old, adv, mask, weights, ref, opts = case
+    arr = lambda x: None if x is None else (
+        f"np.array({np.asarray(x).tolist()!r})".replace("nan", "np.nan").replace("inf", "np.inf")
+    )  # fmt: skip
+    return (f"sapo_ref.policy_loss({arr(logp)}, {arr(old)}, {arr(adv)}, {arr(mask)}, "
+            f"weights={arr(weights)}, ref_logp={arr(ref)}, **{opts!r})")  # fmt: skip
+
+
+def _term_cases(method: str):
+    rng = np.random.default_rng([SEED, 300, METHODS.index(method)])
+    base = _batches(method, TERM_CASES_PER_METHOD, rng)
+    return [_with_terms(c, j, rng) for j, c in enumerate(base)]
+
+
+def reference_grad_ref_logp(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    ref_logp,
+    weights=None,
+    normalizer=None,
+    count_empty_rows=None,
+    **options,
+) -> np.ndarray:
+    """The reference's d loss / d ref_logp (clause 10.3): minus ``Evaluation.kl_grad``, the KL
+    part of its gradient (``sapo_ref.evaluate``: ``policy_loss`` returns d loss / d logp only),
+    0 when beta = 0. NumPy inputs, any options ``policy_loss`` takes.
+
+    >>> g = reference_grad_ref_logp(np.zeros((1, 2)), np.zeros((1, 2)), np.ones(1),
+    ...                             np.array([[1, 0]]), ref_logp=np.ones((1, 2)), kl_coef=0.5,
+    ...                             kl_estimator="k2")
+    >>> g.tolist()   # -beta c k2'(u) = -0.5 * 1 * (-1) at the valid token
+    [[0.5, 0.0]]
+    """
+    config = sapo_ref.resolve_config(
+        count_empty_rows=count_empty_rows, has_normalizer=normalizer is not None,
+        has_ref_logp=True, **options,
+    )  # fmt: skip
+    valid = np.asarray(mask) != 0
+    norm = normalizer or sapo_ref.normalizer(valid, count_empty_rows=config.count_empty_rows)
+    f64 = lambda x: None if x is None else np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        ev = sapo_ref.evaluate(f64(logp), f64(old_logp), f64(advantages), valid, config, norm,
+                               weights=f64(weights), ref_logp=f64(ref_logp))  # fmt: skip
+    if ev.kl_grad is None:
+        return np.zeros(valid.shape)
+    return 0.0 - np.asarray(ev.kl_grad, dtype=np.float64)  # 0.0 - x: no -0.0 at invalid slots
+
+
+@pytest.mark.clause("C.1", "10.1", "10.2", "10.3", "10.5", "7.1")
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.clause(spec.METHODS[m].clause)) for m in METHODS]
+)
+def test_terms_match_mpmath_on_random_batches(method: str) -> None:
+    """Weights and the KL penalty on the random batches above (every aggregation, extremes,
+    shards): loss, both gradients and every metric within [tolerances.golden]."""
+    failures = []
+    for case in _term_cases(method):
+        logp, old, adv, mask, weights, ref, opts = case
+        with np.errstate(all="ignore"):
+            res = sapo_ref.policy_loss(logp, old, adv, mask, weights=weights, ref_logp=ref, **opts)
+        want = M.policy_loss(logp, old, adv, mask, weights=weights, ref_logp=ref,
+                             **_mp_kwargs(opts))  # fmt: skip
+        checks = [
+            compare("loss", res.loss, _f64(want.loss), TOL["value"]),
+            compare("grad", res.grad, _f64(want.grad), TOL["grad"]),
+        ] + [
+            compare(f"metrics[{k!r}]", res.metrics[k], _f64(v), TOL["value"])
+            for k, v in want.metrics.items()
+        ]
+        if ref is not None:
+            got = reference_grad_ref_logp(
+                logp, old, adv, mask, weights=weights, ref_logp=ref, **opts
+            )
+            checks.append(compare("grad_ref_logp", got, _f64(want.ref_grad), TOL["grad"]))
+        assert list(res.metrics) == list(want.metrics)
+        bad = [c.message for c in checks if not c.ok]
+        if bad:
+            failures.append("; ".join(bad) + "\n  repro: " + _repro_terms(case))
+    assert not failures, f"{len(failures)} mismatches, first:\n" + "\n".join(failures[:3])
+
+
+def test_term_batches_exercise_the_edge_cases() -> None:
+    cases = _term_cases("grpo")
+    with_ref = [c for c in cases if c[5] is not None]
+    assert any(c[4] is not None and c[4].ndim == 1 for c in cases)
+    assert any(
+        c[4] is not None and (c[4][c[3].astype(bool)] == 0).any()
+        for c in cases
+        if c[4] is not None and c[4].ndim == 2
+    )
+    assert {c[6]["kl_estimator"] for c in with_ref} == set(ESTIMATORS)
+    assert any(c[6]["kl_coef"] == 0.0 for c in with_ref)
+    with np.errstate(all="ignore"):
+        us = np.concatenate([(c[5] - c[0])[c[3].astype(bool)] for c in with_ref])
+    assert (np.abs(us) < 1e-8).any() and (us > 710).any() and np.isneginf(us).any()
+
+
+@pytest.mark.clause("10.2", "10.5")
+def test_kl_penalty_matches_mpmath_per_token() -> None:
+    """sapo_ref.kl_penalty(u, estimator) -> (k(u), dk/dlogp) against the oracle's
+    kl_estimate, u from 1e-300 to 1e4 in magnitude, both signs, 0 and +-inf."""
+    rng = np.random.default_rng([SEED, 400])
+    mag = np.concatenate([10.0 ** rng.uniform(-300, 4, 400), [0.0, np.inf, 709.0, 710.0, 800.0]])
+    u = np.concatenate([mag, -mag])
+    for est in ESTIMATORS:
+        value, dvalue = sapo_ref.kl_penalty(u, est)
+        want = [M.kl_estimate(float(x), est) for x in u]
+        for name, got, w in (
+            ("value", value, [v for v, _ in want]),
+            ("dlogp", dvalue, [d for _, d in want]),
+        ):
+            # elementwise: one scale per entry (the values span 600 orders of magnitude)
+            for x, g, wv in zip(u, np.asarray(got), w):
+                c = compare(f"{est} {name} at u={x!r}", g, _f64(wv), TOL["value"])
+                assert c.ok, c.message

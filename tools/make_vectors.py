@@ -6,9 +6,13 @@ inputs are rounded to a few decimals so that the files stay small and readable; 
 values are the 60-digit results correctly rounded to float64 and written with ``repr``
 (shortest round-trip), non-finite floats as "nan"/"inf"/"-inf".
 
+Spec 0.2.0 keeps every 0.1.0 group as it was (only the header's version changes) and adds the
+``terms`` group (clause 10: per-token weights, the KL penalty).
+
 Clip-method cases keep every ratio that matters (the token ratio for grpo, the sequence ratio
 for gspo/gspo-token, at tokens with A != 0) at least 1e-3 (relative) away from the clip kinks
-of clause 2.5; the generator refuses a case that breaks this.
+of clause 2.5; the generator refuses a case that breaks this. Likewise ``low-var-k3`` cases keep every k3
+value 1e-3 (relative) away from its clip at 10.
 
     python tools/make_vectors.py            # (re)write the files
     python tools/make_vectors.py --check    # exit 1 if a committed file differs
@@ -116,36 +120,61 @@ def check_kinks(logp, old_logp, adv, mask, options) -> None:
                     raise KinkError(f"ratio at {(i, t)} is {float(dist):.2e} from a clip kink")
 
 
+def check_kl_clip(logp, ref_logp, mask, options) -> None:
+    """Raise KinkError when a low-var-k3 case has k3(u) within KINK_MARGIN of the clip."""
+    if ref_logp is None or options.get("kl_estimator") != "low-var-k3":
+        return
+    with M.mp.workdps(M.DPS):
+        for i, row in enumerate(mask):
+            for t, valid in enumerate(row):
+                if valid:
+                    k3, _ = M.kl_estimate(M.mpf(ref_logp[i][t]) - M.mpf(logp[i][t]), "k3")
+                    if abs(k3 / M.LOW_VAR_CLIP - 1) < KINK_MARGIN:
+                        raise KinkError(f"k3 at {(i, t)} is {float(k3)!r}, near the clip")
+
+
 def policy_case(cid: str, clauses: list[str], description: str, logp, old_logp, adv, mask,
-                **options: Any) -> dict[str, Any]:  # fmt: skip
-    """One policy_loss case: inputs, the options it sets, and the mpmath results."""
+                *, weights=None, ref_logp=None, **options: Any) -> dict[str, Any]:  # fmt: skip
+    """One policy_loss case: inputs, the options it sets, and the mpmath results.
+
+    ``weights`` and ``ref_logp`` (clause 10) are inputs; ``kl_coef`` and ``kl_estimator``
+    options. With ``ref_logp`` the expected values include ``grad_ref_logp``.
+    """
     options.setdefault("method", "sapo")
     options.setdefault("loss_agg", "seq-mean-token-mean")
     options = {"method": options.pop("method"), "loss_agg": options.pop("loss_agg"), **options}
     check_kinks(logp, old_logp, adv, mask, options)
+    check_kl_clip(logp, ref_logp, mask, options)
     kw = dict(options)
     if "normalizer" in kw:
         kw["normalizer"] = (kw["normalizer"]["num_tokens"], kw["normalizer"]["num_rows"])
-    res = M.policy_loss(logp, old_logp, adv, mask, **kw)
+    res = M.policy_loss(logp, old_logp, adv, mask, weights=weights, ref_logp=ref_logp, **kw)
     method, agg = options["method"], options["loss_agg"]
     tags = METHOD_CLAUSES[method] + [AGG_CLAUSES[agg]] + clauses + ["7.1"]
+    inputs = {
+        "logp": _enc(logp),
+        "old_logp": _enc(old_logp),
+        "advantages": _enc(adv),
+        "mask": [[bool(v) for v in r] for r in mask],
+    }
+    expected = {
+        "loss": _enc(res.loss),
+        "grad": _enc(res.grad),
+        "metrics": {k: _enc(v) for k, v in res.metrics.items()},
+    }
+    if weights is not None:
+        inputs["weights"] = _enc(weights)
+    if ref_logp is not None:
+        inputs["ref_logp"] = _enc(ref_logp)
+        expected["grad_ref_logp"] = _enc(res.ref_grad)
     return {
         "id": cid,
         "kind": "policy_loss",
         "clauses": sorted(set(tags), key=_clause_key),
         "description": description,
-        "inputs": {
-            "logp": _enc(logp),
-            "old_logp": _enc(old_logp),
-            "advantages": _enc(adv),
-            "mask": [[bool(v) for v in r] for r in mask],
-        },
+        "inputs": inputs,
         "options": options,
-        "expected": {
-            "loss": _enc(res.loss),
-            "grad": _enc(res.grad),
-            "metrics": {k: _enc(v) for k, v in res.metrics.items()},
-        },
+        "expected": expected,
     }
 
 
@@ -557,6 +586,285 @@ def group_tools() -> list[dict[str, Any]]:
     return cases
 
 
+# ------------------------------------------------------------------------------------------
+# Spec 0.2.0: per-token weights and the KL penalty (clause 10)
+# ------------------------------------------------------------------------------------------
+ESTIMATORS = M.KL_ESTIMATORS
+
+
+def random_weights(rng: random.Random, n: int, t: int, *, per_token: bool,
+                   kind: str = "fractional", garbage: bool = False, mask=None) -> list:  # fmt: skip
+    """Weights [N] or [N, T]: ``fractional`` in [0, 2] with some exact zeros (truncated IS),
+    ``binary`` 0/1 (entropy or tool masks), ``large`` up to 1e150; with ``garbage`` and a mask,
+    invalid slots hold NaN, +-inf or -1 (weights are only checked at valid tokens)."""
+
+    def draw() -> float:
+        if kind == "binary":
+            return float(rng.random() < 0.7)
+        if kind == "large":
+            return float(f"1e{rng.choice([3, 6, 12, 40, 150])}") * rng.choice([1.0, 2.5])
+        return 0.0 if rng.random() < 0.2 else round(rng.uniform(0.0, 2.0), 3)
+
+    if not per_token:
+        return [draw() for _ in range(n)]
+    w = [[draw() for _ in range(t)] for _ in range(n)]
+    if garbage:
+        for i in range(n):
+            for j in range(t):
+                if not mask[i][j]:
+                    w[i][j] = rng.choice([NAN, INF, -INF, -1.0])
+    return w
+
+
+def random_ref(rng: random.Random, logp, mask, *, scale: float = 0.3,
+               garbage: bool = False) -> list:  # fmt: skip
+    """Reference log-probs near logp (u of standard deviation ``scale``), 4 decimals, <= 0;
+    with ``garbage``, invalid slots hold NaN or +-inf."""
+    ref = [[min(0.0, _r4(lp + rng.gauss(0.0, scale))) if math.isfinite(lp) else -1.0
+            for lp in row] for row in logp]  # fmt: skip
+    if garbage:
+        for i, row in enumerate(mask):
+            for j, valid in enumerate(row):
+                if not valid:
+                    ref[i][j] = rng.choice([NAN, INF, -INF])
+    return ref
+
+
+def _u_rows(us: list[list[float | None]], base: float = -0.5) -> tuple[list, list]:
+    """logp and ref_logp with the given log-ratios u = ref - logp (None = invalid slot).
+
+    ``u > 0`` lowers logp (logp = base - u), ``u < 0`` lowers ref (ref = base + u): log-probs
+    stay <= 0, and the float64 difference ref - logp is exact for dyadic u or |u| < |base|."""
+    logp, ref = [], []
+    for row in us:
+        lr, rr = [], []
+        for u in row:
+            if u is None:
+                lr.append(NAN), rr.append(NAN)
+            elif u >= 0:
+                lr.append(base - u), rr.append(base)
+            else:
+                lr.append(base), rr.append(base + u)
+        logp.append(lr), ref.append(rr)
+    return logp, ref
+
+
+def _kl(est: str, beta: float) -> dict[str, Any]:
+    return {"kl_coef": beta, "kl_estimator": est}
+
+
+def group_terms() -> list[dict[str, Any]]:
+    """Clause 10: weights and the KL penalty with every method, aggregation and estimator."""
+    rng = random.Random("sapo-ref-vectors/terms")
+    cases: list[dict[str, Any]] = []
+    # 10.1: weights with every method x aggregation, [N] and [N, T], fractional with zeros.
+    for method in METHODS:
+        for j, agg in enumerate(AGGS):
+            per_token_w = (j + METHODS.index(method)) % 2 == 0
+            shape = "w-token" if per_token_w else "w-row"
+
+            def make():
+                lp, old, adv, mask = random_batch(rng, 3, 5, per_token=j % 2 == 1)
+                w = random_weights(rng, 3, 5, per_token=per_token_w)
+                return policy_case(
+                    f"{method}/{agg}/weights/{shape}", ["10.1", "10.3", "3.1"],
+                    f"{method}, {agg}: detached weights {'[N, T]' if per_token_w else '[N]'} in "
+                    "[0, 2] with zeros scale the policy term, not the counts",
+                    lp, old, adv, mask, weights=w, method=method, loss_agg=agg,
+                    **_agg_options(agg))  # fmt: skip
+
+            cases.append(sampled(rng, make))
+    # 10.1: 0/1 and large weights, all-zero weights, garbage weights at invalid slots.
+    for method in METHODS:
+        for kind in ("binary", "large", "zeros"):
+
+            def make():
+                lp, old, adv, mask = random_batch(rng, 4, 5, per_token=True, garbage=True)
+                if kind == "zeros":
+                    w = [[0.0] * 5 for _ in range(4)]
+                else:
+                    w = random_weights(rng, 4, 5, per_token=True, kind=kind, garbage=True,
+                                       mask=mask)  # fmt: skip
+                return policy_case(
+                    f"{method}/weights-{kind}/masked-garbage", ["10.1", "10.4", "6.1"],
+                    {"binary": "0/1 weights (an entropy or tool mask)",
+                     "large": "weights up to 2.5e150",
+                     "zeros": "all weights 0: loss 0 and gradient 0, the counts unchanged"}[kind]
+                    + "; NaN, +-inf, -1 weights and garbage inputs at invalid slots",
+                    lp, old, adv, mask, weights=w, method=method,
+                    loss_agg=rng.choice(AGGS[:3]))  # fmt: skip
+
+            cases.append(sampled(rng, make))
+    # 10.1: a weight of 0 removes an infinite term (A < 0 at r = inf, no dual clip).
+    lp, old, mask = _rows([[INF, 0.0625, -0.125], [-0.25, 0.5, None]])
+    for w0 in (0.0, 0.5):
+        cases.append(policy_case(
+            f"grpo/weights/inf-ratio-negative-advantage/w={w0}", ["10.1", "5.4"],
+            "A < 0 at r = inf: a weight 0 removes the infinite term (loss finite, gradient 0 "
+            "there), a weight 0.5 keeps it (+inf)",
+            lp, old, [[-1.0, 0.5, 1.0], [-0.5, 1.0, 2.0]], mask,
+            weights=[[w0, 1.5, 0.25], [1.0, 2.0, NAN]], method="grpo"))  # fmt: skip
+    # 10.2: every estimator with every method, aggregations in turn, weights in half the cases.
+    for e, est in enumerate(ESTIMATORS):
+        for k, method in enumerate(METHODS):
+            agg = AGGS[(e + k) % len(AGGS)]
+            with_w = (e + k) % 2 == 0
+
+            def make():
+                lp, old, adv, mask = random_batch(rng, 3, 5, per_token=k % 2 == 0,
+                                                  garbage=True)  # fmt: skip
+                ref = random_ref(rng, lp, mask, scale=2.0 if est == "low-var-k3" else 0.5,
+                                 garbage=True)  # fmt: skip
+                w = random_weights(rng, 3, 5, per_token=True) if with_w else None
+                beta = rng.choice([0.001, 0.04, 0.1, 1.0])
+                return policy_case(
+                    f"{method}/{agg}/kl={est}" + ("/weights" if with_w else ""),
+                    ["10.2", "10.3", "6.1"] + (["10.1"] if with_w else []),
+                    f"KL penalty {est}, beta={beta}, u = ref_logp - logp of scale "
+                    f"{2.0 if est == 'low-var-k3' else 0.5}"
+                    + (", with per-token weights" if with_w else "")
+                    + "; garbage at invalid slots of every input",
+                    lp, old, adv, mask, weights=w, ref_logp=ref, method=method, loss_agg=agg,
+                    **_agg_options(agg), **_kl(est, beta))  # fmt: skip
+
+            cases.append(sampled(rng, make))
+    # 10.5: u near 0, where k3's naive formula loses its digits; both signs.
+    tiny = [
+        [1e-8, -1e-8, 3e-6, -3e-6],
+        [1e-4, -1e-4, 1e-3, -1e-3],
+        [2.0**-40, -(2.0**-40), 0.0, None],
+    ]
+    for est in ESTIMATORS:
+        lp, ref = _u_rows(tiny)
+        mask = [[u is not None for u in row] for row in tiny]
+        old = [[_r4(x + 0.125) if math.isfinite(x) else 0.0 for x in row] for row in lp]
+        cases.append(policy_case(
+            f"sapo/kl={est}/u-near-zero", ["10.2", "10.3", "10.5"],
+            f"{est} at u = +-1e-8, +-3e-6, +-1e-4, +-1e-3, +-2^-40, 0: k3 = u^2/2 + ... to full "
+            "precision", lp, old, [[1.0, -0.5, 0.75, -1.25], [0.5, -1.0, 1.5, -0.25],
+                                   [1.0, -1.0, 0.5, NAN]], mask,
+            ref_logp=ref, method="sapo", loss_agg="token-mean", **_kl(est, 0.25)))  # fmt: skip
+    # 10.5: large |u|: low-var clip on both sides, k3 = e^700 finite, k3 past overflow (+inf),
+    # k2 past overflow; u = -800 (k3 = 799 finite).
+    big = [[20.0, -20.0, 700.0], [-800.0, 3.5, -12.0], [5.0, -0.5, None]]
+    for est in ESTIMATORS:
+        for row0, tag in ((big[0], "finite"), ([20.0, -20.0, 800.0], "overflow")):
+            us = [row0] + big[1:]
+            lp, ref = _u_rows(us)
+            mask = [[u is not None for u in row] for row in us]
+            old = [[-0.5] * 3 for _ in us]
+            cases.append(policy_case(
+                f"sapo/kl={est}/large-u/{tag}", ["10.2", "10.3", "10.5"],
+                f"{est} at u = +-20, {row0[2]:g}, -800, 3.5, -12, 5, -0.5: "
+                + ("k3 = e^700 finite" if tag == "finite" else "k3(800) exceeds float64: +inf")
+                + "; low-var-k3 clipped at 10 (gradient 0) where k3 > 10",
+                lp, old, [[1.0, -1.0, 0.5], [-0.5, 1.0, -1.0], [0.25, 0.75, NAN]], mask,
+                ref_logp=ref, method="sapo", **_kl(est, 0.05)))  # fmt: skip
+    lp, old = [[-1e200, -0.5], [-0.5, -2.0]], [[-0.5, -0.5], [-1.0, -1.5]]
+    for est in ESTIMATORS:
+        cases.append(policy_case(
+            f"grpo/kl={est}/huge-u", ["10.5", "10.2"],
+            f"{est} at u = 1e200 (logp = -1e200): k2, k3 overflow to +inf, k1 = -1e200",
+            lp, old, [1.0, -1.0], [[True, True], [True, True]],
+            ref_logp=[[-0.5, -0.75], [-0.25, -2.5]], method="grpo", loss_agg="token-mean",
+            **_kl(est, 0.5)))  # fmt: skip
+    # 10.5: infinite log-probs: ref_logp = -inf (u = -inf) and logp = -inf (u = +inf).
+    for est in ESTIMATORS:
+        for where in ("ref_logp", "logp"):
+            us = [[-INF if where == "ref_logp" else INF, 0.5, -0.25], [1.5, None, -2.0]]
+            lp, ref = _u_rows(us)
+            mask = [[u is not None for u in row] for row in us]
+            old = [[-0.75, -0.25, -0.5], [-1.25, 0.0, -0.625]]
+            for method in ("sapo", "gspo"):
+                cases.append(policy_case(
+                    f"{method}/kl={est}/{where}=-inf", ["10.2", "10.3", "10.5"],
+                    f"{est} with {where} = -inf at a valid token (u = "
+                    f"{'-inf' if where == 'ref_logp' else '+inf'})",
+                    lp, old, [0.5, -1.0], mask, ref_logp=ref, method=method,
+                    **_kl(est, 0.125)))  # fmt: skip
+    # 10.2: beta = 0 turns the term off exactly, infinite k included; beta at its maximum.
+    for est in ESTIMATORS:
+        us = [[-INF, 0.5, -0.25], [1.5, 30.0, -2.0]]
+        lp, ref = _u_rows(us)
+        old = [[-0.75, -0.25, -0.5], [-1.25, -0.5, -0.625]]
+        for beta in (0.0, 1e6):
+            if beta and est != "low-var-k3":
+                us2 = [[0.25, 0.5, -0.25], [1.5, 3.0, -2.0]]
+                lp, ref = _u_rows(us2)
+            cases.append(policy_case(
+                f"grpo/kl={est}/kl_coef={beta:g}", ["10.2", "10.3"],
+                "beta = 0: the KL term adds exactly nothing (k = inf at ref_logp = -inf "
+                "included), kl_ref/mean still reported" if beta == 0 else
+                "beta = 1e6, the top of its domain",
+                lp, old, [[1.0, -0.5, 0.25], [-1.0, 2.0, 0.5]],
+                [[True] * 3, [True] * 3], ref_logp=ref, method="grpo",
+                loss_agg="seq-mean-token-sum", **_kl(est, beta)))  # fmt: skip
+    # 3.6 with the terms: an empty row (garbage weights and ref_logp), count_empty_rows.
+    for method in ("sapo", "gspo-token"):
+        for cer in (False, True):
+
+            def make():
+                lp, old, adv, mask = random_batch(rng, 4, 5, garbage=True)
+                mask[1] = [False] * 5
+                ref = random_ref(rng, lp, mask, garbage=True)
+                w = random_weights(rng, 4, 5, per_token=True, garbage=True, mask=mask)
+                return policy_case(
+                    f"{method}/weights+kl=k3/empty-row/count_empty_rows={str(cer).lower()}",
+                    ["10.1", "10.2", "3.6", "6.1"],
+                    "row 1 empty (garbage weights and ref_logp there), weights and k3",
+                    lp, old, adv, mask, weights=w, ref_logp=ref, method=method,
+                    count_empty_rows=cer, **_kl("k3", 0.04))  # fmt: skip
+
+            cases.append(sampled(rng, make))
+    for method in ("sapo", "grpo"):
+        lp = [[NAN, INF, -INF], [1e30, NAN, 0.0]]
+        cases.append(policy_case(
+            f"{method}/weights+kl=k2/fully-masked", ["10.1", "10.2", "3.7", "6.1"],
+            "no valid token, garbage everywhere: loss 0, gradients 0, kl_ref/mean and "
+            "weights/mean 0", lp, [[INF, NAN, 0.0], [-INF, 1.0, NAN]], [[NAN, INF, 1.0],
+                                                                        [0.0, -INF, NAN]],
+            [[False] * 3, [False] * 3], weights=[[NAN, -1.0, INF], [0.5, -INF, NAN]],
+            ref_logp=[[-INF, INF, NAN], [NAN, -INF, 0.0]], method=method,
+            **_kl("k2", 0.1)))  # fmt: skip
+    # 3.8 with the terms: shards with the global counts sum to the whole.
+    for method, agg, est in (("sapo", "seq-mean-token-mean", "k3"), ("gspo", "token-mean", "k1"),
+                             ("grpo", "seq-mean-token-sum-norm", "low-var-k3"),
+                             ("sapo-seq", "seq-mean-token-sum", "k2")):  # fmt: skip
+
+        def make():
+            lp, old, adv, mask = random_batch(rng, 4, 5, per_token=method == "sapo")
+            mask[3] = [False] * 5
+            ref = random_ref(rng, lp, mask, scale=1.5)
+            w = random_weights(rng, 4, 5, per_token=method != "gspo")
+            n = sum(sum(r) for r in mask)
+            rows = sum(1 for r in mask if any(r))
+            out = []
+            for s, (a, b) in enumerate(((0, 2), (2, 4))):
+                out.append(policy_case(
+                    f"{method}/{agg}/weights+kl={est}/shard-{s}-of-2", ["3.8", "10.1", "10.2"],
+                    f"rows {a}..{b - 1} of a 4-row batch with weights and {est}, given the "
+                    f"global counts ({n} tokens, {rows} rows)", lp[a:b], old[a:b], adv[a:b],
+                    mask[a:b], weights=w[a:b], ref_logp=ref[a:b], method=method,
+                    loss_agg=agg, normalizer={"num_tokens": float(n), "num_rows": float(rows)},
+                    **_agg_options(agg), **_kl(est, 0.2)))  # fmt: skip
+            out.append(policy_case(
+                f"{method}/{agg}/weights+kl={est}/unsharded", ["3.8", "10.1", "10.2"],
+                "the same 4-row batch in one piece", lp, old, adv, mask, weights=w,
+                ref_logp=ref, method=method, loss_agg=agg, **_agg_options(agg),
+                **_kl(est, 0.2)))  # fmt: skip
+            return out
+
+        for _ in range(200):
+            try:
+                cases += make()
+                break
+            except KinkError:
+                continue
+        else:
+            raise RuntimeError("could not sample a shard case away from the kinks")
+    return cases
+
+
 GROUPS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "methods": group_methods,
     "special": group_special,
@@ -566,6 +874,8 @@ GROUPS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "shards": group_shards,
     "tools": group_tools,
 }
+if VERSION != "0.1.0":  # spec 0.1.0's files stay as published
+    GROUPS["terms"] = group_terms
 
 
 def render_all(groups: list[str] | None = None) -> dict[str, str]:
