@@ -34,6 +34,11 @@ object ``{"num_tokens": n, "num_rows": R}``; :meth:`Vector.kwargs` turns it into
 >>> res = sapo_ref.policy_loss(*v.args(), **v.kwargs())
 >>> abs(res.loss - v.loss) <= 1e-12 * max(1.0, abs(v.loss))
 True
+>>> t = next(v for v in vectors if "ref_logp" in v.inputs and "weights" in v.inputs)
+>>> sorted(set(t.kwargs()) - {"method", "loss_agg", "norm_length"})
+['kl_coef', 'kl_estimator', 'ref_logp', 'weights']
+>>> t.grad_ref_logp.shape == t.inputs["ref_logp"].shape, "kl_ref/mean" in t.metrics
+(True, True)
 """
 
 from __future__ import annotations
