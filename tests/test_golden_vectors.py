@@ -199,6 +199,7 @@ def test_vectors_cover_the_added_terms() -> None:
     k3 = [v for v in kl if v.options["kl_estimator"] == "k3"]
     assert any(v.loss == np.inf for v in k3) and any(v.metrics["kl_ref/mean"] == np.inf for v in k3)
     assert any(np.isfinite(v.loss) and abs(v.loss) > 1e300 for v in k3)
+    assert any(np.isnan(v.loss) for v in kl)  # inf - inf with k1 (clause 10.5)
 
 
 def test_mpmath_reference_is_independent_of_sapo_ref() -> None:

@@ -782,6 +782,18 @@ def group_terms() -> list[dict[str, Any]]:
                     f"{'-inf' if where == 'ref_logp' else '+inf'})",
                     lp, old, [0.5, -1.0], mask, ref_logp=ref, method=method,
                     **_kl(est, 0.125)))  # fmt: skip
+    # 10.5: an infinite policy term (grpo, A < 0 at r = inf) beside logp = -inf elsewhere:
+    # k1 adds -inf to +inf (undefined: NaN), the other estimators +inf.
+    for est in ESTIMATORS:
+        cases.append(policy_case(
+            f"grpo/kl={est}/infinite-policy-term-and-logp=-inf", ["10.5", "5.4", "10.2"],
+            "A < 0 at r = inf (policy term +inf) and logp = -inf at another token (u = +inf): "
+            + ("k1 = -inf there, so the loss is inf - inf: NaN" if est == "k1"
+               else "the loss is +inf"),
+            [[-0.25, -INF, -0.5], [-0.5, -0.25, -1.0]], [[-INF, -0.5, -0.25], [-0.25, -0.75, -1.0]],
+            [[-1.0, 0.5, 1.0], [-0.5, 1.0, 2.0]], [[True] * 3, [True] * 3],
+            ref_logp=[[-0.25, -0.5, -0.75], [-0.5, -0.5, -1.5]], method="grpo",
+            **_kl(est, 0.5)))  # fmt: skip
     # 10.2: beta = 0 turns the term off exactly, infinite k included; beta at its maximum.
     for est in ESTIMATORS:
         us = [[-INF, 0.5, -0.25], [1.5, 30.0, -2.0]]
