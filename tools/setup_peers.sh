@@ -19,6 +19,14 @@ pip=("$py" -m pip install -q --constraint tools/peers-constraints.txt)
 # pip then reports the peers' other declared requirements as unmet ("dependency conflicts"):
 # expected, nothing imported by the loss modules needs them.
 "${pip[@]}" -r tools/peers-requirements.txt
+# What AReaL's actor module (areal.trainer.ppo.actor, driven by tests/peers/test_shims.py) imports
+# beyond its loss module: its logging and stats stack, without dependencies (with them, pip pulls
+# gradio and more); about 100 MB.
+"${pip[@]}" --no-deps swanlab==0.10.3 trackio==0.43.0 wandb==0.31.0 tensorboardX==2.6.5 \
+  tabulate==0.10.0 pybase64==1.5.1 pyroaring==1.2.0 watchdog==7.1.0 pydantic-settings==2.16.3 \
+  python-dotenv==1.2.4 pyecharts==2.1.0 simplejson==4.3.0 prettytable==3.18.0 \
+  gradio_client==2.7.2 uvicorn==0.54.0 starlette==1.10.0 platformdirs==4.14.9 \
+  opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2
 "$py" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # Which peers import (a peer that does not is skipped by the tests with this same error).
 PYTHONPATH=tests "$py" - <<'PY'
