@@ -10,8 +10,9 @@ The switch is one line: ``GRPOTrainer(...)`` becomes ``SapoGRPOTrainer(...)``, s
 with the method :math:`f` and the aggregation weights :math:`c` chosen from TRL's ``loss_type``
 and ``importance_sampling_level`` (:func:`canonical_options`), :math:`w` the product of the
 detached per-token factors TRL multiplies into the policy term (entropy mask, off-policy mask,
-vLLM importance-sampling ratio) and the KL term TRL's ``beta`` term. Then, as TRL does: the
-division by the accumulation steps in training, the entropy bonus and the MoE auxiliary loss.
+vLLM importance-sampling ratio) and the second sum TRL's ``beta`` KL term. Then, as TRL does:
+the division by the accumulation steps in training, the entropy bonus and the MoE auxiliary
+loss.
 Every TRL option that shapes the loss either maps to the same numbers or raises at construction
 (:data:`UNSUPPORTED`); the spec's metrics (clause 7.1) are logged under ``sapo/`` next to TRL's
 own logs, reduced across processes as clause 3.11 says.
