@@ -8,6 +8,7 @@ printed before and after. Run (a few minutes, most of it compiling):
     python benchmarks/bench_torch.py                                  # the targets below
     python benchmarks/bench_torch.py --no-compile --rounds 31 --threads 1   # quick, loaded machine
     python benchmarks/bench_torch.py --shapes 256x8192 --dtypes float32,bfloat16
+    python benchmarks/bench_torch.py --shapes 256x8192 --no-compile --terms   # clause 10 terms
 
 Variants (method sapo, seq-mean-token-mean, per-sequence advantages, ragged bool mask):
 
@@ -19,6 +20,16 @@ Variants (method sapo, seq-mean-token-mean, per-sequence advantages, ragged bool
 - ``compiled``: ``torch.compile(fullgraph=True)`` of a step calling ``sapo_torch.policy_loss``.
 - ``plain compiled``: ``torch.compile`` of the plain formula: what Inductor makes of the same
   math without exact saturation or checks, the yardstick for what bounds ``compiled``.
+
+With ``--terms`` (clause 10: [N, T] float weights and a k3 KL penalty, beta = 0.1, ``ref_logp``
+not requiring grad, as in training):
+
+- ``plain+terms``: the plain formula with the weights and ``exp(u) - 1 - u`` added, by autograd;
+- ``+terms``: ``sapo_torch`` with the terms (the fused pass: weights folded into its per-token
+  coefficient, the KL part from ``sapo_ref.kl_penalty``);
+- ``+terms+metrics``: the same with ``metrics=True`` (``kl_ref/mean`` and ``weights/mean`` too);
+- ``+terms generic``: the same call routed through ``sapo_ref.evaluate`` on tensors (the
+  generic path every other method takes): the alternative the fused pass was chosen over.
 
 Bandwidth floor: a fused forward + backward must at least read ``logp``, ``old_logp`` and the
 mask and write the gradient: ``3 s + 1`` bytes per token (``s`` = bytes of the dtype), at the
@@ -41,6 +52,7 @@ from typing import Any
 
 import sapo_torch
 import torch
+from sapo_torch import _kernels
 
 
 def plain_loss(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05):
@@ -55,6 +67,19 @@ def plain_loss(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05):
     return per_row.mean()
 
 
+def plain_loss_terms(logp, old_logp, adv, mask, weights, ref_logp, beta=0.1):
+    """SAPO with per-token weights and a k3 KL penalty, as a user writes it (seq-mean-token-mean)."""
+    m = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(-1)
+    tau = torch.where(a > 0, 1.0, 1.05)
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    u = ref_logp - logp
+    per_token = -gate * a * weights + beta * (torch.exp(u) - 1.0 - u)
+    per_row = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return per_row.mean()
+
+
 def make_inputs(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(rows, cols, generator=g) * 3.0 - 0.1
@@ -62,18 +87,49 @@ def make_inputs(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> dict
     lengths = torch.randint(cols // 4, cols + 1, (rows,), generator=g)
     mask = torch.arange(cols)[None, :] < lengths[:, None]
     adv = torch.randn(rows, generator=g)
-    return {"logp": logp.to(dtype), "old_logp": old.to(dtype), "adv": adv.to(dtype), "mask": mask}
+    weights = torch.rand(rows, cols, generator=g) * 2.0  # e.g. truncated IS ratios
+    ref = logp + 0.2 * torch.randn(rows, cols, generator=g)
+    out = {"logp": logp, "old_logp": old, "adv": adv, "weights": weights, "ref_logp": ref}
+    return {**{k: v.to(dtype) for k, v in out.items()}, "mask": mask}
 
 
-def step_fn(kind: str) -> Callable[..., torch.Tensor]:
+#: The clause 10 options of the ``--terms`` variants.
+TERMS = {"kl_coef": 0.1, "kl_estimator": "k3"}
+
+
+def step_fn(kind: str, x: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
     if kind == "plain":
         return plain_loss
     if kind == "plain compiled":
         return torch.compile(plain_loss, fullgraph=True)
+    if kind == "plain+terms":
+        return lambda lp, old, adv, mask: plain_loss_terms(
+            lp, old, adv, mask, x["weights"], x["ref_logp"]
+        )
     if kind == "+metrics":
         return lambda lp, old, adv, mask: sapo_torch.policy_loss(lp, old, adv, mask, metrics=True)[
             0
         ]
+    if kind.startswith("+terms"):
+        metrics = kind == "+terms+metrics"
+        terms = {"weights": x["weights"], "ref_logp": x["ref_logp"], **TERMS}
+
+        def with_terms(lp, old, adv, mask):
+            return sapo_torch.policy_loss(lp, old, adv, mask, **terms, metrics=metrics)[0]
+
+        if kind != "+terms generic":
+            return with_terms
+
+        def generic(lp, old, adv, mask):
+            # the same call through sapo_ref.evaluate on tensors (every other method's path)
+            fused = _kernels.sapo_token_pass
+            _kernels.sapo_token_pass = _kernels.generic_pass
+            try:
+                return with_terms(lp, old, adv, mask)
+            finally:
+                _kernels.sapo_token_pass = fused
+
+        return generic
 
     def fused(lp, old, adv, mask):
         return sapo_torch.policy_loss(lp, old, adv, mask)[0]
@@ -123,7 +179,7 @@ def bench(rows: int, cols: int, dtype_name: str, rounds: int, kinds: list[str]) 
     dtype = getattr(torch, dtype_name)
     x = make_inputs(rows, cols, dtype)
     leaf = x["logp"].clone().requires_grad_(True)
-    fns = {k: step_fn(k) for k in kinds}
+    fns = {k: step_fn(k, x) for k in kinds}
     compile_s = {}
     for k, fn in fns.items():  # warm-up (compiles the compiled variants)
         t0 = time.perf_counter()
@@ -209,6 +265,16 @@ def targets(results: list[dict[str, Any]]) -> None:
             print(
                 f"  [256, 8192] +metrics / sapo_torch     {_ratios(v['+metrics'], s)}   (target <= 1.5)"
             )
+        if "+terms" in v:
+            t = v["+terms"]
+            print(f"  [256, 8192] +terms / sapo_torch       {_ratios(t, s)}")
+            print(f"  [256, 8192] +terms / plain+terms      {_ratios(t, v['plain+terms'])}")
+            print(
+                f"  [256, 8192] +terms saved / plain+terms "
+                f"{t['saved_bytes'] / v['plain+terms']['saved_bytes']:.2f}"
+            )
+            print(f"  [256, 8192] +terms+metrics / +terms   {_ratios(v['+terms+metrics'], t)}")
+            print(f"  [256, 8192] +terms generic / +terms   {_ratios(v['+terms generic'], t)}")
         if "compiled" in v:
             c, floor = v["compiled"], big["floor_ms"]
             print(
@@ -238,11 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument(
+        "--terms", action="store_true", help="add the clause 10 variants (weights and KL, k3)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     kinds = ["plain", "sapo_torch", "+metrics"]
     kinds += [] if args.no_compile else ["compiled", "plain compiled"]
+    if args.terms:
+        kinds += ["plain+terms", "+terms", "+terms+metrics", "+terms generic"]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
         f"sapo, seq-mean-token-mean; {args.rounds} interleaved rounds; {load()} (start)"

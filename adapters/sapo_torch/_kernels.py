@@ -37,7 +37,7 @@ from sapo_ref.gates import logistic_and_weight, saturation_log_ratio
 from sapo_ref.metrics import compute_metrics, metric_keys
 from sapo_ref.penalties import kl_penalty
 
-__all__ = ["Pass", "forward_pass", "sapo_token_pass", "expm1"]
+__all__ = ["Pass", "forward_pass", "generic_pass", "sapo_token_pass", "expm1"]
 
 Tensor = torch.Tensor
 
@@ -374,15 +374,32 @@ def forward_pass(
     weights: Tensor | None = None,
     ref_logp: Tensor | None = None,
 ) -> Pass:
-    """Loss, gradient and metrics in the compute dtype ``dtype``: the fused pass for token SAPO,
-    the reference's code for every other method.
+    """Loss, gradient and metrics in the compute dtype ``dtype``: the fused pass for token SAPO
+    (:func:`sapo_token_pass`), the reference's code for every other method
+    (:func:`generic_pass`).
 
     ``valid`` is the boolean mask, ``norm`` the global counts or ``None`` for this batch's own.
     """
-    if config.method == "sapo":
-        return sapo_token_pass(
-            logp, old_logp, advantages, valid, config, norm, dtype, want_metrics, weights, ref_logp
-        )
+    pass_ = sapo_token_pass if config.method == "sapo" else generic_pass
+    return pass_(
+        logp, old_logp, advantages, valid, config, norm, dtype, want_metrics, weights, ref_logp
+    )
+
+
+def generic_pass(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    valid: Tensor,
+    config: LossConfig,
+    norm: Normalizer | None,
+    dtype: torch.dtype,
+    want_metrics: bool,
+    weights: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> Pass:
+    """:func:`sapo_ref.evaluate.evaluate` and :func:`sapo_ref.metrics.compute_metrics` on the
+    tensors, any method (the arguments of :func:`forward_pass`)."""
     lp, olp, adv = (_as(x, dtype) for x in (logp, old_logp, advantages))
     w, ref = (None if x is None else _as(x, dtype) for x in (weights, ref_logp))
     if norm is None:

@@ -250,33 +250,36 @@ def policy_loss(
         normalizer = Normalizer(num_tokens, num_rows)
     valid = mask if mask.dtype == torch.bool else mask != 0
     traced = is_traced()
-    # Token SAPO checks its data after the pass: every data fault but a mask value or a bad
-    # normalizer makes the fused pass's loss non-finite (a NaN or infinite advantage times
-    # p > 0, or a NaN log-ratio), so the other checks run only when it is. Other methods: before.
+    # Token SAPO checks its data after the pass: every data fault but a mask value, a bad
+    # normalizer or a negative weight makes the fused pass's loss non-finite (a NaN or infinite
+    # advantage or weight times p > 0, a NaN log-ratio, a NaN u = ref_logp - logp times beta > 0),
+    # so the other checks run only when it is. Other methods, and a KL term with kl_coef = 0 (a
+    # NaN ref_logp then leaves the loss finite): before.
     terms = (weights, ref_logp)
-    # With weights or a KL term, a bad value can leave the loss finite (a negative weight; a NaN
-    # ref_logp when kl_coef = 0): the checks then run first.
     after = (
         config.method == "sapo"
-        and weights is None
-        and ref_logp is None
+        and (ref_logp is None or config.has_kl)
         and (not traced or torch.compiler.is_compiling())
     )
     poison = None
     if traced:
         found = _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer, *terms)
-        first = [f for f in found if not after or f.argument in ("mask", "normalizer")]
+        first = [f for f in found if not after or f.argument in _EARLY]
         poison = any_fault(tuple(first), TORCH)  # unused checks are dead code to Inductor
     elif not after:
         raise_faults(
             _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer, *terms)
         )
-    elif mask.dtype != torch.bool and not binary(mask, valid):
-        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
+    elif (mask.dtype != torch.bool and not binary(mask, valid)) or (
+        weights is not None and _negative_weight(weights, valid)
+    ):  # the full checks: the reference reports the first fault in its order
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None, *terms))
     elif normalizer is not None and bool(
         any_fault(normalizer_faults(normalizer, _local(valid, config), TORCH), TORCH)
     ):  # the full checks, so that bad data is reported before the normalizer, as the reference does
-        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, normalizer))
+        raise_faults(
+            _data_faults(logp, old_logp, advantages, mask, valid, config, normalizer, *terms)
+        )
     # Eagerly, the base class's apply: Function.apply binds the arguments with
     # inspect.signature on every call (about 0.1 ms), and every argument here is positional.
     apply = PolicyLossFunction.apply if traced else _EAGER_APPLY
@@ -284,13 +287,13 @@ def policy_loss(
         logp, old_logp, advantages, valid, num_tokens, num_rows, config, metrics, weights, ref_logp
     )
     if after and traced:
-        operands = (logp.detach(), old_logp.detach(), advantages.detach(), mask, valid)
-        late = torch.cond(
-            ~torch.isfinite(loss.detach()), _traced_faults(config), _no_fault, operands
-        )
+        given = tuple(x.detach() for x in terms if x is not None)
+        operands = (logp.detach(), old_logp.detach(), advantages.detach(), mask, valid, *given)
+        branch = _traced_faults(config, weights is not None, ref_logp is not None)
+        late = torch.cond(~torch.isfinite(loss.detach()), branch, _no_fault, operands)
         poison = poison | late
     elif after and not math.isfinite(loss.item()):  # eager; +-inf from valid data is returned
-        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None))
+        raise_faults(_data_faults(logp, old_logp, advantages, mask, valid, config, None, *terms))
     if poison is not None:
         # Clause 8.7: NaN loss, and NaN times the saved gradient in backward: every entry NaN.
         loss = loss * torch.where(poison, torch.nan, 1.0).to(loss.dtype)
@@ -304,11 +307,28 @@ def _no_fault(*operands: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.bool, device=operands[0].device)
 
 
-def _traced_faults(config: LossConfig) -> Any:
-    """The data checks as a torch.cond branch (compiled: run only when the loss is not finite)."""
+#: The checks a finite fused loss does not imply (see policy_loss): run before the pass.
+_EARLY = ("mask", "normalizer", "weights")
 
-    def branch(logp, old_logp, advantages, mask, valid):
-        return any_fault(_data_faults(logp, old_logp, advantages, mask, valid, config, None), TORCH)
+
+def _negative_weight(weights: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether a weight at a valid token (an [N] weight: of a row with one) is negative."""
+    where = valid if weights.dim() == 2 else valid.any(-1)
+    return bool(((weights < 0) & where).any())
+
+
+def _traced_faults(config: LossConfig, has_weights: bool, has_ref: bool) -> Any:
+    """The data checks as a torch.cond branch (compiled: run only when the loss is not finite);
+    its operands are the four inputs, the valid mask and the terms that are given."""
+
+    def branch(logp, old_logp, advantages, mask, valid, *terms):
+        rest = list(terms)
+        weights = rest.pop(0) if has_weights else None
+        ref_logp = rest.pop(0) if has_ref else None
+        found = _data_faults(
+            logp, old_logp, advantages, mask, valid, config, None, weights, ref_logp
+        )
+        return any_fault(found, TORCH)
 
     return branch
 

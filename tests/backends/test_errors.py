@@ -338,6 +338,20 @@ CASES += [
         names("weights must be finite and >= 0 at valid tokens; first bad at (2, 0)"),
         ("10.4",),
     ),
+    (
+        "negative weight and a NaN logp: the reference's first fault",
+        then(terms(), at("weights", (0, 0), -1.0), at("logp", (2, 0), math.nan)),
+        ValueError,
+        names("logp is NaN at a valid token; first at (2, 0)"),
+        ("10.4", "8.6"),
+    ),
+    (
+        "ref_logp NaN at a valid token, kl_coef 0",
+        then(terms(kl_coef=0.0), at("ref_logp", (1, 1), math.nan)),
+        ValueError,
+        names("ref_logp is NaN at a valid token; first at (1, 1)"),
+        ("10.4",),
+    ),
     ("ref_logp [N]", terms(ref_logp=np.zeros(N)), ValueError, "ref_logp", ("10.4",)),
     ("ref_logp [1, T]", terms(ref_logp=np.zeros((1, T))), ValueError, "ref_logp", ("10.4",)),
     (
