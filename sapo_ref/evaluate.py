@@ -156,6 +156,10 @@ def evaluate(
         h, k = safe_exp(third), safe_exp(log_x - 2.0 * finite_third)
         weighted = xp.where(big, ((ca * h) * h) * k, weighted)
         coef = xp.where(big, ((ca * spread * h) * h) * k, coef)
+    if scale is not None:
+        # Clause 10.1: a weight of 0 removes the token's term, also where it is infinite (0 * inf).
+        removed = scale == 0
+        weighted, coef = xp.where(removed, zero, weighted), xp.where(removed, zero, coef)
     kl = kl_grad = None
     if ref_logp is not None and config.kl_coef is not None:  # clause 10.2
         u = xp.where(p.valid, ref_logp, zero) - xp.where(p.valid, logp, zero)

@@ -77,7 +77,10 @@ def kl_penalty(u: Any, estimator: str) -> tuple[Any, Any]:
     if estimator == "k1":
         return -u, xp.ones_like(u)
     if estimator == "k2":
-        return 0.5 * (u * u), -u
+        # u^2 / 2 past sqrt(max float) is +inf: selected, so that u * u never overflows (warns).
+        big = xp.abs(u) > math.sqrt(float(xp.finfo(u.dtype).max))
+        us = xp.where(big, xp.zeros_like(u), u)
+        return xp.where(big, xp.full_like(u, math.inf), 0.5 * (us * us)), -u
     value, dlogp = _k3(xp, u)
     if estimator == "k3":
         return value, dlogp

@@ -39,10 +39,7 @@ ALL_TOOLS = [(ver, v) for ver in VERSIONS for v in V.load_vectors(ver, kind=None
              if v.kind != "policy_loss"]  # fmt: skip
 TOL = spec.TOLERANCES["golden"]
 #: Strict xfails until the reference catches up (tests/conftest.py); findings-vectors.md.
-PENDING = {
-    r"test_reference_matches_golden_vector\[0\.2\.0:grpo/weights/inf-ratio-negative-advantage/"
-    r"w=0\.0\]": "a weight 0 at an infinite policy term gives NaN, not 0 (clause 10.1)",
-}
+PENDING: dict[str, str] = {}
 
 
 def _check(name: str, got, want, kind: str) -> None:

@@ -100,15 +100,31 @@ def test_every_method_parameter_has_a_domain():
         assert set(agg.requires) <= set(spec.DOMAINS)
 
 
+@pytest.mark.parametrize("terms", [(), ("weights",), ("ref_logp",), ("weights", "ref_logp")])
 @pytest.mark.parametrize("method", list(spec.METHODS))
-def test_metric_keys_match_the_spec(method):
-    """The keys policy_loss reports are exactly the spec's for the method, in spec order."""
+def test_metric_keys_match_the_spec(method, terms):
+    """The keys policy_loss reports are exactly the spec's for the method and the clause 10 terms
+    it is given (a metric with `requires` exists only with that input), in spec order."""
     want = tuple(
-        k for k, m in spec.METRICS.items() if m["methods"] == "all" or method in m["methods"]
+        k
+        for k, m in spec.METRICS.items()
+        if (m["methods"] == "all" or method in m["methods"])
+        and m.get("requires", "") in ("", *terms)
     )
-    assert sapo_ref.metric_keys(method) == want
+    kl, weighted = "ref_logp" in terms, "weights" in terms
+    assert sapo_ref.metric_keys(method, kl=kl, weights=weighted) == want
+    extra: dict = {}
+    if weighted:
+        extra["weights"] = np.ones(2)
+    if kl:
+        extra.update(ref_logp=np.zeros((2, 2)), kl_coef=0.1)
     res = sapo_ref.policy_loss(
-        np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.ones((2, 2), bool), method=method
+        np.zeros((2, 2)),
+        np.zeros((2, 2)),
+        np.ones(2),
+        np.ones((2, 2), bool),
+        method=method,
+        **extra,
     )
     assert tuple(res.metrics) == want
 

@@ -30,10 +30,7 @@ TAU = spec.DOMAINS["tau_pos"]
 F64 = spec.TOLERANCES["float64"]
 GARBAGE = (math.nan, math.inf, -math.inf, 1e30, -1e30)
 #: Strict xfails until the reference catches up (tests/conftest.py); findings-vectors.md.
-PENDING = {
-    r"test_kl_penalty_overflow_is_quiet\[k2\]": "kl_penalty('k2') warns 'overflow in multiply' "
-    "past |u| = 1.34e154 (k3 is quiet there)",
-}
+PENDING: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- repro snippets
