@@ -31,12 +31,15 @@ class PolicyLossResult:
             0 at invalid tokens; an array of the input's namespace (NumPy for NumPy input).
         metrics: clause 7.1 keys to floats.
         config: the resolved configuration (defaults filled in).
+        grad_ref_logp: :math:`\\partial\\mathcal{L}/\\partial\\log\\pi_\\text{ref}` (clause 10.3), shaped
+            like ``logp``, when ``ref_logp`` was given; ``None`` otherwise.
     """
 
     loss: float
     grad: Any
     metrics: dict[str, float]
     config: LossConfig
+    grad_ref_logp: Any = None
 
 
 def _as_arrays(*arrays: Any) -> tuple[Any, ...]:
@@ -197,9 +200,15 @@ def policy_loss(
         ev = evaluate(lp, olp, adv, valid, config, norm, weights=w, ref_logp=ref)
         metrics = {k: float(v) for k, v in compute_metrics(ev, config).items()}
     grad = ev.grad
+    grad_ref = None
+    if ref is not None:  # minus the KL part; 0 everywhere when kl_coef = 0 (no KL term)
+        grad_ref = xp.zeros_like(grad) if ev.kl_grad is None else -ev.kl_grad
     if is_numpy(xp):
         grad = np.asarray(grad)
-    return PolicyLossResult(loss=float(ev.loss), grad=grad, metrics=metrics, config=config)
+        grad_ref = None if grad_ref is None else np.asarray(grad_ref)
+    return PolicyLossResult(
+        loss=float(ev.loss), grad=grad, metrics=metrics, config=config, grad_ref_logp=grad_ref
+    )
 
 
 def _as_floats(norm: Normalizer) -> Normalizer:
