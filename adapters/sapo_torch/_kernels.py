@@ -173,8 +173,11 @@ def sapo_token_pass(
     else:
         adv = _select_(advantages.to(dtype, copy=True), bits)
     k = rho * adv  # [N, 1] or [N, T]
+    # Clause 10.1: the weights scale the policy term, not the counts. Folded into k, except
+    # [N, T] weights beside a per-row k, which stays per row (its row sums come first below).
     scale = None if weights is None else _token_weights(weights, bits, lengths, dtype)
-    if scale is not None:  # clause 10.1: the weights scale the policy term, not the counts
+    apart = scale is not None and scale.shape[-1] != 1 and k.shape[-1] == 1
+    if scale is not None and not apart:
         k = k * scale
     pos = (adv > 0).to(dtype) if tp != tn or want_metrics else None  # 1.0 where A > 0
     # tau_pos where A > 0, else tau_neg (clause 1.6); lerp is exact at weights 0 and 1.
@@ -209,8 +212,8 @@ def sapo_token_pass(
     # loss = -sum k (4/tau) p, each product ordered so that no intermediate overflows where the
     # result does not: k times the smaller of (4/tau, P) first (|k| is finite).
     four_over_tau = 4.0 / tau
-    if k.shape[-1] == 1:  # k and tau per row: the row sums P_i of p first
-        big = p.sum(-1, keepdim=True)
+    if k.shape[-1] == 1:  # k and tau per row: the row sums P_i of p (of w p) first
+        big = p.sum(-1, keepdim=True) if not apart else _row_dot(p, scale)
         if max(tp, tn) <= 4.0:  # 4/tau >= 1: k P is at most the result
             loss = torch.neg((k * big * four_over_tau).sum())
         elif min(tp, tn) > 4.0:  # 4/tau < 1: k 4/tau is at most |k|
@@ -225,6 +228,8 @@ def sapo_token_pass(
     if want_metrics:
         metrics = _sapo_metrics(grad, s_delta, s_u, lo, hi, big_mean, lengths, adv, pos, dtype)
     grad = grad.mul_(r).mul_(k * -4.0)  # -4 k p q r: tau cancels, nothing overflows first
+    if apart:
+        grad = grad.mul_(scale)
     if scale is not None and want_metrics:
         metrics["weights/mean"] = _valid_mean(scale, lengths, dtype)
     if ref_logp is None:
@@ -234,6 +239,13 @@ def sapo_token_pass(
         metrics["kl_ref/mean"] = _valid_mean(kl_values, lengths, dtype)
     metrics = _ordered(metrics, config, scale is not None, True)
     return Pass(loss + kl_loss, grad + kl_grad, grad, kl_grad, metrics)
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """Row sums of ``x * y`` ([N, 1]), without an [N, T] temporary where eager."""
+    if torch.compiler.is_compiling():
+        return (x * y).sum(-1, keepdim=True)
+    return torch.linalg.vecdot(x, y).unsqueeze(-1)
 
 
 def _token_weights(weights: Tensor, bits: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
@@ -281,7 +293,7 @@ def _kl_term(
     if not config.has_kl:
         return torch.zeros((), dtype=dtype, device=u.device), torch.zeros_like(u), value
     beta = config.kl_coef
-    loss = beta * (rho * value).sum()
+    loss = beta * (rho * value.sum(-1, keepdim=True)).sum()  # rho per row: row sums first
     return loss, _select_((beta * rho) * slope, bits), value
 
 

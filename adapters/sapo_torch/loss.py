@@ -313,6 +313,8 @@ _EARLY = ("mask", "normalizer", "weights")
 
 def _negative_weight(weights: torch.Tensor, valid: torch.Tensor) -> bool:
     """Whether a weight at a valid token (an [N] weight: of a row with one) is negative."""
+    if weights.dtype == torch.bool or bool(weights.amin() >= 0):  # one reduction, usually
+        return False
     where = valid if weights.dim() == 2 else valid.any(-1)
     return bool(((weights < 0) & where).any())
 
