@@ -27,6 +27,8 @@ not requiring grad, as in training):
 - ``plain+terms``: the plain formula with the weights and ``exp(u) - 1 - u`` added, by autograd;
 - ``+terms``: ``sapo_torch`` with the terms (the fused pass: weights folded into its per-token
   coefficient, the KL part from ``sapo_ref.kl_penalty``);
+- ``+weights``, ``+terms k1``: the weights alone, and the terms with the k1 estimator (what the
+  terms cost apart from ``kl_penalty``'s k3);
 - ``+terms+metrics``: the same with ``metrics=True`` (``kl_ref/mean`` and ``weights/mean`` too);
 - ``+terms generic``: the same call routed through ``sapo_ref.evaluate`` on tensors (the
   generic path every other method takes): the alternative the fused pass was chosen over.
@@ -110,9 +112,15 @@ def step_fn(kind: str, x: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor
         return lambda lp, old, adv, mask: sapo_torch.policy_loss(lp, old, adv, mask, metrics=True)[
             0
         ]
+    if kind == "+weights":
+        return lambda lp, old, adv, mask: sapo_torch.policy_loss(
+            lp, old, adv, mask, weights=x["weights"]
+        )[0]
     if kind.startswith("+terms"):
         metrics = kind == "+terms+metrics"
         terms = {"weights": x["weights"], "ref_logp": x["ref_logp"], **TERMS}
+        if kind == "+terms k1":
+            terms["kl_estimator"] = "k1"
 
         def with_terms(lp, old, adv, mask):
             return sapo_torch.policy_loss(lp, old, adv, mask, **terms, metrics=metrics)[0]
@@ -267,6 +275,8 @@ def targets(results: list[dict[str, Any]]) -> None:
             )
         if "+terms" in v:
             t = v["+terms"]
+            print(f"  [256, 8192] +weights / sapo_torch     {_ratios(v['+weights'], s)}")
+            print(f"  [256, 8192] +terms k1 / sapo_torch    {_ratios(v['+terms k1'], s)}")
             print(f"  [256, 8192] +terms / sapo_torch       {_ratios(t, s)}")
             print(f"  [256, 8192] +terms / plain+terms      {_ratios(t, v['plain+terms'])}")
             print(
@@ -313,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["plain", "sapo_torch", "+metrics"]
     kinds += [] if args.no_compile else ["compiled", "plain compiled"]
     if args.terms:
-        kinds += ["plain+terms", "+terms", "+terms+metrics", "+terms generic"]
+        kinds += ["plain+terms", "+weights", "+terms k1", "+terms", "+terms+metrics"]
+        kinds += ["+terms generic"]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
         f"sapo, seq-mean-token-mean; {args.rounds} interleaved rounds; {load()} (start)"
