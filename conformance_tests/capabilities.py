@@ -15,7 +15,13 @@ A function under test may carry ``fn.sapo_capabilities`` (the built-in adapters 
         "norm_length": "any",                 # "any" | "T" (only the padded length)
         "temperatures": "any",                # "any" | "tau_neg>=tau_pos"
         "mask_dtype": "bool",                 # "bool" | "float" (0./1. in the case dtype) | "int"
-    }
+        "weights": False,                     # takes per-token weights= (clause 10.1)
+        "kl_estimators": [],                  # ref_logp=, kl_coef=, kl_estimator= with these
+    }                                         # estimators (clause 10.2): k1, k2, k3, low-var-k3
+
+The terms of spec 0.2.0 (clause 10) are opt-in: a target that does not declare ``weights`` or
+a KL estimator is not sent the cases that pass them (nor their error cases, clause 10.4), and
+its reports say so.
 
 A declared limit never fails a case: the cases outside it are skipped with the reason, and
 every report states each limit (:func:`declared_limits`) so that a limited pass is not read as
@@ -39,7 +45,7 @@ from typing import Any
 import sapo_ref
 from sapo_ref import spec
 
-from .cases import DTYPES
+from .cases import DTYPES, KL_ESTIMATORS
 
 __all__ = [
     "CapabilityError",
@@ -63,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     "norm_length": "any",
     "temperatures": "any",
     "mask_dtype": "bool",
+    "weights": False,
+    "kl_estimators": (),
 }
 KNOWN_KEYS: tuple[str, ...] = tuple(DEFAULTS)
 #: Descriptive keys of the built-in adapters' ``CAPABILITIES`` (documentation, not read).
@@ -90,6 +98,7 @@ _NAMES = {
     "loss_aggs": sapo_ref.LOSS_AGG_NAMES,
     "dtypes": DTYPES,
     "advantages": ("sequence", "token"),
+    "kl_estimators": KL_ESTIMATORS,
 }
 
 
@@ -179,7 +188,7 @@ def validate(caps: Any, *, strict: bool = True) -> dict[str, Any]:
     >>> validate({"dtype": ["float32"]})
     Traceback (most recent call last):
     ...
-    sapo_conformance.capabilities.CapabilityError: capabilities: unknown key 'dtype'; known keys: methods, loss_aggs, dtypes, metrics, metrics_option, tolerance_deviations, count_empty_rows, advantages, norm_length, temperatures, mask_dtype
+    sapo_conformance.capabilities.CapabilityError: capabilities: unknown key 'dtype'; known keys: methods, loss_aggs, dtypes, metrics, metrics_option, tolerance_deviations, count_empty_rows, advantages, norm_length, temperatures, mask_dtype, weights, kl_estimators
     """
     if caps is None:
         return {}
@@ -195,12 +204,14 @@ def validate(caps: Any, *, strict: bool = True) -> dict[str, Any]:
             )
         if value is None:
             continue
-        if key in _NAMES:
+        if key == "kl_estimators" and isinstance(value, (list, tuple)) and not value:
+            out[key] = ()  # declared: no KL penalty
+        elif key in _NAMES:
             out[key] = _names(key, value)
-        elif key == "metrics":
+        elif key in ("metrics", "weights"):
             if not isinstance(value, bool):
                 raise CapabilityError(
-                    f"capabilities['metrics'] must be True or False; got {type(value).__name__} "
+                    f"capabilities[{key!r}] must be True or False; got {type(value).__name__} "
                     f"{value!r}"
                 )
             out[key] = value
@@ -258,6 +269,12 @@ def declared_limits(target: Any) -> tuple[str, ...]:
         out.append(f"mask passed as {target.mask_dtype}")
     if not target.metrics:
         out.append("metrics (clause 7.1) not compared")
+    if not target.weights:
+        out.append("weights (clause 10.1) not declared: those cases are not run")
+    if not target.kl_estimators:
+        out.append("KL penalty (clause 10.2) not declared: those cases are not run")
+    elif set(target.kl_estimators) != set(KL_ESTIMATORS):
+        out.append(f"kl_estimators: {', '.join(target.kl_estimators)} only")
     for dtype, dev in target.tolerance_deviations.items():
         judged = dev.get("tolerance") or {k: dev.get(k) for k in ("value", "grad")}
         out.append(

@@ -21,6 +21,7 @@ dtype whose range cannot hold its inputs or the reference's outputs.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,12 @@ __all__ = [
     "materialize",
     "round_to",
     "KINK_DISTANCE",
+    "KL_ESTIMATORS",
+    "CONTRACT_OPTIONS",
+    "resolve",
+    "case_count",
+    "VARIANTS",
+    "ERROR_KINDS",
 ]
 
 #: Dtype names the suite knows, highest precision first.
@@ -59,7 +66,27 @@ CONTRACT_OPTIONS = (
     "eps_high",
     "dual_clip",
     "norm_length",
+    "kl_coef",
+    "kl_estimator",
 )
+#: The KL estimators of clause 10.2, the default (k3) first.
+KL_ESTIMATORS: tuple[str, ...] = tuple(
+    sorted(getattr(sapo_ref, "KL_ESTIMATOR_NAMES", ()), key=lambda k: k != "k3")
+)
+#: Whether this sapo_ref takes the terms of spec 0.2.0 (weights, ref_logp, kl_coef, ...).
+_HAS_TERMS = "ref_logp" in inspect.signature(sapo_ref.policy_loss).parameters
+
+
+def resolve(options: dict[str, Any], *, has_ref_logp: bool = False) -> sapo_ref.LossConfig:
+    """The reference's configuration of a case's options (``count_empty_rows`` included).
+
+    >>> resolve({"method": "grpo"}).eps_low
+    0.2
+    """
+    opts = {k: v for k, v in options.items() if k in (*CONTRACT_OPTIONS, "count_empty_rows")}
+    if has_ref_logp:
+        return sapo_ref.resolve_config(**opts, has_ref_logp=True)
+    return sapo_ref.resolve_config(**opts)
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,10 @@ class Case:
 
     ``fd`` says whether a float64 finite-difference check of the implementation's own gradient
     is meaningful (no infinities, no kinks within reach); ``dtypes`` where the case applies.
+    ``weights`` ([N] or [N, T]; float, bool or int64) and ``ref_logp`` ([N, T]) are the
+    keyword arrays of clause 10 (None: not passed). An error case (``error``, clause 10.4)
+    names the exception the call must raise; ``poison`` says a NaN loss and gradient also
+    conform (a data fault under tracing, clause 8.7).
     """
 
     id: str
@@ -79,6 +110,10 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     fd: bool = True
     dtypes: tuple[str, ...] = DTYPES
+    weights: np.ndarray | None = None
+    ref_logp: np.ndarray | None = None
+    error: str | None = None
+    poison: bool = False
 
     @property
     def method(self) -> str:
@@ -87,6 +122,18 @@ class Case:
     @property
     def loss_agg(self) -> str:
         return self.options.get("loss_agg", spec.DATA["defaults"]["loss_agg"])
+
+    @property
+    def kl_estimator(self) -> str | None:
+        """The estimator the case asks for (the spec's default with ref_logp alone), or None."""
+        if self.ref_logp is None and not {"kl_coef", "kl_estimator"} & set(self.options):
+            return None
+        return self.options.get("kl_estimator", spec.DATA["defaults"].get("kl_estimator"))
+
+    def keyword_arrays(self) -> dict[str, np.ndarray]:
+        """The clause 10 arrays the call passes as keywords."""
+        out = {"weights": self.weights, "ref_logp": self.ref_logp}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -103,6 +150,15 @@ class Materialized:
     want_loss: float
     want_grad: np.ndarray
     want_metrics: dict[str, float]
+    weights: np.ndarray | None = None
+    ref_logp: np.ndarray | None = None
+    #: dL/d ref_logp of the reference (clause 10.3), when the case passes ref_logp.
+    want_ref_grad: np.ndarray | None = None
+
+    def keyword_arrays(self) -> dict[str, np.ndarray]:
+        """The rounded clause 10 arrays the call passes as keywords."""
+        out = {"weights": self.weights, "ref_logp": self.ref_logp}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- rounding
@@ -523,6 +579,217 @@ def _g_no_clamp(rng):  # 6.2: valid |delta| past 20 where a +-20 clamp changes t
     )
 
 
+# ----------------------------------------------------------------------------- clause 10 terms
+
+
+def _weights(
+    rng: np.random.Generator, mask: np.ndarray, layout: str | None = None, kind: str | None = None
+) -> np.ndarray:
+    """Per-token weights (clause 10.1): [N] ("row") or [N, T] ("token"); float (zeros at some
+    valid tokens, values from 1e-6 to 1e4, NaN/inf/negative padding sometimes), bool or int64."""
+    n, t = mask.shape
+    layout = layout or ("token" if rng.random() < 0.6 else "row")
+    shape = (n, t) if layout == "token" else (n,)
+    kind = kind or str(rng.choice(["float", "float", "float", "bool", "int"]))
+    if kind == "bool":
+        return rng.random(shape) < 0.7
+    if kind == "int":
+        return rng.integers(0, 4, size=shape).astype(np.int64)
+    w = rng.uniform(0.1, 2.0, size=shape)
+    w = np.where(rng.random(shape) < 0.15, w * 1e4, w)
+    w = np.where(rng.random(shape) < 0.15, w * 1e-6, w)
+    w[rng.random(shape) < 0.2] = 0.0
+    if layout == "token" and rng.random() < 0.3:  # only valid tokens are checked (clause 10.4)
+        bad = ~mask
+        w[bad] = rng.choice([np.nan, np.inf, -np.inf, -1.0, 1e30], size=int(bad.sum()))
+    return w
+
+
+def _ref_logp(
+    rng: np.random.Generator, lp: np.ndarray, mask: np.ndarray, sigma: float
+) -> np.ndarray:
+    """Reference log-probs ``logp + u`` (u ~ N(0, sigma)); garbage padding sometimes (6.1)."""
+    ref = lp + rng.normal(0.0, sigma, size=lp.shape)
+    return _garbage(rng, ref, mask, bool(rng.random() < 0.3))
+
+
+def _kl(rng: np.random.Generator, estimator: str | None = None) -> dict[str, Any]:
+    """kl_coef and (for k3, the default, only sometimes) kl_estimator."""
+    est = estimator or str(rng.choice(KL_ESTIMATORS))
+    opts: dict[str, Any] = {"kl_coef": float(rng.choice([0.001, 0.04, 0.1, 1.0]))}
+    if est != KL_ESTIMATORS[0] or rng.random() < 0.5:
+        opts["kl_estimator"] = est
+    return opts
+
+
+def _term_opts(rng: np.random.Generator, method: str, t: int) -> dict[str, Any]:
+    opts = _opts(rng, method, t)
+    if method in ("gspo", "gspo-token"):  # a band wide enough that gradients flow
+        opts.update({"eps_low": 0.2, "eps_high": 0.28})
+    return opts
+
+
+def _g_weights(rng):  # 10.1: per-token weights, [N] and [N, T], float/bool/int, zeros, large/small
+    lp, old, adv, m = _batch(rng, sigma=0.4)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    opts = _term_opts(rng, method, m.shape[1])
+    return dict(
+        inputs=(lp, old, adv, m),
+        options=opts,
+        weights=_weights(rng, m),
+        extra=(spec.METHODS[method].clause, spec.LOSS_AGGS[opts["loss_agg"]].clause),
+    )
+
+
+def _g_kl(rng, estimator):  # 10.2: the KL penalty with each estimator, with or without weights
+    lp, old, adv, m = _batch(rng, sigma=0.4)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    opts = {**_term_opts(rng, method, m.shape[1]), **_kl(rng, estimator)}
+    ref = _ref_logp(rng, lp, m, float(rng.choice([0.05, 0.3, 1.0])))
+    w = _weights(rng, m) if rng.random() < 0.4 else None
+    return dict(
+        inputs=(lp, old, adv, m),
+        options=opts,
+        weights=w,
+        ref_logp=ref,
+        extra=("10.3", spec.METHODS[method].clause),
+    )
+
+
+def _g_terms_grad(rng):  # 10.3: weights and KL together; sequence methods spread the gradient
+    lp, old, adv, m = _batch(rng, sigma=0.3)
+    method = _pick(rng, ("gspo", "gspo", "sapo-seq", "gspo-token", "sapo", "grpo"))
+    opts = {**_term_opts(rng, method, m.shape[1]), **_kl(rng)}
+    return dict(
+        inputs=(lp, old, adv, m),
+        options=opts,
+        weights=_weights(rng, m, kind="float"),
+        ref_logp=_ref_logp(rng, lp, m, 0.3),
+        extra=("10.1", "10.2", spec.METHODS[method].clause),
+    )
+
+
+#: The errors of clause 10.4, one case each: (raised type, whether a NaN result also conforms
+#: because it is a data fault a traced call poisons instead, clause 8.7).
+ERROR_KINDS: dict[str, tuple[str, bool]] = {
+    "weights-shape": ("ValueError", False),
+    "weights-nan": ("ValueError", True),
+    "weights-inf": ("ValueError", True),
+    "weights-negative": ("ValueError", True),
+    "ref-logp-shape": ("ValueError", False),
+    "ref-logp-nan": ("ValueError", True),
+    "ref-logp-inf-minus-inf": ("ValueError", True),
+    "ref-logp-without-kl-coef": ("ValueError", False),
+    "kl-coef-without-ref-logp": ("ValueError", False),
+    "kl-estimator-without-ref-logp": ("ValueError", False),
+    "kl-estimator-unknown": ("ValueError", False),
+    "kl-coef-negative": ("ValueError", False),
+    "kl-coef-nan": ("ValueError", False),
+    "kl-coef-too-large": ("ValueError", False),
+}
+
+
+def _g_errors(rng, kind):  # 10.4: every error of the added inputs
+    lp, old, adv, m = _batch(rng, sigma=0.3)
+    method = _pick(rng, sapo_ref.METHOD_NAMES)
+    opts = _term_opts(rng, method, m.shape[1])
+    n, t = m.shape
+    valid = np.argwhere(m)
+    at = tuple(valid[rng.integers(len(valid))])
+    w = ref = None
+    beta = {"kl_coef": 0.1}
+    if kind.startswith("weights-"):
+        w = np.ones((n, t + 1)) if kind == "weights-shape" else rng.uniform(0.5, 1.5, size=(n, t))
+        if kind != "weights-shape":
+            w[at] = {"weights-nan": np.nan, "weights-inf": np.inf, "weights-negative": -0.5}[kind]
+    elif kind.startswith("ref-logp-"):
+        ref = lp + rng.normal(0.0, 0.3, size=lp.shape)
+        if kind == "ref-logp-shape":
+            ref = ref[:, :-1]
+        elif kind == "ref-logp-nan":
+            ref[at] = np.nan
+        elif kind == "ref-logp-inf-minus-inf":
+            lp[at] = ref[at] = -np.inf
+        if kind != "ref-logp-without-kl-coef":
+            opts.update(beta)
+    elif kind == "kl-coef-without-ref-logp":
+        opts.update(beta)
+    elif kind == "kl-estimator-without-ref-logp":
+        opts["kl_estimator"] = "k1"
+    else:
+        ref = lp + rng.normal(0.0, 0.3, size=lp.shape)
+        bad = {"kl-coef-negative": -0.1, "kl-coef-nan": np.nan, "kl-coef-too-large": 2e6}
+        if kind == "kl-estimator-unknown":
+            opts.update({**beta, "kl_estimator": "k4"})
+        else:
+            opts["kl_coef"] = bad[kind]
+    error, poison = ERROR_KINDS[kind]
+    return dict(
+        inputs=(lp, old, adv, m),
+        options=opts,
+        weights=w,
+        ref_logp=ref,
+        error=error,
+        poison=poison,
+        fd=False,
+        dtypes=("float64", "float32"),
+    )
+
+
+#: Kinds of clause 10.5 cases: k3 and its clipped form at tiny |u| (the series) and at large |u|
+#: (overflow, the clip at 10), infinite u with any estimator, and beta = 0 beside infinite k.
+NUMERICS_KINDS = (
+    "k3-small-u",
+    "low-var-k3-small-u",
+    "k3-large-u",
+    "low-var-k3-large-u",
+    "infinite-u",
+    "beta-0",
+)
+_SMALL_U = np.array([1e-9, 1e-6, 1e-4, 1e-2, 0.3, 0.49, 0.51, 2.0])
+_LARGE_U = np.array([30.0, 90.0, 200.0, 700.0, 710.5, 800.0, 1e4])
+
+
+def _g_kl_numerics(rng, kind):  # 10.5: k3 near u = 0, overflow, low-var clip, infinities
+    lp, old, adv, m = _batch(rng, sigma=0.3)
+    method = _pick(rng, ("sapo", "grpo", "sapo-seq", "gspo"))
+    opts = _term_opts(rng, method, m.shape[1])
+    shape = lp.shape
+    sign = rng.choice([-1.0, 1.0], size=shape)
+    u = rng.normal(0.0, 0.3, size=shape)
+    pick = m & (rng.random(shape) < 0.5)
+    fd = False
+    if kind.endswith("-small-u"):
+        est = kind.removesuffix("-small-u")
+        u = sign * rng.choice(_SMALL_U, size=shape)
+        opts["kl_coef"] = float(rng.choice([1e3, 1e6]))  # the KL term dominates the loss
+        if rng.random() < 0.5:
+            adv = np.zeros_like(adv)
+        fd = True
+    else:
+        est = kind.removesuffix("-large-u") if kind.endswith("-large-u") else ""
+        est = est or str(rng.choice(KL_ESTIMATORS))
+        opts["kl_coef"] = float(rng.choice([0.01, 0.1, 1.0]))
+        if kind.endswith("-large-u"):
+            u = np.where(pick, sign * rng.choice(_LARGE_U, size=shape), u)
+    ref = lp + u
+    if kind in ("infinite-u", "beta-0"):
+        if rng.random() < 0.5:  # u = -inf: the reference policy gives the token no mass
+            ref = np.where(pick, -np.inf, ref)
+        else:  # u = +inf: the current policy does
+            lp = np.where(pick, -np.inf, lp)
+        if kind == "beta-0":
+            opts["kl_coef"] = 0.0
+    opts["kl_estimator"] = est
+    return dict(
+        inputs=(_clean(lp, m), _clean(old, m), _clean(adv, m), m),
+        options=opts,
+        ref_logp=_clean(ref, m),
+        fd=fd,
+        extra=("10.2",),
+    )
+
+
 GENERATORS: dict[str, Gen] = {
     "1.5": _g_adv_per_token,
     "1.6": _g_tau_select,
@@ -550,6 +817,21 @@ GENERATORS: dict[str, Gen] = {
     "6.2": _g_no_clamp,
     "6.3": _g_sapo_extreme,
 }
+#: Clauses whose generator takes a second argument, one of these variants: each draws half its
+#: ``per_clause`` cases (at least one) per variant, 10.4 one case per error whatever
+#: ``per_clause`` (every variant is a configuration a compiling backend builds anew).
+VARIANTS: dict[str, tuple[str, ...]] = {}
+if _HAS_TERMS:  # the terms of spec 0.2.0 (a sapo_ref without them has no reference for them)
+    GENERATORS.update(
+        {
+            "10.1": _g_weights,
+            "10.2": _g_kl,
+            "10.3": _g_terms_grad,
+            "10.4": _g_errors,
+            "10.5": _g_kl_numerics,
+        }
+    )
+    VARIANTS.update({"10.2": KL_ESTIMATORS, "10.4": tuple(ERROR_KINDS), "10.5": NUMERICS_KINDS})
 
 
 def generate_cases(
@@ -596,21 +878,49 @@ def generate_cases(
         for index, (cid, gen) in enumerate(GENERATORS.items()):
             if clauses is not None and cid not in clauses:
                 continue
-            for k in range(per_clause):
-                rng = np.random.default_rng([seed, index, k])
-                try:
-                    d = gen(rng)
-                except _NotApplicable:
-                    break  # the clause cannot apply to this subset: no case for any k
-                out.append(_case(f"{cid}-{k:02d}", cid, d))
+            variants = VARIANTS.get(cid)
+            if variants is None:
+                for k in range(per_clause):
+                    rng = np.random.default_rng([seed, index, k])
+                    try:
+                        d = gen(rng)
+                    except _NotApplicable:
+                        break  # the clause cannot apply to this subset: no case for any k
+                    out.append(_case(f"{cid}-{k:02d}", cid, d))
+                continue
+            count = case_count(cid, per_clause) // len(variants)
+            for j, variant in enumerate(variants):
+                for k in range(count):
+                    rng = np.random.default_rng([seed, index, k, j])
+                    try:
+                        d = gen(rng, variant)
+                    except _NotApplicable:
+                        break
+                    out.append(_case(f"{cid}-{variant}-{k:02d}", cid, d))
     finally:
         _SUBSET.clear()
         _SUBSET.update(saved)
     return out
 
 
+def case_count(clause: str, per_clause: int) -> int:
+    """How many cases :func:`generate_cases` draws for ``clause`` (when it applies at all).
+
+    >>> case_count("2.1", 2), case_count("10.2", 2), case_count("10.2", 6), case_count("10.4", 6)
+    (2, 4, 12, 14)
+    >>> case_count("10.5", 2)
+    6
+    """
+    variants = VARIANTS.get(clause)
+    if variants is None or per_clause <= 0:
+        return per_clause if variants is None else 0
+    each = 1 if clause == "10.4" else max(1, per_clause // 2)
+    return len(variants) * each
+
+
 def _case(case_id: str, clause: str, d: dict[str, Any]) -> Case:
     lp, old, adv, m = (np.asarray(a) for a in d["inputs"])
+    w, ref = d.get("weights"), d.get("ref_logp")
     return Case(
         id=case_id,
         clauses=tuple(dict.fromkeys((clause, *d.get("extra", ())))),
@@ -620,6 +930,16 @@ def _case(case_id: str, clause: str, d: dict[str, Any]) -> Case:
         mask=m.astype(bool),
         options=dict(d["options"]),
         fd=d.get("fd", True),
+        dtypes=tuple(d.get("dtypes", DTYPES)),
+        # bool and integer weights keep their dtype: the call passes them as they are (10.1)
+        weights=None
+        if w is None
+        else np.asarray(w)
+        if np.asarray(w).dtype.kind in "biu"
+        else np.asarray(w, np.float64),
+        ref_logp=None if ref is None else np.asarray(ref, np.float64),
+        error=d.get("error"),
+        poison=bool(d.get("poison", False)),
     )
 
 
@@ -632,6 +952,12 @@ def _num(x: Any) -> Any:
     if isinstance(x, list):
         return [_num(v) for v in x]
     return x
+
+
+def _golden_array(x: Any) -> np.ndarray:
+    """A vector's weights (bool, integer or float as written) or ref_logp."""
+    a = np.asarray(_num(x))
+    return a if a.dtype.kind in "biu" else a.astype(np.float64)
 
 
 def golden_cases() -> list[Case]:
@@ -664,7 +990,9 @@ def golden_cases() -> list[Case]:
                     np.asarray(_num(inp[k]), np.float64) for k in ("logp", "old_logp", "advantages")
                 )
                 mask = np.asarray(_num(inp["mask"])).astype(bool)
-                sapo_ref.policy_loss(lp, old, adv, mask, **opts)  # error vectors are not for us
+                terms = {k: _golden_array(inp[k]) for k in ("weights", "ref_logp") if k in inp}
+                # error vectors are not for us (clause 10.4's error cases are generated)
+                _reference(lp, old, adv, mask, opts, **terms)
             except Exception:
                 continue
             case = Case(
@@ -678,6 +1006,7 @@ def golden_cases() -> list[Case]:
                 # float64 goldens; extreme temperatures a finite difference cannot resolve
                 fd=False,
                 dtypes=("float64",),
+                **terms,
             )
             out.append(case)
             twin = _clean_twin(case)
@@ -697,6 +1026,9 @@ def _clean_twin(case: Case) -> Case | None:
     garbage = ~case.mask & (
         ~np.isfinite(case.logp) | ~np.isfinite(case.old_logp) | ~np.isfinite(full_adv)
     )
+    for a in case.keyword_arrays().values():
+        if a.dtype.kind == "f" and a.shape == case.mask.shape:
+            garbage |= ~case.mask & ~np.isfinite(a)
     if not garbage.any():
         return None
     with np.errstate(all="ignore"):
@@ -715,6 +1047,7 @@ def _clean_twin(case: Case) -> Case | None:
         options=dict(case.options),
         fd=False,
         dtypes=case.dtypes,
+        **{k: _clean(v, case.mask) for k, v in case.keyword_arrays().items()},
     )
 
 
@@ -725,7 +1058,7 @@ def _kink_free(
     case: Case, lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray
 ) -> np.ndarray:
     """``lp`` with every clip-method ratio within KINK_DISTANCE of a kink set on-policy."""
-    cfg = sapo_ref.resolve_config(**case.options)
+    cfg = resolve(case.options, has_ref_logp=case.ref_logp is not None)
     if cfg.is_soft:
         return lp
     kinks = [1.0 + cfg.eps_high]
@@ -753,7 +1086,7 @@ def _kink_free(
 def _ratio_beyond_float32(case: Case, lp, old, adv, mask) -> bool:
     """Whether a clip-method term r*A has a finite r that float32 cannot hold (clause 6.3 makes
     it +inf in float32, a finite number in the float64 reference): low precision skips it."""
-    cfg = sapo_ref.resolve_config(**case.options)
+    cfg = resolve(case.options, has_ref_logp=case.ref_logp is not None)
     if cfg.is_soft:
         return False
     with np.errstate(all="ignore"):
@@ -769,13 +1102,62 @@ def _ratio_beyond_float32(case: Case, lp, old, adv, mask) -> bool:
 
 
 def _reference(
-    lp: np.ndarray, old: np.ndarray, adv: np.ndarray, mask: np.ndarray, options: dict
+    lp: np.ndarray,
+    old: np.ndarray,
+    adv: np.ndarray,
+    mask: np.ndarray,
+    options: dict,
+    **arrays: np.ndarray,
 ) -> Any:
     import warnings
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        return sapo_ref.policy_loss(lp, old, adv, mask, **options)
+        return sapo_ref.policy_loss(lp, old, adv, mask, **options, **arrays)
+
+
+def _ref_grad(lp, old, adv, mask, options, arrays) -> np.ndarray:
+    """dL/d ref_logp = -(the KL part of dL/d logp) (clause 10.3), from the reference's pieces."""
+    cfg = resolve(options, has_ref_logp=True)
+    norm = sapo_ref.normalizer(mask, count_empty_rows=cfg.count_empty_rows)
+    lp, old, adv = (np.asarray(a, np.float64) for a in (lp, old, adv))  # evaluate is in float64
+    arrays = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    with np.errstate(all="ignore"):
+        ev = sapo_ref.evaluate(lp, old, adv, mask, cfg, norm, **arrays)
+    if ev.kl_grad is None:  # beta = 0: the term adds nothing, its gradient included
+        return np.zeros(mask.shape)
+    return -np.asarray(ev.kl_grad, np.float64)
+
+
+def _kl_beyond_float32(case: Case, lp: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether a finite KL value k(u) at a valid token is beyond float32's range (clause 10.5
+    makes it +inf in a float32 computation, a finite number in the float64 reference)."""
+    with np.errstate(all="ignore"):
+        u = np.where(mask, ref.astype(np.float64) - lp.astype(np.float64), 0.0)
+        k, _ = sapo_ref.kl_penalty(u, case.kl_estimator)
+    k = np.asarray(k, np.float64)
+    return bool(np.any(mask & np.isfinite(k) & (np.abs(k) > float(np.finfo(np.float32).max) / 4)))
+
+
+def _per_token(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``a`` ([N] or [N, T]) broadcast to the mask's [N, T]."""
+    return np.broadcast_to(a if a.ndim == 2 else a[:, None], mask.shape)
+
+
+def _round_weights(w: np.ndarray, dtype: str) -> np.ndarray:
+    return w if w.dtype.kind in "biu" else round_to(w, dtype)
+
+
+def _expect_error(case: Case, lp, old, adv, mask, arrays) -> str | None:
+    """An error case: None when the reference raises the case's error, else why not (a suite
+    fault: the case is then not run, and the suite's own tests fail on it)."""
+    try:
+        _reference(lp, old, adv, mask, case.options, **arrays)
+    except Exception as err:  # the type is checked by name: the clause names it
+        if case.error in [c.__name__ for c in type(err).__mro__]:
+            return None
+        return f"the reference raises {type(err).__name__}, not {case.error}: {err}"
+    return f"the reference does not raise {case.error}"
 
 
 def materialize(case: Case, dtype: str) -> Materialized | str:
@@ -791,9 +1173,26 @@ def materialize(case: Case, dtype: str) -> Materialized | str:
     if dtype not in case.dtypes:
         return f"the case is checked in {', '.join(case.dtypes)} only"
     lp, old, adv = (round_to(a, dtype) for a in (case.logp, case.old_logp, case.advantages))
+    arrays: dict[str, np.ndarray] = {}
+    if case.weights is not None:
+        arrays["weights"] = _round_weights(case.weights, dtype)
+    if case.ref_logp is not None:
+        arrays["ref_logp"] = round_to(case.ref_logp, dtype)
     mask = case.mask
-    for name, orig, rounded in (("logp", case.logp, lp), ("old_logp", case.old_logp, old)):
-        if np.any(mask & np.isfinite(orig) & ~np.isfinite(rounded)):
+    if case.error is not None:
+        why = _expect_error(case, lp, old, adv, mask, arrays)
+        if why:
+            raise RuntimeError(f"case {case.id}: {why}")
+        return Materialized(
+            case, dtype, lp, old, adv, mask, math.nan, np.zeros(mask.shape), {}, **arrays
+        )
+    originals = {"logp": case.logp, "old_logp": case.old_logp, **case.keyword_arrays()}
+    rounded = {"logp": lp, "old_logp": old, **arrays}
+    for name, orig in originals.items():
+        if orig.dtype.kind in "biu":  # bool and integer weights are passed exactly
+            continue
+        full, got = (_per_token(a, mask) for a in (orig, rounded[name]))
+        if np.any(mask & np.isfinite(full) & ~np.isfinite(got)):
             return f"{name} is out of the range of {dtype}"
     adv_full = np.broadcast_to(adv if adv.ndim == 2 else adv[:, None], mask.shape)
     if np.any(mask & ~np.isfinite(adv_full)):
@@ -801,12 +1200,20 @@ def materialize(case: Case, dtype: str) -> Materialized | str:
     lp = _kink_free(case, lp, old, adv, mask)
     if dtype != "float64" and _ratio_beyond_float32(case, lp, old, adv, mask):
         return f"a finite ratio beyond float32's range (the compute dtype of {dtype}) enters the result"
+    if dtype != "float64" and "ref_logp" in arrays:
+        if _kl_beyond_float32(case, lp, arrays["ref_logp"], mask):
+            return f"a finite KL value beyond float32's range (the compute dtype of {dtype}) enters the result"
     try:
-        res = _reference(lp, old, adv, mask, case.options)
+        res = _reference(lp, old, adv, mask, case.options, **arrays)
     except ValueError as err:  # rounding made a row undefined (clause 5.5)
         return f"undefined in {dtype}: {err}"
+    ref_grad = None
+    if "ref_logp" in arrays:
+        ref_grad = _ref_grad(lp, old, adv, mask, case.options, arrays)
     top = _max_finite(dtype)
-    outs = np.concatenate([[res.loss], res.grad.ravel()])
+    outs = np.concatenate(
+        [[res.loss], np.ravel(res.grad)] + ([] if ref_grad is None else [ref_grad.ravel()])
+    )
     if np.any(np.isfinite(outs) & (np.abs(outs) > top)):
         return f"the reference's outputs exceed the range of {dtype}"
     return Materialized(
@@ -819,4 +1226,6 @@ def materialize(case: Case, dtype: str) -> Materialized | str:
         float(res.loss),
         np.asarray(res.grad, np.float64),
         dict(res.metrics),
+        want_ref_grad=ref_grad,
+        **arrays,
     )

@@ -39,7 +39,7 @@ import numpy as np
 import sapo_ref
 from sapo_ref import spec
 
-from .cases import CONTRACT_OPTIONS, Materialized
+from .cases import CONTRACT_OPTIONS, Materialized, resolve
 from .compare import compare
 from .drivers import Outcome
 
@@ -144,6 +144,10 @@ class Plan:
     gradient still flows), ``log_x_bounds`` clamps a sequence method's row log-ratio,
     ``gate_maps`` edit (term factor, d term / d log x), ``value`` is ``"term"`` (the loss is
     -sum c A f) or ``"logp"`` (-sum c A sg(f) logp), ``posts`` edit the final (loss, grad).
+    The clause 10 terms: ``weights`` (float64, or None) scale the policy term; the KL term is
+    computed from the case's own logp and ``ref_logp`` (a log-ratio edit does not reach it),
+    with ``kl_weighted`` (times the weights too), ``kl_dropped`` and ``counts_from_weights``
+    (tokens of weight 0 leave the mask) as the deviations' switches.
     """
 
     m: Materialized
@@ -158,14 +162,16 @@ class Plan:
     precision: str | None = None
     #: Config fields set past resolve_config's domain checks (a float32-rounded 1e-6 is < 1e-6).
     overrides: dict[str, Any] = field(default_factory=dict)
+    weights: np.ndarray | None = None
+    kl_weighted: bool = False
+    kl_dropped: bool = False
+    counts_from_weights: bool = False
     _config: Any = None
 
     @property
     def config(self) -> sapo_ref.LossConfig:
         if self._config is None:
-            cfg = sapo_ref.resolve_config(
-                **{k: v for k, v in self.options.items() if k in _CONFIG_KEYS}
-            )
+            cfg = resolve(self.options, has_ref_logp=self.m.ref_logp is not None)
             self._config = dataclasses.replace(cfg, **self.overrides) if self.overrides else cfg
         return self._config
 
@@ -210,7 +216,31 @@ def _compute_log_max(m: Materialized) -> float:
 
 def build_plan(m: Materialized, options: dict) -> Plan:
     """The reference's plan for a case (no deviation yet)."""
-    return Plan(m, dict(options), _f64(m)[2])
+    w = None if m.weights is None else np.asarray(m.weights, np.float64)
+    return Plan(m, dict(options), _f64(m)[2], weights=w)
+
+
+def _token_weights(plan: Plan, rows: slice, mask: np.ndarray) -> np.ndarray:
+    """The plan's weights [N, T] on ``rows`` (1 where absent)."""
+    if plan.weights is None:
+        return np.ones(mask.shape)
+    return _full(plan.weights[rows], mask)
+
+
+def _kl_part(
+    plan: Plan, rows: slice, mask: np.ndarray, c: np.ndarray
+) -> tuple[float, np.ndarray] | None:
+    """The KL term of clause 10.2 (loss, d/d logp) with aggregation weights ``c``, from the
+    case's own logp and ref_logp; None when the plan has none (or beta = 0)."""
+    cfg = plan.config
+    if plan.m.ref_logp is None or plan.kl_dropped or not cfg.has_kl:
+        return None
+    lp, ref = _f64(plan.m)[0][rows], np.asarray(plan.m.ref_logp, np.float64)[rows]
+    u = np.where(mask, ref, 0.0) - np.where(mask, lp, 0.0)
+    k, dk = sapo_ref.kl_penalty(u, cfg.kl_estimator)
+    bc = cfg.kl_coef * c * (_token_weights(plan, rows, mask) if plan.kl_weighted else 1.0)
+    loss = float(np.sum(np.where(mask, bc * k, 0.0)))
+    return loss, np.where(mask, bc * dk, 0.0)
 
 
 def _evaluate(
@@ -220,28 +250,39 @@ def _evaluate(
     adv: np.ndarray,
     mask: np.ndarray,
     logp_value: np.ndarray,
-) -> tuple[float, np.ndarray]:
-    cfg = plan.config
+    rows: slice = slice(None),
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(loss, the policy term's gradient, the KL term's gradient) of the plan on ``rows``."""
+    cfg = dataclasses.replace(plan.config, kl_coef=None, kl_estimator=None)  # policy term only
+    w = None if plan.weights is None else plan.weights[rows]
+    if plan.counts_from_weights and w is not None:
+        mask = mask & (_full(w, mask) != 0)
     norm = sapo_ref.normalizer(mask, count_empty_rows=cfg.count_empty_rows)
-    ev = sapo_ref.evaluate(lp, old, adv, mask, cfg, norm)
+    ev = sapo_ref.evaluate(lp, old, adv, mask, cfg, norm, weights=w)
+    kl = _kl_part(plan, rows, mask, np.asarray(ev.weights, np.float64))
     if not plan.gate_maps and plan.value == "term":
-        return float(ev.loss), np.asarray(ev.grad, np.float64)
-    # The reference's own per-token pieces with the term factor and its log-derivative replaced.
-    p = ev.prepared
-    g, dlog = (ev.gate.f, ev.gate.dlog) if cfg.is_soft else (ev.gate.g, ev.gate.dlog)
-    for change in plan.gate_maps:
-        g, dlog = change(ev, cfg, g, dlog)
-    term = np.where(p.valid, p.adv * g, 0.0)
-    if plan.value == "logp":
-        term = np.where(p.valid, term * np.where(p.valid, logp_value, 0.0), 0.0)
-    loss = -float(np.sum(ev.weights * term))
-    coef = np.where(p.valid, ev.weights * p.adv * dlog, 0.0)
-    if cfg.spreads_gradient and plan.value != "logp":  # d(sg(f) logp_t)/d logp_t: own token only
-        row = coef.sum(axis=1) / np.maximum(p.lengths, 1.0)
-        grad = np.where(p.valid, -row[:, None], 0.0)
+        loss, grad = float(ev.loss), np.asarray(ev.grad, np.float64)
     else:
-        grad = np.where(p.valid, -coef, 0.0)
-    return loss, grad
+        # The reference's own per-token pieces with the term factor and its log-derivative
+        # replaced.
+        p = ev.prepared
+        g, dlog = (ev.gate.f, ev.gate.dlog) if cfg.is_soft else (ev.gate.g, ev.gate.dlog)
+        for change in plan.gate_maps:
+            g, dlog = change(ev, cfg, g, dlog)
+        scale = _token_weights(plan, rows, mask)
+        term = np.where(p.valid, p.adv * g, 0.0)
+        if plan.value == "logp":
+            term = np.where(p.valid, term * np.where(p.valid, logp_value, 0.0), 0.0)
+        loss = -float(np.sum(np.where(p.valid, ev.weights * scale * term, 0.0)))
+        coef = np.where(p.valid, ev.weights * scale * p.adv * dlog, 0.0)
+        if cfg.spreads_gradient and plan.value != "logp":  # d(sg(f) logp_t)/d logp_t: own token
+            row = coef.sum(axis=1) / np.maximum(p.lengths, 1.0)
+            grad = np.where(p.valid, -row[:, None], 0.0)
+        else:
+            grad = np.where(p.valid, -coef, 0.0)
+    if kl is None:
+        return loss, grad, np.zeros(grad.shape)
+    return loss + kl[0], grad, kl[1]
 
 
 def evaluate_plan(plan: Plan, got: Outcome | None = None) -> tuple[float | None, np.ndarray | None]:
@@ -266,14 +307,16 @@ def evaluate_plan(plan: Plan, got: Outcome | None = None) -> tuple[float | None,
         if plan.micro:
             half = (mask.shape[0] + 1) // 2
             parts = [
-                _evaluate(plan, lp_e[s], old_e[s], adv[s], mask[s], lp[s])
+                _evaluate(plan, lp_e[s], old_e[s], adv[s], mask[s], lp[s], s)
                 for s in (slice(0, half), slice(half, None))
             ]
             loss = float(np.mean([p[0] for p in parts]))
-            grad = np.concatenate([p[1] for p in parts]) / 2.0
+            grad, grad_kl = (np.concatenate([p[i] for p in parts]) / 2.0 for i in (1, 2))
         else:
-            loss, grad = _evaluate(plan, lp_e, old_e, adv, mask, lp)
-        grad = np.where(keep, grad, 0.0)
+            loss, grad, grad_kl = _evaluate(plan, lp_e, old_e, adv, mask, lp)
+        # A log-ratio edit (a clamp) stops the policy term's gradient only: the KL term sees
+        # logp itself.
+        grad = np.where(keep, grad, 0.0) + grad_kl
         out: tuple[float | None, np.ndarray | None] = (loss, grad)
         for post in plan.posts:
             out = post(plan, out[0], out[1], got)
@@ -325,7 +368,7 @@ def _set_option(plan: Plan, **new) -> bool:
     if "loss_agg" in new and "norm_length" in opts and new["loss_agg"] != "seq-mean-token-sum-norm":
         opts.pop("norm_length")
     try:
-        after = sapo_ref.resolve_config(**{k: v for k, v in opts.items() if k in _CONFIG_KEYS})
+        after = resolve(opts, has_ref_logp=plan.m.ref_logp is not None)
     except (ValueError, TypeError):
         return False
     if plan.overrides:
@@ -705,6 +748,79 @@ def constant_factor(plan: Plan, param: dict) -> bool:
     return True
 
 
+def _valid_weights(plan: Plan) -> np.ndarray | None:
+    if plan.weights is None:
+        return None
+    return np.where(plan.m.mask, _full(plan.weights, plan.m.mask), 1.0)
+
+
+def weights_ignored(plan: Plan, param: dict) -> bool:
+    """The weights not applied (w = 1): a shim that drops them."""
+    w = _valid_weights(plan)
+    if w is None or np.all(w == 1.0):
+        return False
+    plan.weights = None
+    return True
+
+
+def weights_change_counts(plan: Plan, param: dict) -> bool:
+    """Weights folded into the mask: tokens of weight 0 leave the counts (and the KL term)."""
+    w = _valid_weights(plan)
+    if w is None or not np.any(plan.m.mask & (w == 0)):
+        return False
+    plan.counts_from_weights = True
+    return True
+
+
+def _kl_values(plan: Plan, estimator: str) -> np.ndarray | None:
+    if plan.m.ref_logp is None or not plan.config.has_kl:
+        return None
+    lp, ref, mask = _f64(plan.m)[0], np.asarray(plan.m.ref_logp, np.float64), plan.m.mask
+    with np.errstate(all="ignore"):
+        u = np.where(mask, ref, 0.0) - np.where(mask, lp, 0.0)
+        return np.where(mask, np.asarray(sapo_ref.kl_penalty(u, estimator)[0]), 0.0)
+
+
+def kl_on_weights(plan: Plan, param: dict) -> bool:
+    """The KL term multiplied by the per-token weights too."""
+    w = _valid_weights(plan)
+    k = _kl_values(plan, plan.config.kl_estimator or "k3")
+    if w is None or k is None or np.all((w == 1.0) | (k == 0.0)):
+        return False
+    plan.kl_weighted = True
+    return True
+
+
+def kl_dropped(plan: Plan, param: dict) -> bool:
+    """The KL term left out of the loss (ref_logp and kl_coef ignored)."""
+    k = _kl_values(plan, plan.config.kl_estimator or "k3")
+    if k is None or not np.any(k != 0.0):
+        return False
+    plan.kl_dropped = True
+    return True
+
+
+def kl_other_estimator(plan: Plan, param: dict) -> bool:
+    """Another estimator than the one asked (``estimator``), e.g. k1 where k3 was asked."""
+    cfg = plan.config
+    est = param.get("estimator", "k1")
+    if cfg.kl_estimator in (None, est) or _kl_values(plan, est) is None:
+        return False
+    plan.overrides["kl_estimator"] = est
+    plan._config = dataclasses.replace(cfg, kl_estimator=est)
+    return True
+
+
+def kl_k3_clamped(plan: Plan, param: dict) -> bool:
+    """k3 asked, the low-variance (clipped at 10) k3 computed: differs where k3 > 10."""
+    if plan.config.kl_estimator != "k3":
+        return False
+    k = _kl_values(plan, "k3")
+    if k is None or not np.any(k > spec.DATA["numerics"]["kl_clip"]):
+        return False
+    return kl_other_estimator(plan, {"estimator": "low-var-k3"})
+
+
 MODELS: dict[str, Model] = {
     f.__name__: f
     for f in (
@@ -735,6 +851,12 @@ MODELS: dict[str, Model] = {
         sum_instead_of_mean,
         sign_flipped,
         constant_factor,
+        weights_ignored,
+        weights_change_counts,
+        kl_on_weights,
+        kl_dropped,
+        kl_other_estimator,
+        kl_k3_clamped,
     )
 }
 
@@ -767,6 +889,12 @@ STAGE: dict[str, int] = {
     "zero_adv_nan": 7,
     "empty_batch_nan": 8,
     "nan_through_mask": 9,
+    "weights_ignored": 0,
+    "weights_change_counts": 0,
+    "kl_on_weights": 0,
+    "kl_dropped": 0,
+    "kl_other_estimator": 1,
+    "kl_k3_clamped": 1,
 }
 
 
@@ -774,7 +902,7 @@ def _dual_clip_fit(m: Materialized, options: dict, got: Outcome) -> list[dict]:
     """The dual-clip constant from one grpo case: between the ratios of A < 0 tokens whose
     gradient the implementation kept and those it zeroed, then solved from the loss (the loss
     is affine in c while the set of dual-clipped tokens does not change)."""
-    cfg = sapo_ref.resolve_config(**options)
+    cfg = resolve(options, has_ref_logp=m.ref_logp is not None)
     if cfg.method != "grpo" or cfg.dual_clip is not None or not np.isfinite(got.loss):
         return []
     mask, adv, delta = m.mask, _full(_f64(m)[2], m.mask), _delta(m)
@@ -804,7 +932,7 @@ def _clamp_fit(m: Materialized, options: dict, got: Outcome) -> list[dict]:
     """A symmetric clamp bound from one token-ratio case: the smallest |delta| whose gradient the
     implementation zeroed bounds it from above, the largest kept one from below; the bound is
     then found by bisection on the loss."""
-    cfg = sapo_ref.resolve_config(**options)
+    cfg = resolve(options, has_ref_logp=m.ref_logp is not None)
     if cfg.sequence_value or not np.isfinite(got.loss):
         return []
     mask, delta = m.mask, _delta(m)
@@ -882,7 +1010,10 @@ def candidate_params(
 
 
 def compose(m: Materialized, options: dict, applied: tuple[Applied, ...]) -> Plan | None:
-    """The plan of ``applied`` on a case (stage order), or None if one of them changes nothing."""
+    """The plan of ``applied`` on a case (stage order), or None if one of them changes nothing
+    (or the case is an error case: no numbers to model)."""
+    if m.case.error is not None:
+        return None
     plan = build_plan(m, options)
     order = {d.id: i for i, d in enumerate(CATALOGUE)}
     for a in sorted(applied, key=lambda a: (STAGE[a.deviation.model], order[a.deviation.id])):

@@ -19,7 +19,14 @@ A driver subclasses :class:`Driver` and implements its hooks only:
 - ``value_and_vjp(f, x, cotangent) -> (loss, grad, aux)``: ``f(x)`` is the function's raw
   output (a loss, or a tuple ``(loss, aux, ...)``); ``grad`` is the pullback of ``cotangent``
   to ``x`` by the framework's autodiff, ``aux`` the tuple's second item or None;
-- ``value(f, x)``: the loss alone (for the finite-difference check).
+- ``value(f, x)``: the loss alone (for the finite-difference check);
+- optionally ``value_and_vjp_many(f, xs, cotangent) -> (loss, grads, aux)``: the same with a
+  list of inputs (``f(xs)``; ``[logp, ref_logp]`` for the KL penalty of clause 10.2), so that
+  the gradient of ``ref_logp`` (clause 10.3) is checked too; a driver without it is still run
+  on those cases, its ``ref_logp`` gradient unchecked.
+
+The clause 10 arrays (``weights``, ``ref_logp``) reach the function as keywords; ``weights``
+keeps bool and integer dtypes (clause 10.1), float weights and ``ref_logp`` take the case's.
 
 The base class implements the rest once, for every driver (:meth:`Driver.run`,
 :meth:`Driver.loss_at`): fresh input copies per call, the mask in the declared dtype, the
@@ -81,6 +88,8 @@ class Outcome:
     grad: np.ndarray
     metrics: dict[str, float] | None
     grad_dtype: str
+    #: dL/d ref_logp through the framework's autodiff (clause 10.3); None where not taken.
+    ref_grad: np.ndarray | None = None
 
 
 def split_output(out: Any) -> tuple[Any, Any]:
@@ -171,6 +180,16 @@ class Driver:
     def value(self, f: Callable, x: Any) -> Any:
         raise NotImplementedError
 
+    def value_and_vjp_many(
+        self, f: Callable, xs: list, cotangent: float
+    ) -> tuple[Any, list[Any], Any]:
+        """``value_and_vjp`` for a list of inputs (optional hook, see the module doc)."""
+        raise NotImplementedError
+
+    def has_many(self) -> bool:
+        """Whether this driver pulls a cotangent back to several inputs (``ref_logp``)."""
+        return type(self).value_and_vjp_many is not Driver.value_and_vjp_many
+
     def dtype_name(self, x: Any) -> str:
         """The dtype of a framework array as a plain name ("float32")."""
         return str(getattr(x, "dtype", type(x).__name__)).split(".")[-1]
@@ -191,11 +210,21 @@ class Driver:
             for a in (logp, m.old_logp, m.advantages)
         ] + [mask]
 
+    def _keywords(self, m: Materialized, device: str | None) -> dict[str, Any]:
+        """The clause 10 keyword arrays in the framework (fresh copies)."""
+        out = {}
+        for name, a in m.keyword_arrays().items():
+            dtype = _dtype_of(a, None) if a.dtype.kind in "biu" else m.dtype
+            out[name] = self.to_array(np.array(a, copy=True), dtype, device)
+        return out
+
     def _snapshot(self, arrays: list) -> list[np.ndarray]:
         return [np.array(self.to_numpy(a), copy=True) for a in arrays]
 
-    def _check_unmodified(self, arrays: list, before: list[np.ndarray]) -> None:
-        for name, arr, was in zip(_INPUTS, arrays, before):
+    def _check_unmodified(
+        self, arrays: list, before: list[np.ndarray], names: tuple[str, ...] = _INPUTS
+    ) -> None:
+        for name, arr, was in zip(names, arrays, before):
             if not _same(np.asarray(self.to_numpy(arr)), was):
                 raise ConformanceError(
                     f"the implementation modified {name} in place (clause 6.5)", clause="6.5"
@@ -225,16 +254,35 @@ class Driver:
         device: str | None = None,
         mask_dtype: str = "bool",
     ) -> Outcome:
-        """Call ``fn`` on the case, differentiate with respect to ``logp``, check the contract."""
+        """Call ``fn`` on the case, differentiate with respect to ``logp`` (and ``ref_logp``
+        where the driver can), check the contract."""
         arrays = self._inputs(m, m.logp, device, mask_dtype)
-        before = self._snapshot(arrays)
+        kw = self._keywords(m, device)
+        names = (*_INPUTS, *kw)
+        before = self._snapshot(arrays + list(kw.values()))
         lp, old, adv, mask = arrays
-        loss, g, aux = self.value_and_vjp(lambda x: fn(x, old, adv, mask, **options), lp, cotangent)
-        self._check_unmodified(arrays, before)
+        ref = kw.get("ref_logp")
+        many = ref is not None and self.gradient_is_pullback and self.has_many()
+        g_ref: Any = None
+        if many:
+            call = lambda xs: fn(xs[0], old, adv, mask, **options, **{**kw, "ref_logp": xs[1]})
+            loss, (g, g_ref), aux = self.value_and_vjp_many(call, [lp, ref], cotangent)
+        else:
+            call1 = lambda x: fn(x, old, adv, mask, **options, **kw)
+            loss, g, aux = self.value_and_vjp(call1, lp, cotangent)
+        self._check_unmodified(arrays + list(kw.values()), before, names)
         value = self._loss(loss)
         grad = np.zeros(m.logp.shape) if g is None else self._real("gradient", g)
         if grad.shape != m.logp.shape:
             raise ConformanceError(f"the gradient has shape {grad.shape}; logp has {m.logp.shape}")
+        ref_grad = None
+        if many:
+            ref_grad = np.zeros(m.logp.shape) if g_ref is None else self._real("gradient", g_ref)
+            if ref_grad.shape != m.logp.shape:
+                raise ConformanceError(
+                    f"the ref_logp gradient has shape {ref_grad.shape}; ref_logp has {m.logp.shape}"
+                )
+            ref_grad = ref_grad / cotangent
         metrics = None
         if isinstance(aux, dict):
             metrics = {
@@ -242,7 +290,8 @@ class Driver:
             }
         if self.gradient_is_pullback:
             grad = grad / cotangent
-        return Outcome(value, grad, metrics, "none" if g is None else self.dtype_name(g))
+        dtype = "none" if g is None else self.dtype_name(g)
+        return Outcome(value, grad, metrics, dtype, ref_grad)
 
     def loss_at(
         self,
@@ -256,10 +305,11 @@ class Driver:
     ) -> float:
         """The loss alone at another ``logp`` (for the finite-difference check)."""
         arrays = self._inputs(m, logp, device, mask_dtype)
-        before = self._snapshot(arrays)
+        kw = self._keywords(m, device)
+        before = self._snapshot(arrays + list(kw.values()))
         lp, old, adv, mask = arrays
-        loss = self.value(lambda x: fn(x, old, adv, mask, **options), lp)
-        self._check_unmodified(arrays, before)
+        loss = self.value(lambda x: fn(x, old, adv, mask, **options, **kw), lp)
+        self._check_unmodified(arrays + list(kw.values()), before, (*_INPUTS, *kw))
         return self._loss(loss)
 
 
@@ -366,6 +416,23 @@ class TorchDriver(Driver):
             (g,) = torch.autograd.grad(loss.reshape(()), x, ct, allow_unused=True)
         return loss.detach(), g, aux
 
+    def value_and_vjp_many(self, f, xs, cotangent):
+        import torch
+
+        for x in xs:
+            x.requires_grad_(True)
+        loss, aux = split_output(f(xs))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConformanceError(
+                f"the loss must be a 0-d tensor; got {type(loss).__name__} "
+                f"{tuple(getattr(loss, 'shape', ()))}"
+            )
+        grads: list = [None] * len(xs)
+        if loss.requires_grad:
+            ct = torch.tensor(cotangent, dtype=loss.dtype, device=loss.device)
+            grads = list(torch.autograd.grad(loss.reshape(()), xs, ct, allow_unused=True))
+        return loss.detach(), grads, aux
+
     def value(self, f, x):
         import torch
 
@@ -450,6 +517,20 @@ class JaxDriver(Driver):
         (grad,) = pullback(jnp.asarray(cotangent, dtype=loss.dtype))
         return loss, grad, aux
 
+    def value_and_vjp_many(self, f, xs, cotangent):
+        import jax
+        import jax.numpy as jnp
+
+        def g(*zs):
+            loss, aux = split_output(f(list(zs)))
+            if jnp.shape(loss) != ():
+                raise ConformanceError(f"the loss must be 0-d; got shape {jnp.shape(loss)}")
+            return loss, aux
+
+        loss, pullback, aux = jax.vjp(g, *xs, has_aux=True)
+        grads = pullback(jnp.asarray(cotangent, dtype=loss.dtype))
+        return loss, list(grads), aux
+
     def value(self, f, x):
         import jax
 
@@ -514,6 +595,16 @@ class MlxDriver(Driver):
         ct = mx.array(cotangent, dtype=mx.float32).astype(loss.dtype)
         _, (g,) = mx.vjp(lambda z: [split_output(f(z))[0].reshape(())], [x], [ct])
         return loss, g, aux
+
+    def value_and_vjp_many(self, f, xs, cotangent):
+        import mlx.core as mx
+
+        loss, aux = split_output(f(xs))
+        if not isinstance(loss, mx.array) or loss.size != 1:
+            raise ConformanceError(f"the loss must be a 0-d mlx array; got {type(loss).__name__}")
+        ct = mx.array(cotangent, dtype=mx.float32).astype(loss.dtype)
+        _, grads = mx.vjp(lambda *zs: [split_output(f(list(zs)))[0].reshape(())], xs, [ct])
+        return loss, list(grads), aux
 
     def value(self, f, x):
         return split_output(f(x))[0]

@@ -10,15 +10,22 @@ exit status as a live run (clause C.1): each case goes through
 
 Layout of ``DIR`` (schemas in ``sapo_conformance/schemas/``)::
 
-    manifest.json              export, schema sapo-conformance-export/1 (export.schema.json)
+    manifest.json              export, schema sapo-conformance-export/2 (export.schema.json)
     index.txt                  the same cases, one line each, for programs without a JSON parser
     cases/<name>/logp.bin      [N, T]  raw little-endian, row-major: one case in one dtype
     cases/<name>/old_logp.bin  [N, T]
     cases/<name>/advantages.bin  [N] or [N, T]
     cases/<name>/mask.bin      [N, T] uint8 0/1
     cases/<name>/fd_logp.bin   optional: [4, N, T] float64 points for the directional check
+    cases/<name>/weights.bin   optional (clause 10.1): [N] or [N, T]; weights_storage says how
+    cases/<name>/ref_logp.bin  optional (clause 10.2): [N, T], with options kl_coef, kl_estimator
     results/<name>.json        written by the port: schema sapo-conformance-result/1, or one
     results.json               file for every case: sapo-conformance-results/1 (results.schema.json)
+
+Version 2 of the export (spec 0.2.0) adds those two inputs and error cases (``error``: the
+port must refuse the call, clause 10.4); the judge still reads version 1 exports. A port that
+does not declare the terms (capabilities ``weights``, ``kl_estimators``) has those cases
+judged as skipped.
 
 Arrays are stored as float64 for float64 cases and as float32 for float32, bfloat16 and float16
 cases: the float32 values are exactly the values of the case's dtype (the inputs were rounded to
@@ -27,7 +34,8 @@ what the live run passes there, NaN and infinities included (clause 6.1).
 
 What a file-based run checks (recorded in the judge's settings under ``file_protocol``):
 
-- ``loss`` and ``grad`` against the float64 reference on the same inputs: always;
+- ``loss`` and ``grad`` against the float64 reference on the same inputs: always; ``ref_grad``
+  (the gradient of ``ref_logp``) where the port reports it;
 - ``fd``, the directional derivative of the port's gradient along the live run's random
   direction against a fourth-order difference of its own loss, where the manifest gives
   ``fd_logp`` (float64, smooth cases) and the port reports its loss at those four points;
@@ -69,7 +77,8 @@ import numpy as np
 import sapo_ref
 from sapo_ref import spec
 
-from .cases import DTYPES, Case, Materialized, materialize
+from .cases import DTYPES, KL_ESTIMATORS, Case, Materialized, materialize
+from .compare import Comparison
 from .drivers import Outcome
 from .runner import CaseResult, SuiteResult, TargetRun, applicable, cotangent_for, run_case
 from .targets import Target
@@ -88,7 +97,9 @@ __all__ = [
     "storage_dtype",
 ]
 
-EXPORT_SCHEMA = "sapo-conformance-export/1"
+EXPORT_SCHEMA = "sapo-conformance-export/2"
+#: Export versions the judge reads (version 1: spec 0.1.0's inputs only).
+READABLE_EXPORTS = (EXPORT_SCHEMA, "sapo-conformance-export/1")
 RESULTS_SCHEMA = "sapo-conformance-results/1"
 RESULT_SCHEMA = "sapo-conformance-result/1"
 _ARRAYS = ("logp", "old_logp", "advantages", "mask")
@@ -103,8 +114,8 @@ class ProtocolError(ValueError):
 def schema(name: str) -> dict[str, Any]:
     """A shipped JSON Schema: ``"export"`` (manifest.json) or ``"results"`` (what the port writes).
 
-    >>> schema("export")["properties"]["schema"]["const"]
-    'sapo-conformance-export/1'
+    >>> schema("export")["properties"]["schema"]["enum"][0]
+    'sapo-conformance-export/2'
     """
     if name not in ("export", "results"):
         raise ValueError(f"schema name must be 'export' or 'results'; got {name!r}")
@@ -189,7 +200,7 @@ def _clear_previous(root: Path) -> None:
         return
     manifest = root / "manifest.json"
     try:
-        ours = json.loads(manifest.read_text(encoding="utf-8")).get("schema") == EXPORT_SCHEMA
+        ours = json.loads(manifest.read_text(encoding="utf-8")).get("schema") in READABLE_EXPORTS
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
@@ -227,6 +238,8 @@ def export_cases(
         "export",
         methods=tuple(settings.get("methods") or sapo_ref.METHOD_NAMES),
         loss_aggs=tuple(settings.get("loss_aggs") or sapo_ref.LOSS_AGG_NAMES),
+        weights=True,  # every case is exported; the judge skips what the port does not declare
+        kl_estimators=KL_ESTIMATORS,
     )
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -277,7 +290,18 @@ def _export_one(root: Path, name: str, m: Materialized, seed: int) -> dict[str, 
         "advantages": (m.advantages, store),
         "mask": (m.mask, "uint8"),
     }
-    points = _fd_points(m, seed)
+    extra: dict[str, Any] = {}
+    if m.weights is not None:
+        w = m.weights
+        wstore = "uint8" if w.dtype == bool else "int64" if w.dtype.kind in "iu" else store
+        arrays["weights"] = (w, wstore)
+        extra.update({"weights_shape": list(w.shape), "weights_storage": wstore})
+    if m.ref_logp is not None:
+        arrays["ref_logp"] = (m.ref_logp, store)
+        extra["ref_logp_shape"] = list(m.ref_logp.shape)
+    if case.error is not None:
+        extra["error"] = case.error
+    points = _fd_points(m, seed) if case.error is None else []
     if points:
         arrays["fd_logp"] = (np.stack(points), "float64")
     files, digests = {}, {}
@@ -293,11 +317,12 @@ def _export_one(root: Path, name: str, m: Materialized, seed: int) -> dict[str, 
         "clauses": list(case.clauses),
         "shape": list(m.logp.shape),
         "advantages_shape": list(m.advantages.shape),
-        "options": dict(case.options),
+        "options": {k: _encode(v) if isinstance(v, float) else v for k, v in case.options.items()},
         "cotangent": cotangent_for(seed, case.id),
         "fd": bool(points),
         "files": files,
         "sha256": digests,
+        **extra,
     }
 
 
@@ -307,6 +332,9 @@ def _index(entries: list[dict[str, Any]]) -> str:
         "# n, t: shape [N, T]; adv: 'row' for advantages [N], 'token' for [N, T]; storage: float64",
         "# or float32 (little-endian); options follow as given (absent ones take the spec's",
         "# defaults, clauses 4.1-4.2); fd_logp is '-' when the case has no directional check.",
+        "# Clause 10 (spec 0.2.0): weights (wshape 'row' [N] or 'token' [N, T], wstorage float64,",
+        "# float32, uint8 or int64) and ref_logp are '-' when absent; error names the exception an",
+        "# error case must raise (a port reports an error result), '-' for every other case.",
     ]
     for e in entries:
         n, t = e["shape"]
@@ -323,8 +351,23 @@ def _index(entries: list[dict[str, Any]]) -> str:
             f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in e["options"].items()
         ]
         fields += [f"{k}={e['files'].get(k, '-')}" for k in (*_ARRAYS, "fd_logp")]
+        wshape = e.get("weights_shape")
+        fields += [
+            f"weights={e['files'].get('weights', '-')}",
+            "wshape=" + ("-" if wshape is None else _layout(wshape, e["shape"])),
+            f"wstorage={e.get('weights_storage', '-')}",
+            f"ref_logp={e['files'].get('ref_logp', '-')}",
+            f"error={e.get('error', '-')}",
+        ]
         lines.append("case " + " ".join(fields))
     return "\n".join(lines) + "\n"
+
+
+def _layout(shape: list[int], full: list[int]) -> str:
+    """'row' for [N], 'token' for [N, T], else the shape itself (an error case's)."""
+    if shape == full[:1]:
+        return "row"
+    return "token" if shape == full else "x".join(map(str, shape))
 
 
 def _tool_version() -> str:
@@ -351,9 +394,10 @@ def read_manifest(dir: str | Path) -> dict[str, Any]:
         ) from None
     except ValueError as err:
         raise ProtocolError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("schema") != EXPORT_SCHEMA:
+    if not isinstance(data, dict) or data.get("schema") not in READABLE_EXPORTS:
         raise ProtocolError(
-            f"{path}: schema must be {EXPORT_SCHEMA!r}; got {data.get('schema') if isinstance(data, dict) else data!r}"
+            f"{path}: schema must be one of {', '.join(READABLE_EXPORTS)}; got "
+            f"{data.get('schema') if isinstance(data, dict) else data!r}"
         )
     problem = _schema_problem(data, "export")
     if problem:
@@ -369,8 +413,9 @@ def _read_array(root: Path, rel: str, dtype: str, shape: list[int]) -> np.ndarra
 
 
 def load_inputs(dir: str | Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One exported case's arrays: logp, old_logp, advantages (storage dtype), mask (bool), and
-    fd_logp [4, N, T] float64 when the case has a directional check."""
+    """One exported case's arrays: logp, old_logp, advantages (storage dtype), mask (bool),
+    fd_logp [4, N, T] float64 when the case has a directional check, and the clause 10 inputs
+    it passes: weights (bool, int64 or the storage dtype) and ref_logp."""
     root = Path(dir)
     n, t = entry["shape"]
     shapes = {
@@ -379,12 +424,16 @@ def load_inputs(dir: str | Path, entry: dict[str, Any]) -> dict[str, np.ndarray]
         "advantages": entry["advantages_shape"],
         "mask": [n, t],
         "fd_logp": [FD_POINTS, n, t],
+        "weights": entry.get("weights_shape"),
+        "ref_logp": entry.get("ref_logp_shape"),
     }
+    dtypes = {"mask": "uint8", "fd_logp": "float64", "weights": entry.get("weights_storage")}
     out = {}
     for key, rel in entry["files"].items():
-        dt = "uint8" if key == "mask" else ("float64" if key == "fd_logp" else entry["storage"])
-        out[key] = _read_array(root, rel, dt, shapes[key])
+        out[key] = _read_array(root, rel, dtypes.get(key) or entry["storage"], shapes[key])
     out["mask"] = out["mask"] != 0
+    if entry.get("weights_storage") == "uint8":
+        out["weights"] = out["weights"] != 0
     return out
 
 
@@ -396,10 +445,11 @@ def write_result(
     metrics: dict[str, float] | None = None,
     fd_losses: list[float] | None = None,
     port: dict[str, Any] | None = None,
+    ref_grad: np.ndarray | None = None,
 ) -> None:
-    """Write ``results/<name>.json`` and its float64 gradient file, as a port would.
+    """Write ``results/<name>.json`` and its float64 gradient file(s), as a port would.
 
-    For Python-side tests and tools; a port in another language writes the same two files.
+    For Python-side tests and tools; a port in another language writes the same files.
     """
     root = Path(dir)
     (root / "results").mkdir(exist_ok=True)
@@ -411,6 +461,10 @@ def write_result(
         "loss": _encode(loss),
         "grad": {"file": rel, "dtype": "float64"},
     }
+    if ref_grad is not None:
+        rel_ref = f"results/{entry['name']}.ref_grad.bin"
+        _write_array(root / rel_ref, np.asarray(ref_grad, np.float64), "float64")
+        data["ref_grad"] = {"file": rel_ref, "dtype": "float64"}
     if metrics is not None:
         data["metrics"] = {k: _encode(v) for k, v in metrics.items()}
     if fd_losses is not None:
@@ -470,13 +524,13 @@ def _read_results(root: Path) -> tuple[dict[str, dict], dict[str, Any], list[str
     return found, port, problems
 
 
-def _grad_of(root: Path, result: dict, shape: list[int]) -> np.ndarray:
-    g = result["grad"]
+def _grad_of(root: Path, result: dict, shape: list[int], key: str = "grad") -> np.ndarray:
+    g = result[key]
     if isinstance(g, dict):
         return _read_array(root, g["file"], g["dtype"], shape)
     arr = np.array([[_decode(v) for v in row] for row in g], np.float64)
     if list(arr.shape) != list(shape):
-        raise ProtocolError(f"grad: shape {list(arr.shape)}, expected {shape}")
+        raise ProtocolError(f"{key}: shape {list(arr.shape)}, expected {shape}")
     return arr
 
 
@@ -494,7 +548,14 @@ class _Replay:
         if metrics is not None:
             metrics = {k: _decode(v) for k, v in metrics.items()}
         dtype = result["grad"]["dtype"] if isinstance(result["grad"], dict) else "float64"
-        self.outcome = Outcome(_decode(result["loss"]), grad.astype(np.float64), metrics, dtype)
+        ref_grad = None
+        if "ref_grad" in result and "ref_logp" in inputs:
+            ref_grad = _grad_of(root, result, entry["shape"], "ref_grad").astype(np.float64)
+            if result.get("grad_is_vjp"):
+                ref_grad = ref_grad / entry["cotangent"]
+        self.outcome = Outcome(
+            _decode(result["loss"]), grad.astype(np.float64), metrics, dtype, ref_grad
+        )
         self.points = list(inputs.get("fd_logp", []))
         self.fd_losses = [_decode(v) for v in result.get("fd_losses", [])]
 
@@ -629,6 +690,25 @@ def judge_dir(dir: str | Path) -> tuple[SuiteResult, dict[str, Any]]:
     return suite, info
 
 
+def _option(v: Any) -> Any:
+    """An exported option: the strings "nan", "inf", "-inf" stand for those floats."""
+    return _decode(v) if v in ("nan", "inf", "-inf") else v
+
+
+def _judge_error(target: Target, entry: dict, case: Case, result: dict) -> CaseResult:
+    """An error case (clause 10.4): the port must have refused the call."""
+    ok = "error" in result
+    got = f"an error: {result['error']}" if ok else f"loss {result.get('loss')!r}"
+    msg = (
+        f"error: expected the call to fail with {case.error} (clause 10.4); the port reported {got}"
+    )
+    check = Comparison("error", ok, int(not ok), 1, 0.0, 0.0, (), np.nan, np.nan, msg)
+    res = CaseResult(target.name, entry["dtype"], case, "pass" if ok else "fail", checks=[check])
+    if not ok:
+        res.failed_clauses = tuple(case.clauses)
+    return res
+
+
 def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[CaseResult, Case]:
     clauses = tuple(entry["clauses"])
     inputs = None
@@ -653,6 +733,7 @@ def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[Cas
     has_fd = "fd_logp" in inputs
     counts["fd_applicable"] += has_fd
     supplied_fd = result is not None and len(result.get("fd_losses", [])) == FD_POINTS
+    w = inputs.get("weights")
     case = Case(
         entry["case"],
         clauses,
@@ -660,9 +741,12 @@ def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[Cas
         inputs["old_logp"].astype(np.float64),
         inputs["advantages"].astype(np.float64),
         inputs["mask"],
-        dict(entry["options"]),
+        {k: _option(v) for k, v in entry["options"].items()},
         fd=has_fd and supplied_fd,
         dtypes=(entry["dtype"],),
+        weights=None if w is None else w if w.dtype.kind in "biu" else w.astype(np.float64),
+        ref_logp=None if "ref_logp" not in inputs else inputs["ref_logp"].astype(np.float64),
+        error=entry.get("error"),
     )
     fail = lambda reason: (
         CaseResult(
@@ -675,11 +759,16 @@ def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[Cas
         ),
         case,
     )
+    why = applicable(target, case)
+    if why:  # outside what the port declares: skipped whatever it wrote
+        return CaseResult(target.name, entry["dtype"], case, "skip", reason=why), case
     if result is None:
         return fail(
             f"no result from the port for case {entry['name']} "
             f"(expected results/{entry['name']}.json or an item of results.json)"
         )
+    if case.error is not None:
+        return _judge_error(target, entry, case, result), case
     if "error" in result:
         return fail(f"the port reported an error: {result['error']}")
     if "loss" not in result or "grad" not in result:
@@ -691,9 +780,6 @@ def _judge_one(root, entry, result, target, seed, problems, counts) -> tuple[Cas
     m = materialize(case, entry["dtype"])
     if isinstance(m, str):  # the export wrote only applicable cases: the files were edited
         return fail(f"export: the exported inputs no longer form a valid case ({m})")
-    why = applicable(target, case)
-    if why:
-        return CaseResult(target.name, entry["dtype"], case, "skip", reason=why), case
     try:
         replay = _Replay(root, entry, result, inputs)
     except (ProtocolError, OSError, ValueError) as err:

@@ -230,6 +230,8 @@ def to_json(
                         "temperatures",
                         "mask_dtype",
                         "metrics",
+                        "weights",
+                        "kl_estimators",
                     )
                 },
                 "dtype_skips": dict(run.dtype_skips),

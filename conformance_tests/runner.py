@@ -11,8 +11,14 @@ Per case and dtype the suite checks (clause C.1):
   This catches a custom backward inconsistent with its forward. The float64 difference is
   accurate to about 1e-10 relative, so it is judged with the spec's float32 gradient row, the
   tightest row it is sure to meet;
+- ``ref_grad`` (clause 10.3) where a case passes ``ref_logp`` and the driver pulls the
+  cotangent back to it too: the gradient of ``ref_logp``, gradient tolerance;
 - ``metrics`` (clause 7.1) when the function returns them: every key of the method, value
-  tolerance; an entry whose reference value the dtype cannot hold is not compared.
+  tolerance; an entry whose reference value the dtype cannot hold is not compared. The keys of
+  the clause 10 terms (``kl_ref/mean``, ``weights/mean``) are compared when returned;
+- ``error`` for an error case (clause 10.4): the call must raise the case's exception (by
+  class name, its bases included), or, for a data fault, may return a NaN loss and an all-NaN
+  gradient instead (a traced call, clause 8.7).
 
 Loss, grad and fd failures count against the case's clauses (clause 7.1 only ever counts
 metric comparisons), metric failures against 7.1, an input modified by the call against 6.5
@@ -30,6 +36,7 @@ target's supervised worker process when :func:`run_suite` gets a
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -38,10 +45,9 @@ from typing import Any
 
 import numpy as np
 
-import sapo_ref
 from sapo_ref import spec
 
-from .cases import Case, Materialized, _max_finite, materialize
+from .cases import Case, Materialized, _max_finite, materialize, resolve
 from .compare import Comparison, compare
 from .deviations import Deviation, identify
 from .drivers import Outcome, get_driver
@@ -66,6 +72,10 @@ __all__ = [
 INPUTS_CLAUSE = "6.5"
 
 FD_STEP = 1e-4
+#: Checks against the reference's numbers (the worst errors of a case and a clause row).
+_VALUE_CHECKS = ("loss", "grad", "ref_grad")
+#: Metric keys of the clause 10 terms: compared when the implementation returns them.
+_OPTIONAL_METRICS = ("kl_ref/mean", "weights/mean")
 _COTANGENTS = (0.625, 0.75, 1.25, 1.5, 2.0, -0.75, -1.25, -1.5)  # exact in bfloat16
 
 
@@ -93,11 +103,11 @@ class CaseResult:
 
     @property
     def worst_abs(self) -> float:
-        return max((c.worst_abs for c in self.checks if c.name in ("loss", "grad")), default=0.0)
+        return max((c.worst_abs for c in self.checks if c.name in _VALUE_CHECKS), default=0.0)
 
     @property
     def worst_rel(self) -> float:
-        return max((c.worst_rel for c in self.checks if c.name in ("loss", "grad")), default=0.0)
+        return max((c.worst_rel for c in self.checks if c.name in _VALUE_CHECKS), default=0.0)
 
     @property
     def messages(self) -> list[str]:
@@ -225,7 +235,7 @@ class SuiteResult:
                 else:
                     row.passed += 1
                 # Errors against the reference only (the fd check is the target against itself).
-                names = {"7.1": ("metrics",), INPUTS_CLAUSE: ()}.get(cl, ("loss", "grad"))
+                names = {"7.1": ("metrics",), INPUTS_CLAUSE: ()}.get(cl, _VALUE_CHECKS)
                 checks = [c for c in r.checks if c.name in names]
                 ab = max((c.worst_abs for c in checks), default=0.0)
                 rel = max((c.worst_rel for c in checks), default=0.0)
@@ -238,7 +248,7 @@ class SuiteResult:
 
 
 def _metric_check(m: Materialized, got: dict[str, float], tol: spec.Tolerance) -> Comparison:
-    keys = list(m.want_metrics)
+    keys = [k for k in m.want_metrics if k in got or k not in _OPTIONAL_METRICS]
     missing = [k for k in keys if k not in got]
     if missing:
         return Comparison(
@@ -317,6 +327,23 @@ def _fd_check(out: Outcome, v: np.ndarray, losses: list[float]) -> Comparison:
     return c
 
 
+def _error_check(case: Case, out: Outcome | Failure) -> Comparison:
+    """Clause 10.4: the call raised the case's error (or, for a data fault, poisoned)."""
+    want = f"{case.error} (clause 10.4)"
+    if isinstance(out, Failure):
+        ok = out.kind == "raised" and case.error in out.types
+        got = out.text if out.kind == "raised" else f"{out.kind}: {out.text}"
+        msg = f"error: expected {want}; the call raised {got}"
+        return Comparison("error", ok, int(not ok), 1, 0.0, 0.0, (), np.nan, np.nan, msg)
+    poisoned = math.isnan(out.loss) and bool(np.all(np.isnan(out.grad)))
+    ok = case.poison and poisoned
+    if poisoned and not case.poison:
+        msg = f"error: expected {want}; the call returned NaN (allowed for data faults only)"
+    else:
+        msg = f"error: expected {want}; the call returned loss {out.loss!r}"
+    return Comparison("error", ok, int(not ok), 1, 0.0, 0.0, (), np.nan, np.nan, msg)
+
+
 def _value_clauses(case: Case) -> tuple[str, ...]:
     """The clauses a loss/gradient failure counts against (7.1 counts metrics only)."""
     return tuple(c for c in case.clauses if c != "7.1") or ("C.1",)
@@ -360,11 +387,23 @@ def run_case(
     except Exception as err:  # the whole request failed (e.g. SystemExit in a worker)
         f = describe(err)
         return _failed(res, f"{f.kind}: {f.text}", f.clause)
+    if case.error is not None:
+        if isinstance(calls.out, Failure) and calls.out.clause:  # e.g. an input modified (6.5)
+            return _failed(res, f"{calls.out.kind}: {calls.out.text}", calls.out.clause)
+        check = _error_check(case, calls.out)
+        res.checks.append(check)
+        if isinstance(calls.out, Outcome):
+            res.outcome = calls.out
+        if not check.ok:
+            res.status, res.failed_clauses = "fail", _value_clauses(case)
+        return res
     if isinstance(calls.out, Failure):  # the function raised on a valid case, or broke the contract
         return _failed(res, f"{calls.out.kind}: {calls.out.text}", calls.out.clause)
     out = res.outcome = calls.out
     res.checks.append(compare("loss", out.loss, m.want_loss, vt))
     res.checks.append(compare("grad", out.grad, m.want_grad, gt))
+    if m.want_ref_grad is not None and out.ref_grad is not None:
+        res.checks.append(compare("ref_grad", out.ref_grad, m.want_ref_grad, gt))
     if isinstance(calls.fd, Failure):
         if calls.fd.clause:
             return _failed(res, f"{calls.fd.kind}: {calls.fd.text}", calls.fd.clause)
@@ -443,14 +482,31 @@ def applicable(target: Target, case: Case) -> str | None:
         return (
             f"norm_length {nl} is not the padded length T = {case.mask.shape[1]} (declared: T only)"
         )
-    if target.temperatures == "tau_neg>=tau_pos":
-        cfg = sapo_ref.resolve_config(
-            **{k: v for k, v in case.options.items() if k != "count_empty_rows"}
-        )
+    why = _terms_applicable(target, case)
+    if why:
+        return why
+    if target.temperatures == "tau_neg>=tau_pos" and case.error is None:
+        cfg = resolve(case.options, has_ref_logp=case.ref_logp is not None)
         if cfg.is_soft and cfg.tau_neg < cfg.tau_pos:
             return (
                 f"tau_neg {cfg.tau_neg} < tau_pos {cfg.tau_pos} (declared: tau_neg >= tau_pos only)"
             )
+    return None
+
+
+def _terms_applicable(target: Target, case: Case) -> str | None:
+    """Why a case's clause 10 terms are outside what ``target`` declares, or None."""
+    if case.weights is not None and not target.weights:
+        return "weights (clause 10.1): the target does not declare the weights capability"
+    est = case.kl_estimator
+    if est is None:
+        return None
+    if not target.kl_estimators:
+        return "KL penalty (clause 10.2): the target declares no kl_estimators"
+    if case.error is None and est not in target.kl_estimators:
+        return f"kl_estimator {est} (clause 10.2): the target declares kl_estimators: " + ", ".join(
+            target.kl_estimators
+        )
     return None
 
 
@@ -527,7 +583,7 @@ def run_suite(
     >>> from sapo_conformance import builtin_target, generate_cases
     >>> res = run_suite([builtin_target("reference")], generate_cases(0, 1), ["float64"])
     >>> res.passed, len(res.results)
-    (True, 25)
+    (True, 51)
     """
     start = time.perf_counter()
     cache: dict[tuple[str, str, bool], Materialized | str] = {}

@@ -34,7 +34,7 @@ import sapo_ref
 from sapo_ref import spec
 
 from .capabilities import CapabilityError, declared_limits, validate
-from .cases import DTYPES
+from .cases import DTYPES, KL_ESTIMATORS
 
 __all__ = [
     "Target",
@@ -73,6 +73,9 @@ class Target:
     norm_length: str = "any"
     temperatures: str = "any"
     mask_dtype: str = "bool"
+    #: Clause 10 terms the target takes (opt-in): per-token weights, KL estimators.
+    weights: bool = False
+    kl_estimators: tuple[str, ...] = ()
     #: How a worker process rebuilds it: ("builtin", name) or ("impl", "MODULE:ATTR"); None for
     #: a bare callable (run in-process only).
     loader: tuple[str, str] | None = None
@@ -86,7 +89,7 @@ class Target:
             caps = validate(caps, strict=strict)
         except CapabilityError as err:
             raise UsageError(f"{self.name}: {err}") from None
-        for key in ("methods", "loss_aggs", "dtypes", "advantages"):
+        for key in ("methods", "loss_aggs", "dtypes", "advantages", "kl_estimators"):
             if key in caps:
                 setattr(self, key, tuple(caps[key]))
         for key in ("count_empty_rows", "norm_length", "temperatures", "mask_dtype"):
@@ -94,6 +97,8 @@ class Target:
                 setattr(self, key, caps[key])
         if "metrics" in caps:
             self.metrics = caps["metrics"]
+        if "weights" in caps:
+            self.weights = caps["weights"]
         if "metrics_option" in caps:  # metrics are opt-in: ask for them apart
             self.metrics_option = dict(caps["metrics_option"])
             self.metrics = True
@@ -114,6 +119,8 @@ class Target:
             "norm_length": self.norm_length,
             "temperatures": self.temperatures,
             "mask_dtype": self.mask_dtype,
+            "weights": self.weights,
+            "kl_estimators": list(self.kl_estimators),
         }
 
     @property
@@ -146,8 +153,15 @@ def _reference_strict(logp, old_logp, advantages, mask, **options):
     import array_api_strict as xp
 
     arrays = [xp.asarray(np.asarray(a)) for a in (logp, old_logp, advantages, mask)]
+    for key in ("weights", "ref_logp"):
+        if options.get(key) is not None:
+            options[key] = xp.asarray(np.asarray(options[key]))
     res = sapo_ref.policy_loss(*arrays, **options)
     return res.loss, np.from_dlpack(res.grad), res.metrics
+
+
+#: The reference takes every clause 10 term.
+_TERMS = {"weights": True, "kl_estimators": KL_ESTIMATORS}
 
 
 def _adapter(name: str, module: str, load: bool) -> Target:
@@ -187,6 +201,7 @@ def builtin_target(name: str, load: bool = True) -> Target:
             "sapo_ref.policy_loss",
             dtypes=("float64", "float32", "float16"),
             loader=("builtin", name),
+            **_TERMS,
         )
     if name == "reference-strict":
         t = Target(
@@ -196,6 +211,7 @@ def builtin_target(name: str, load: bool = True) -> Target:
             "sapo_ref.policy_loss on array_api_strict",
             dtypes=("float64", "float32"),
             loader=("builtin", name),
+            **_TERMS,
         )
         if importlib.util.find_spec("array_api_strict") is None:
             t.unavailable = "array_api_strict is not installed"

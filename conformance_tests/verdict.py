@@ -44,11 +44,12 @@ the finite-difference self-check, has no loss/gradient to explain: it counts as 
 >>> from sapo_conformance import builtin_target, generate_cases, run_suite
 >>> res = run_suite([builtin_target("reference")], generate_cases(0, 1), ["float64"])
 >>> [(v.target, v.dtype, v.names, v.failures, v.passed) for v in diagnose(res)]
-[('reference', 'float64', (), 0, 25)]
+[('reference', 'float64', (), 0, 51)]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable
@@ -249,8 +250,11 @@ def diagnose(result: Any, *, max_set: int = MAX_SET) -> list[Verdict]:
     verdicts = []
     for (name, dtype), rs in groups.items():
         target = targets.get(name)
-        failing, passing, unexplained, metric_only = [], [], [], 0
+        failing, passing, unexplained, metric_only, raised_as_asked = [], [], [], 0, 0
         for r in rs:
+            if r.status == "pass" and r.case.error is not None:
+                raised_as_asked += 1  # an error case (clause 10.4): no numbers to model
+                continue
             if r.status == "pass":
                 if r.materialized is not None:
                     passing.append((r.materialized, _options(r)))
@@ -282,7 +286,7 @@ def diagnose(result: Any, *, max_set: int = MAX_SET) -> list[Verdict]:
             limits=_limits(target),
             metric_failures=metric_only,
         )
-        verdicts.append(v)
+        verdicts.append(dataclasses.replace(v, passed=v.passed + raised_as_asked))
     return verdicts
 
 

@@ -74,6 +74,8 @@ class Failure:
     kind: str
     text: str
     clause: str | None = None
+    #: Class names of a raised exception and its bases (an error case checks the type by name).
+    types: tuple[str, ...] = ()
 
 
 class ImplError(Exception):
@@ -103,7 +105,8 @@ def describe(err: BaseException) -> Failure:
     text = str(err).splitlines()[0] if str(err) else ""
     if isinstance(err, ConformanceError):
         return Failure("contract", f"{type(err).__name__}: {text}", err.clause)
-    return Failure("raised", f"{type(err).__name__}: {text}")
+    types = tuple(c.__name__ for c in type(err).__mro__)
+    return Failure("raised", f"{type(err).__name__}: {text}", types=types)
 
 
 @dataclass

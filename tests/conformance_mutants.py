@@ -57,6 +57,10 @@ class TorchOps:
     def boolean(self, mask):
         return mask.bool() if mask.dtype != self.t.bool else mask
 
+    def check(self, bad, message):
+        if bool(self.t.any(bad)):
+            raise ValueError(message)
+
 
 class JaxOps:
     def __init__(self):
@@ -91,6 +95,9 @@ class JaxOps:
 
     def boolean(self, mask):
         return mask.astype(bool)
+
+    def check(self, bad, message):
+        pass  # values cannot be read under jax.vjp: the JAX variant does not declare the terms
 
     def clamp(self, x, min, max):
         return self.np.clip(x, min, max)
@@ -129,6 +136,10 @@ class MlxOps:
     def boolean(self, mask):
         return mask.astype(self.mx.bool_)
 
+    def check(self, bad, message):
+        if self.mx.any(bad).item():
+            raise ValueError(message)
+
     def clamp(self, x, min, max):
         return self.mx.clip(x, min, max)
 
@@ -147,11 +158,24 @@ def careful_loss(
     loss_agg=None,
     bug=None,
     tau_ge=False,
+    weights=None,
+    ref_logp=None,
+    kl_coef=None,
+    kl_estimator=None,
     **params,
 ):
     """The SAPO-family loss by plain autodiff; ``bug`` names one deliberate mistake, or is a
-    tuple of several (the composite mutants of real implementations)."""
-    cfg = sapo_ref.resolve_config(method, loss_agg or spec.DATA["defaults"]["loss_agg"], **params)
+    tuple of several (the composite mutants of real implementations). The clause 10 terms:
+    ``weights`` scale the policy term, the KL penalty with k3 summed as its series below
+    |u| = 1/2 (clause 10.5)."""
+    cfg = sapo_ref.resolve_config(
+        method,
+        loss_agg or spec.DATA["defaults"]["loss_agg"],
+        **params,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        has_ref_logp=ref_logp is not None,
+    )
     bugs = frozenset((bug,) if isinstance(bug, str) else (bug or ()))
     in_dtype = ops.dtype_of(logp)
     cd = in_dtype if "no-upcast" in bugs else ops.compute_dtype(logp)
@@ -159,6 +183,11 @@ def careful_loss(
     valid = ops.boolean(mask)
     zero = ops.zeros_like(lp)
     one = ops.ones_like(lp)
+    w, ref = _terms(ops, lp, valid, weights, ref_logp, cd)
+    if w is not None and "weights-change-counts" in bugs:  # folded into the mask
+        valid = valid & (w != 0)
+    if w is not None and "weights-ignored" in bugs:
+        w = None
     if adv.ndim == 1:
         adv = ops.expand(adv, lp)
     if "mask-multiply" in bugs:  # NaN * 0 = NaN
@@ -258,6 +287,19 @@ def careful_loss(
     raw_den = den
     den = ops.where(den > 0, den, ops.ones_like(den))
     weights = ops.where(valid, ops.expand(rho / den, lp), zero)
+    if w is not None:
+        term = term * ops.where(valid, w, zero)
+    if ref is not None and cfg.kl_coef != 0 and "kl-dropped" not in bugs:
+        est = cfg.kl_estimator
+        if est == "k3" and "kl-k3-clamped" in bugs:
+            est = "low-var-k3"
+        if est == "k3" and "kl-k1-for-k3" in bugs:
+            est = "k1"
+        u = ops.where(valid, ref, zero) - ops.where(valid, lp, zero)
+        k = _kl(ops, u, est)
+        if w is not None and "kl-on-weights" in bugs:
+            k = k * ops.where(valid, w, zero)
+        term = term - ops.where(valid, cfg.kl_coef * k, zero)  # loss = -sum c term
     if "empty-batch-nan" in bugs:  # numerator / count with no guard: 0 / 0 without valid tokens
         loss = -ops.sum(ops.where(valid, ops.expand(rho, lp) * term, zero)) / raw_den
     elif "mask-multiply" in bugs:
@@ -269,6 +311,51 @@ def careful_loss(
     return ops.astype(loss, in_dtype)
 
 
+def _terms(ops, lp, valid, weights, ref_logp, cd):
+    """Clause 10.4's checks of the added inputs; the weights [N, T] and ref_logp in ``cd``."""
+    w = ref = None
+    if weights is not None:
+        if tuple(weights.shape) not in (tuple(lp.shape[:1]), tuple(lp.shape)):
+            raise ValueError(f"weights must be [N] or [N, T]; got {tuple(weights.shape)}")
+        w = ops.astype(weights, cd)
+        if w.ndim == 1:
+            w = ops.expand(w, lp)
+        ops.check(valid & ~(ops.isfinite(w) & (w >= 0)), "weights must be finite and >= 0")
+    if ref_logp is not None:
+        if tuple(ref_logp.shape) != tuple(lp.shape):
+            raise ValueError(f"ref_logp must be [N, T]; got {tuple(ref_logp.shape)}")
+        ref = ops.astype(ref_logp, cd)
+        both_inf = ops.isinf(ref) & (ref == lp)
+        ops.check(valid & (ops.isnan(ref) | both_inf), "ref_logp: NaN or inf - inf")
+    return w, ref
+
+
+def _kl(ops, u, estimator):
+    """k(u) of clause 10.2; k3 by its Taylor series below |u| = 1/2 (no cancellation)."""
+    if estimator == "k1":
+        return -u
+    if estimator == "k2":
+        return 0.5 * u * u
+    clip = spec.DATA["numerics"]["kl_clip"]
+    if estimator == "low-var-k3":  # k3 > 10 beyond +-20 either way: no infinity enters the clip
+        u = ops.clamp(u, -20.0, 20.0)
+    zero, one = ops.zeros_like(u), ops.ones_like(u)
+    small, pinf = ops.abs(u) < 0.5, u == math.inf
+    us = ops.where(small, u, zero)
+    series = zero
+    for n in range(17, 1, -1):  # Horner: sum_{n >= 2} u^n / n!
+        series = (series + 1.0 / math.factorial(n)) * us
+    series = series * us
+    ul = ops.where(small | pinf, one, u)
+    # u = +inf: e^u itself, so that the value is +inf and the derivative too (never inf - inf)
+    k3 = ops.where(
+        small, series, ops.where(pinf, ops.exp(ops.where(pinf, u, zero)), ops.expm1(ul) - ul)
+    )
+    if estimator == "low-var-k3":
+        return ops.minimum(k3, ops.full(k3, clip))
+    return k3
+
+
 def make(framework: str, **fixed):
     """``fn(logp, old_logp, advantages, mask, **options)`` for a framework, with fixed keywords."""
     ops = {"torch": TorchOps, "jax": JaxOps, "mlx": MlxOps}[framework]()
@@ -277,6 +364,8 @@ def make(framework: str, **fixed):
         return careful_loss(ops, logp, old_logp, advantages, mask, **fixed, **options)
 
     bug = fixed.get("bug")
+    if framework == "torch":  # eager values: the clause 10.4 checks raise
+        fn.sapo_capabilities = {"weights": True, "kl_estimators": list(sapo_ref.KL_ESTIMATOR_NAMES)}
     fn.__name__ = f"careful_{framework}" + (f"_{bug}" if isinstance(bug, str) else "")
     if bug and not isinstance(bug, str):
         fn.__name__ += "_" + "+".join(bug)
@@ -386,6 +475,12 @@ MUTANTS: dict[str, tuple[str, str | None]] = {
     "gspo-no-dual-clip": ("2.6", "gspo-ignores-dual-clip"),
     "ratio-float32": ("2.1", "ratio-float32"),
     "empty-batch-nan": ("3.7", "empty-batch-nan"),
+    "weights-ignored": ("10.1", "weights-ignored"),
+    "weights-change-counts": ("10.1", "weights-change-counts"),
+    "kl-on-weights": ("10.2", "kl-on-weights"),
+    "kl-dropped": ("10.2", "kl-dropped"),
+    "kl-k3-clamped": ("10.5", "kl-k3-clamped"),
+    "kl-k1-for-k3": ("10.2", "kl-estimator-k1-vs-k3"),
 }
 
 #: Composite mutants, as real implementations have them: bugs -> the verdict's deviation set.

@@ -68,7 +68,14 @@ def test_adapters_informational_keys_are_accepted_and_valid_keys_still_checked()
 
 def test_declared_limits_name_every_limit():
     t = Target("t", "numpy", None, "t")
+    assert declared_limits(t) == (  # the clause 10 terms are opt-in
+        "weights (clause 10.1) not declared: those cases are not run",
+        "KL penalty (clause 10.2) not declared: those cases are not run",
+    )
+    t.apply_capabilities({"weights": True, "kl_estimators": list(sapo_ref.KL_ESTIMATOR_NAMES)})
     assert declared_limits(t) == ()
+    t.apply_capabilities({"kl_estimators": ["k3", "low-var-k3"]})
+    assert declared_limits(t) == ("kl_estimators: k3, low-var-k3 only",)
     t.apply_capabilities(
         {
             "methods": ["sapo"],
@@ -110,16 +117,41 @@ def test_each_limit_skips_exactly_the_cases_outside_it():
         advantages=("sequence",),
         norm_length="T",
         temperatures="tau_neg>=tau_pos",
+        weights=True,
+        kl_estimators=("k1", "k3"),
     )
     for c in CASES:
         why = applicable(t, c)
-        cfg = sapo_ref.resolve_config(**c.options)
+        soft_swapped = False
+        if c.error is None:
+            cfg = sapo_ref.resolve_config(**c.options, has_ref_logp=c.ref_logp is not None)
+            soft_swapped = cfg.is_soft and cfg.tau_neg < cfg.tau_pos
+        kl = c.ref_logp is not None or bool({"kl_coef", "kl_estimator"} & set(c.options))
+        estimator = c.options.get("kl_estimator", "k3")
         outside = (
             np.ndim(c.advantages) == 2
             or (c.options.get("norm_length") not in (None, c.mask.shape[1]))
-            or (cfg.is_soft and cfg.tau_neg < cfg.tau_pos)
+            or soft_swapped
+            or (kl and c.error is None and estimator not in ("k1", "k3"))
         )
         assert (why is not None) == outside, (c.id, why)
+
+
+@pytest.mark.clause("10.1", "10.2", "10.4")
+def test_undeclared_terms_skip_their_cases_and_errors_with_the_reason():
+    """A target that declares neither weights nor a KL estimator gets no case that passes them,
+    nor their error cases (clause 10.4); every other case still applies."""
+    t = Target("t", "numpy", None, "t")
+    for c in CASES:
+        why = applicable(t, c)
+        kl = c.ref_logp is not None or {"kl_coef", "kl_estimator"} & set(c.options)
+        if c.weights is not None:
+            assert why and "weights (clause 10.1)" in why, (c.id, why)
+        elif kl:
+            assert why and "KL penalty (clause 10.2)" in why, (c.id, why)
+        else:
+            assert why is None, (c.id, why)
+    assert not any(c.error for c in CASES if applicable(t, c) is None)  # each uses a term
 
 
 def test_counted_runs_every_case_with_the_option_and_the_reference_agrees():

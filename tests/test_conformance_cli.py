@@ -286,7 +286,11 @@ def test_export_and_judge_subcommands(tmp_path):
     d = tmp_path / "port"
     assert main(["export", str(d), "--quick", "--dtypes", "float64", "--methods", "sapo"]) == 0
     manifest = read_manifest(d)
-    for entry in manifest["cases"]:
+    # a port of spec 0.1.0's inputs: the clause 10 cases (terms it does not declare) are skipped
+    plain = [e for e in manifest["cases"] if not {"weights", "ref_logp"} & set(e["files"])]
+    plain = [e for e in plain if "error" not in e and "kl_coef" not in e["options"]]
+    plain = [e for e in plain if "kl_estimator" not in e["options"]]
+    for entry in plain:
         ins = load_inputs(d, entry)
         r = sapo_ref.policy_loss(
             ins["logp"], ins["old_logp"], ins["advantages"], ins["mask"], **entry["options"]
@@ -296,7 +300,7 @@ def test_export_and_judge_subcommands(tmp_path):
     assert main(["judge", str(d), "--json", str(j), "--no-progress"]) == 0
     data = json.loads(j.read_text())
     jsonschema.validate(data, json_schema())
-    assert data["passed"] and data["totals"]["pass"] == len(manifest["cases"])
-    (d / "results" / f"{manifest['cases'][0]['name']}.json").unlink()
+    assert data["passed"] and data["totals"]["pass"] == len(plain) < len(manifest["cases"])
+    (d / "results" / f"{plain[0]['name']}.json").unlink()
     assert main(["judge", str(d), "--json", str(j), "--no-progress"]) == 1
     assert main(["judge", str(tmp_path / "nowhere"), "--no-progress"]) == 2
