@@ -144,10 +144,7 @@ def gradient_parts(ev: Evaluation) -> tuple[Any, Any, Any]:
     clause 10.3); ``P`` and ``K`` are ``None`` without a KL term (``P`` is then ``G``)."""
     if ev.kl_grad is None:
         return ev.grad, None, None
-    # The policy part itself where sapo_ref keeps it (exact); else G - K, which loses the
-    # policy part's digits where |K| >> |P| (a far reference policy).
-    policy = getattr(ev, "policy_grad", None)
-    return ev.grad, ev.grad - ev.kl_grad if policy is None else policy, ev.kl_grad
+    return ev.grad, ev.policy_grad, ev.kl_grad
 
 
 def _host_arrays(config: LossConfig, logp, old_logp, advantages, mask, weights, ref_logp):

@@ -135,10 +135,7 @@ def _forward(
     elif ev.kl_grad is None:  # kl_coef = 0: the KL term adds exactly nothing
         grads = (ev.grad, ev.grad, mx.zeros_like(ev.grad))
     else:
-        # The policy part itself where sapo_ref keeps it (exact); else G - K, which loses the
-        # policy part's digits where |K| >> |P| (a far reference policy).
-        policy = getattr(ev, "policy_grad", None)
-        grads = (ev.grad, ev.grad - ev.kl_grad if policy is None else policy, ev.kl_grad)
+        grads = (ev.grad, ev.policy_grad, ev.kl_grad)
     return mx.where(bad, math.nan, ev.loss), *(mx.where(bad, math.nan, g) for g in grads), bad
 
 

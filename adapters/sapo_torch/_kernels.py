@@ -420,10 +420,6 @@ def generic_pass(
     metrics = compute_metrics(ev, config) if want_metrics else {}
     if ref is None:
         return Pass(ev.loss, ev.grad, None, None, metrics)
-    if ev.kl_grad is None:  # kl_coef = 0: the KL term adds exactly nothing
-        return Pass(ev.loss, ev.grad, ev.grad, torch.zeros_like(ev.grad), metrics)
-    # The policy part itself where sapo_ref keeps it (exact); else G - K, which loses the
-    # policy part's digits where |K| >> |P| (a far reference policy).
-    policy = getattr(ev, "policy_grad", None)
-    policy = ev.grad - ev.kl_grad if policy is None else policy
-    return Pass(ev.loss, ev.grad, policy, ev.kl_grad, metrics)
+    # kl_coef = 0: the KL term adds exactly nothing (no KL part)
+    kl = torch.zeros_like(ev.grad) if ev.kl_grad is None else ev.kl_grad
+    return Pass(ev.loss, ev.grad, ev.policy_grad, kl, metrics)
