@@ -17,6 +17,7 @@ cancels to no correct digit there.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,9 +28,18 @@ __all__ = ["kl_penalty", "KL_ESTIMATOR_NAMES"]
 
 KL_ESTIMATOR_NAMES: tuple[str, ...] = tuple(spec.KL_ESTIMATORS)
 
-# 1/n! for n = 2..19: the series of e^u - 1 - u to u^19, relative truncation error below
-# |u|^18 * 2/20! < 1e-23 for |u| < 0.5 (clause 10.5), far below float64's 1.1e-16.
-_SERIES = tuple(1.0 / math.factorial(n) for n in range(2, 20))
+
+@functools.cache
+def _series(eps: float) -> tuple[float, ...]:
+    """1/n! for n = 2..N, N the fewest terms that sum e^u - 1 - u to the dtype's precision.
+
+    For |u| < b the tail past u^N, relative to the leading u^2/2, is below 2 * 2 b^(N-1)/(N+1)!;
+    N makes it <= eps/8 (float64: N = 15, float32: N = 9), so the series is exact to rounding.
+    """
+    b, n = spec.K3_SERIES_BELOW, 2
+    while 4.0 * b ** (n - 1) / math.factorial(n + 1) > eps / 8.0:
+        n += 1
+    return tuple(1.0 / math.factorial(k) for k in range(2, n + 1))
 
 
 def _k3(xp: Any, u: Any) -> tuple[Any, Any]:
@@ -37,8 +47,9 @@ def _k3(xp: Any, u: Any) -> tuple[Any, Any]:
     inf = xp.full_like(u, math.inf)
     small = xp.abs(u) < spec.K3_SERIES_BELOW
     us = xp.where(small, u, zero)
-    poly = xp.full_like(u, _SERIES[-1])
-    for coef in reversed(_SERIES[:-1]):
+    coefs = _series(float(xp.finfo(u.dtype).eps))
+    poly = xp.full_like(u, coefs[-1])
+    for coef in reversed(coefs[:-1]):
         poly = poly * us + coef
     series = poly * us * us
     # Past the dtype's largest exponent e^u - 1 - u and -(e^u - 1) are +-inf: selected, so that
