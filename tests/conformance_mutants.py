@@ -296,7 +296,7 @@ def careful_loss(
         if est == "k3" and "kl-k1-for-k3" in bugs:
             est = "k1"
         u = ops.where(valid, ref, zero) - ops.where(valid, lp, zero)
-        k = _kl(ops, u, est)
+        k = _kl(ops, u, est, naive="naive-k3" in bugs)
         if w is not None and "kl-on-weights" in bugs:
             k = k * ops.where(valid, w, zero)
         term = term - ops.where(valid, cfg.kl_coef * k, zero)  # loss = -sum c term
@@ -330,12 +330,15 @@ def _terms(ops, lp, valid, weights, ref_logp, cd):
     return w, ref
 
 
-def _kl(ops, u, estimator):
-    """k(u) of clause 10.2; k3 by its Taylor series below |u| = 1/2 (no cancellation)."""
+def _kl(ops, u, estimator, naive=False):
+    """k(u) of clause 10.2; k3 by its Taylor series below |u| = 1/2 (no cancellation), or as
+    written, e^u - 1 - u (``naive``: every digit lost to cancellation near u = 0)."""
     if estimator == "k1":
         return -u
     if estimator == "k2":
         return 0.5 * u * u
+    if naive and estimator == "k3":
+        return ops.exp(u) - 1.0 - u
     clip = spec.DATA["numerics"]["kl_clip"]
     if estimator == "low-var-k3":  # k3 > 10 beyond +-20 either way: no infinity enters the clip
         u = ops.clamp(u, -20.0, 20.0)
@@ -481,6 +484,7 @@ MUTANTS: dict[str, tuple[str, str | None]] = {
     "kl-dropped": ("10.2", "kl-dropped"),
     "kl-k3-clamped": ("10.5", "kl-k3-clamped"),
     "kl-k1-for-k3": ("10.2", "kl-estimator-k1-vs-k3"),
+    "naive-k3": ("10.5", None),
 }
 
 #: Composite mutants, as real implementations have them: bugs -> the verdict's deviation set.
