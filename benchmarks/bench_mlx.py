@@ -18,6 +18,10 @@ Variants (loss and d loss / d logp, both evaluated with ``mx.eval``):
   mean), as a porter writes it first: no exact saturation, no checks, no metrics;
 * ``plain compiled``: the same under ``mx.compile`` (MLX fuses the elementwise chain).
 
+With ``--terms``, two more: ``sapo_mlx eager +terms`` and ``sapo_mlx compiled +terms``, the same
+calls with the clause 10 terms ([N, T] weights in [0, 2) and a k3 KL penalty, ``kl_coef=0.1``,
+against ``ref_logp = logp + N(0, 0.2)``): what the terms cost.
+
 The headline is ``sapo_mlx eager / plain grad`` (issue 15: no slower than the plain formula);
 ``sapo_mlx compiled / plain compiled`` is printed too. sapo_mlx's metrics are returned but not
 evaluated, so MLX's lazy graph never computes them.
@@ -86,7 +90,7 @@ def make_inputs(rows: int, cols: int, seed: int = 0):
     return [mx.array(a) for a in (lp, old, adv, mask)], mask
 
 
-def variants(method: str, inputs, mask_np) -> dict[str, Callable[[], object]]:
+def variants(method: str, inputs, mask_np, terms: bool = False) -> dict[str, Callable[[], object]]:
     lp, old, adv, mask = inputs
     config = sapo_ref.resolve_config(method)
     den = float(sapo_ref.denominator(sapo_ref.normalizer(mask_np), config.loss_agg))
@@ -103,6 +107,17 @@ def variants(method: str, inputs, mask_np) -> dict[str, Callable[[], object]]:
         "sapo_mlx compiled": mx.compile(mx.value_and_grad(ours)),
         "plain compiled": mx.compile(mx.value_and_grad(plain)),
     }
+    if terms:
+        rng = np.random.default_rng(1)
+        w = mx.array(rng.uniform(0.0, 2.0, lp.shape).astype(np.float32))
+        ref = lp + mx.array(rng.normal(0.0, 0.2, lp.shape).astype(np.float32))
+
+        def ours_terms(x):
+            kw = {"weights": w, "ref_logp": ref, "kl_coef": 0.1}
+            return sapo_mlx.policy_loss(x, old, adv, mask, method=method, **kw)[0]
+
+        fns["sapo_mlx eager +terms"] = mx.value_and_grad(ours_terms)
+        fns["sapo_mlx compiled +terms"] = mx.compile(mx.value_and_grad(ours_terms))
     return {name: (lambda f=f: mx.eval(f(lp))) for name, f in fns.items()}
 
 
@@ -152,6 +167,7 @@ def main() -> None:
     )
     ap.add_argument("--all", action="store_true", help="every method")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--terms", action="store_true", help="add the clause 10 variants")
     args = ap.parse_args()
     mx.set_default_device(mx.cpu)
     inputs, mask_np = make_inputs(args.rows, args.cols)
@@ -164,7 +180,8 @@ def main() -> None:
     )
     results = {}
     for method in methods:
-        wall, cpu = time_interleaved(variants(method, inputs, mask_np), args.repeats)
+        fns = variants(method, inputs, mask_np, args.terms)
+        wall, cpu = time_interleaved(fns, args.repeats)
         res = {}
         for clock, times in (("wall", wall), ("cpu", cpu)):
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -181,7 +198,7 @@ def main() -> None:
         for k in wall:
             w, c = res["wall"], res["cpu"]
             print(
-                f"  {k:18s} {w['median_ms'][k]:8.1f} / {w['min_ms'][k]:7.1f}"
+                f"  {k:26s} {w['median_ms'][k]:8.1f} / {w['min_ms'][k]:7.1f}"
                 f"  {c['median_ms'][k]:8.1f} / {c['min_ms'][k]:7.1f}"
             )
         for label, key in (
