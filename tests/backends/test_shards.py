@@ -58,7 +58,15 @@ def test_shards_with_global_counts_sum_to_the_batch(backend, method, loss_agg, d
     count_empty = METHODS.index(method) % 2 == 1
     case = make_case(method, loss_agg, seed=2, empty=True, count_empty_rows=count_empty)
     full = materialized(case, dtype)
-    shards = _shards(full, seed=METHODS.index(method))
+    _check_shards(backend, full, _shards(full, seed=METHODS.index(method)), count_empty)
+
+
+def _check_shards(
+    backend, full: Materialized, shards: list, count_empty: bool, terms: Terms | None = None
+) -> None:
+    """Each shard with the global counts (and its rows of ``terms``): the losses sum to the
+    batch's, the gradients are its rows (clause C.1 at the dtype's tolerance)."""
+    dtype, case = full.dtype, full.case
     opts = {k: v for k, v in case.options.items() if k != "count_empty_rows"}
     counts = [
         backend.local_counts(backend.to_array(s.mask), count_empty_rows=count_empty)
@@ -70,7 +78,11 @@ def test_shards_with_global_counts_sum_to_the_batch(backend, method, loss_agg, d
     assert float(norm.num_tokens) == full.mask.sum()
     loss, grad = 0.0, np.zeros(full.mask.shape)
     for rows, shard in shards:
-        out = backend.run(shard, options={**opts, "normalizer": norm}, cotangent=0.75)
+        options = {**opts, "normalizer": norm}
+        if terms is not None:
+            part = _shard_terms(terms, rows, shard.mask.shape[1])
+            options.update(part.options(backend, dtype))
+        out = backend.run(shard, options=options, cotangent=0.75)
         loss += out.loss
         grad[rows, : shard.mask.shape[1]] = out.grad
     checks = [
@@ -164,22 +176,4 @@ def test_shards_with_terms_sum_to_the_batch(backend, method, loss_agg, estimator
         case, seed=i, weights=("token", "row")[i % 2], kl_estimator=estimator, kl_coef=0.2
     )
     full, rounded = materialized_with_terms(case, dtype, terms)
-    shards = _shards(full, seed=i + 1)
-    opts = {k: v for k, v in case.options.items() if k != "count_empty_rows"}
-    norm = None
-    for _, s in shards:
-        c = backend.local_counts(backend.to_array(s.mask), count_empty_rows=count_empty)
-        norm = c if norm is None else norm + c
-    loss, grad = 0.0, np.zeros(full.mask.shape)
-    for rows, shard in shards:
-        part = _shard_terms(rounded, rows, shard.mask.shape[1])
-        options = {**opts, "normalizer": norm, **part.options(backend, dtype)}
-        out = backend.run(shard, options=options, cotangent=0.75)
-        loss += out.loss
-        grad[rows, : shard.mask.shape[1]] = out.grad
-    checks = [
-        compare("sum of shard losses", loss, full.want_loss, backend.tolerance(dtype, "value")),
-        compare("shard gradients", grad, full.want_grad, backend.tolerance(dtype, "grad")),
-    ]
-    bad = [c.message for c in checks if not c.ok]
-    assert not bad, f"{backend.name} {dtype} {case.options}: " + "; ".join(bad)
+    _check_shards(backend, full, _shards(full, seed=i + 1), count_empty, rounded)
