@@ -12,6 +12,9 @@ gradient), numerically the reference :mod:`sapo_ref`.
 >>> round(float(loss), 6)  # on-policy: -(2/tau_pos - 2/tau_neg) / 2
 -0.047619
 
+The clause 10 terms take the reference's keywords: per-token ``weights`` (a zero cotangent) and
+a KL penalty against ``ref_logp`` (``kl_coef``, ``kl_estimator``).
+
 Importing this package imports JAX and :mod:`sapo_ref` only, and never changes JAX's global
 configuration: float64 needs ``jax.config.update("jax_enable_x64", True)`` by the caller.
 """

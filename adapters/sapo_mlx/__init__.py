@@ -10,7 +10,9 @@ r"""sapo_mlx: the SAPO-family policy losses of :mod:`sapo_ref` in MLX (Apple sil
 accurate ``exp`` and ``sum`` (:mod:`sapo_mlx.namespace`), inside an ``mx.custom_function``
 whose VJP is the closed-form gradient; it works under ``mx.grad``, ``mx.compile`` and
 ``mx.vmap``. :func:`to_mx` and :func:`to_numpy` convert without precision loss;
-:mod:`sapo_mlx.distributed` gives the counts for micro-batches and ``mx.distributed``.
+:mod:`sapo_mlx.distributed` gives the counts for micro-batches and ``mx.distributed``. The
+clause 10 terms take the reference's keywords: per-token ``weights`` (constants) and a KL
+penalty against ``ref_logp`` (``kl_coef``, ``kl_estimator``).
 
 >>> import mlx.core as mx, sapo_mlx
 >>> loss, _ = sapo_mlx.policy_loss(mx.zeros((2, 3)), mx.zeros((2, 3)),

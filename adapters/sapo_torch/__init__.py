@@ -10,7 +10,9 @@ r"""sapo_torch: the SAPO-family policy losses of :mod:`sapo_ref` as one PyTorch 
 method through the reference's own array-API code on tensors. The forward computes the loss,
 the closed-form gradient (and the metrics, on request) together and saves only the gradient
 (one [N, T] buffer) for backward; it runs eagerly, under ``torch.compile(fullgraph=True)`` and
-under ``torch.func`` transforms, on any device. bfloat16/float16 are computed in float32.
+under ``torch.func`` transforms, on any device. bfloat16/float16 are computed in float32. The
+clause 10 terms take the reference's keywords: per-token ``weights`` (detached) and a KL penalty
+against ``ref_logp`` (``kl_coef``, ``kl_estimator``), whose gradient is minus the KL part.
 
 >>> import torch, sapo_torch
 >>> logp = torch.zeros(2, 3, requires_grad=True)
