@@ -442,8 +442,13 @@ def missing_four_over_tau(plan: Plan, param: dict) -> bool:
 
 
 def _garbage(m: Materialized) -> np.ndarray:
+    """Padding positions holding NaN/inf in any input (clause 10's weights and ref_logp too)."""
     lp, old, adv, mask = _f64(m)
-    return ~mask & (~np.isfinite(lp) | ~np.isfinite(old) | ~np.isfinite(_full(adv, mask)))
+    bad = ~np.isfinite(lp) | ~np.isfinite(old) | ~np.isfinite(_full(adv, mask))
+    for a in m.keyword_arrays().values():
+        if a.dtype.kind == "f" and a.shape in (mask.shape, mask.shape[:1]):
+            bad |= ~np.isfinite(_full(np.asarray(a, np.float64), mask))
+    return ~mask & bad
 
 
 def nan_through_mask(plan: Plan, param: dict) -> bool:

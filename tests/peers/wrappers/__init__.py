@@ -19,7 +19,10 @@ __all__ = ["config", "per_token", "require"]
 
 
 def config(
-    options: dict[str, Any], methods: tuple[str, ...], empty_rows: str | None = None
+    options: dict[str, Any],
+    methods: tuple[str, ...],
+    empty_rows: str | None = None,
+    has_ref_logp: bool = False,
 ) -> sapo_ref.LossConfig:
     """The resolved options (spec defaults filled in), refusing a method the wrapper lacks and,
     for the row-averaging aggregations, the other empty-row convention than the peer's
@@ -32,7 +35,7 @@ def config(
     ...
     ValueError: not supported by this peer: count_empty_rows=False (the peer's empty rows are counted)
     """
-    cfg = sapo_ref.resolve_config(**options)
+    cfg = sapo_ref.resolve_config(**options, has_ref_logp=has_ref_logp)
     require(cfg.method in methods, f"method {cfg.method!r} (this wrapper maps {methods})")
     if empty_rows is not None and cfg.loss_agg != "token-mean":
         counted = empty_rows == "counted"
