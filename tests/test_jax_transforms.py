@@ -413,3 +413,38 @@ def test_terms_do_not_retrace_for_the_same_options(traces):
     f(lp, ref)
     f(lp + 0.1, ref - 0.2)
     assert len(traces) == 1
+
+
+def test_terms_inside_shard_map_single_process():
+    """Weights and ref_logp sharded with the rows inside jax.shard_map, psum'ed counts: the whole
+    batch's loss and both gradients."""
+    devices = np.array(jax.devices()[:1])
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    P = jax.sharding.PartitionSpec
+    lp, o, a, m = batch(71, n=4)
+    rng = np.random.default_rng(72)
+    w, ref = jnp.asarray(rng.uniform(0.0, 2.0, lp.shape)), lp + 0.3
+    terms = {"kl_coef": 0.5, "kl_estimator": "low-var-k3"}
+
+    def shard_loss(lp, o, a, m, w, ref):
+        local = sapo_jax.normalizer(m)
+        norm = sapo_ref.Normalizer(
+            jax.lax.psum(local.num_tokens, "data"), jax.lax.psum(local.num_rows, "data")
+        )
+        loss, grads = jax.value_and_grad(
+            lambda x, r: sapo_jax.policy_loss(
+                x, o, a, m, normalizer=norm, weights=w, ref_logp=r, **terms
+            )[0],
+            argnums=(0, 1),
+        )(lp, ref)
+        return jax.lax.psum(loss, "data"), grads
+
+    specs = (P("data"),) * 6
+    f = jax.jit(jax.shard_map(shard_loss, mesh=mesh, in_specs=specs, out_specs=(P(), P("data"))))
+    loss, (g_lp, g_ref) = f(lp, o, a, m, w, ref)
+    arrays = [np.asarray(x) for x in (lp, o, a, m)]
+    want = sapo_ref.policy_loss(*arrays, weights=np.asarray(w), ref_logp=np.asarray(ref), **terms)
+    policy = sapo_ref.policy_loss(*arrays, weights=np.asarray(w))
+    close(loss, want.loss, F64["value"])
+    close(g_lp, want.grad)
+    close(g_ref, policy.grad - want.grad)
