@@ -44,22 +44,21 @@ def _series(eps: float) -> tuple[float, ...]:
 
 def _k3(xp: Any, u: Any) -> tuple[Any, Any]:
     zero = xp.zeros_like(u)
+    # Past the dtype's largest exponent e^u - 1 - u and -(e^u - 1) are +-inf: selected, so that
+    # expm1 never overflows (no warning) and u = +inf never meets inf - inf. One expm1 serves the
+    # value above the series' range and the derivative everywhere.
+    over = u > math.log(float(xp.finfo(u.dtype).max))
     inf = xp.full_like(u, math.inf)
+    uo = xp.where(over, zero, u)
+    em1 = xp.expm1(uo)
     small = xp.abs(u) < spec.K3_SERIES_BELOW
     us = xp.where(small, u, zero)
     coefs = _series(float(xp.finfo(u.dtype).eps))
     poly = xp.full_like(u, coefs[-1])
     for coef in reversed(coefs[:-1]):
         poly = poly * us + coef
-    series = poly * us * us
-    # Past the dtype's largest exponent e^u - 1 - u and -(e^u - 1) are +-inf: selected, so that
-    # expm1 never overflows (no warning) and u = +inf never meets inf - inf.
-    over = u > math.log(float(xp.finfo(u.dtype).max))
-    safe = xp.where(small | over, zero, u)
-    em1 = xp.expm1(safe)
-    value = xp.where(small, series, xp.where(over, inf, em1 - safe))
-    em1_all = xp.expm1(xp.where(over, zero, u))
-    return value, xp.where(over, -inf, -em1_all)
+    value = xp.where(small, poly * us * us, xp.where(over, inf, em1 - uo))
+    return value, xp.where(over, -inf, -em1)
 
 
 def kl_penalty(u: Any, estimator: str) -> tuple[Any, Any]:
