@@ -694,8 +694,11 @@ ERROR_KINDS: dict[str, tuple[str, bool]] = {
 
 def _g_errors(rng, kind):  # 10.4: every error of the added inputs
     lp, old, adv, m = _batch(rng, sigma=0.3)
-    method = _pick(rng, sapo_ref.METHOD_NAMES)
-    opts = _term_opts(rng, method, m.shape[1])
+    # One method and aggregation (the first the subset allows): the error is the inputs', and
+    # the data faults then share one configuration in a compiling backend.
+    method = _allowed("methods", sapo_ref.METHOD_NAMES)[0]
+    agg = _allowed("loss_aggs", (spec.DATA["defaults"]["loss_agg"], *sapo_ref.LOSS_AGG_NAMES))[0]
+    opts = {"method": method, **_agg(rng, m.shape[1], agg)}
     n, t = m.shape
     valid = np.argwhere(m)
     at = tuple(valid[rng.integers(len(valid))])
@@ -792,6 +795,9 @@ def _g_kl_numerics(rng, kind):  # 10.5: k3 near u = 0, overflow, low-var clip, i
         ref_logp=_clean(ref, m),
         fd=fd,
         extra=("10.2",),
+        # bfloat16 and float16 compute in float32 (clause 6.4), where these numerics are
+        # checked; rounded to them, a tiny u is 0 and a large one out of range
+        dtypes=("float64", "float32"),
     )
 
 
