@@ -17,7 +17,6 @@ cancels to no correct digit there.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -29,8 +28,7 @@ __all__ = ["kl_penalty", "KL_ESTIMATOR_NAMES"]
 KL_ESTIMATOR_NAMES: tuple[str, ...] = tuple(spec.KL_ESTIMATORS)
 
 
-@functools.cache
-def _series(eps: float) -> tuple[float, ...]:
+def _series_terms(eps: float) -> tuple[float, ...]:
     """1/n! for n = 2..N, N the fewest terms that sum e^u - 1 - u to the dtype's precision.
 
     For |u| < b the tail past u^N, relative to the leading u^2/2, is below 2 * 2 b^(N-1)/(N+1)!;
@@ -40,6 +38,16 @@ def _series(eps: float) -> tuple[float, ...]:
     while 4.0 * b ** (n - 1) / math.factorial(n + 1) > eps / 8.0:
         n += 1
     return tuple(1.0 / math.factorial(k) for k in range(2, n + 1))
+
+
+# By machine epsilon (float64, float32, float16, bfloat16), built at import: a plain dict lookup
+# inside traced code (torch.compile warns on functools caches).
+_SERIES = {eps: _series_terms(eps) for eps in (2.0**-52, 2.0**-23, 2.0**-10, 2.0**-7)}
+
+
+def _series(eps: float) -> tuple[float, ...]:
+    terms = _SERIES.get(eps)
+    return _series_terms(eps) if terms is None else terms
 
 
 def _k3(xp: Any, u: Any) -> tuple[Any, Any]:
