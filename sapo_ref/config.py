@@ -40,8 +40,13 @@ class LossConfig:
 
     @property
     def has_kl(self) -> bool:
-        """True when the loss has a KL penalty with a non-zero coefficient (clause 10.2)."""
-        return self.kl_coef is not None and self.kl_coef != 0.0
+        """True when the loss has a KL penalty with a non-zero coefficient (clause 10.2).
+
+        A coefficient that is not a Python number (a traced value: JAX traces ``kl_coef`` so that
+        one program serves every non-zero beta) counts as non-zero; beta = 0 stays static.
+        """
+        k = self.kl_coef
+        return k is not None and (not isinstance(k, (int, float)) or k != 0.0)
 
     @property
     def method_spec(self) -> spec.MethodSpec:

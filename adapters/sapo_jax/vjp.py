@@ -48,7 +48,8 @@ __all__ = ["loss_and_metrics"]
 SMALL = 1 << 14
 #: The smallest bucket: every shape up to [8, 64] shares one program.
 MIN_BUCKET = (8, 64)
-_TRACED_PARAMS = (*PARAM_NAMES, "norm_length")
+# kl_coef is traced too when non-zero (beta = 0 is its own program: the KL term is then absent).
+_TRACED_PARAMS = (*PARAM_NAMES, "norm_length", "kl_coef")
 
 
 def _kernel_impl(
@@ -207,27 +208,34 @@ def _bucketed(
         adv = np.broadcast_to(adv[:, None], (n, t))
     if w is not None and w.ndim == 1:
         w = np.broadcast_to(w[:, None], (n, t))
-    pad = ((0, shape[0] - n), (0, shape[1] - t))
     dtype = lp.dtype
+    # Fewer programs for the many small eager calls (the conformance suite, tests): absent
+    # weights are ones (clause 10.1: the same numbers), an absent normalizer is the shard's own
+    # counts (the same numbers), and the metrics are always built (dropped when not asked).
+    weighted = w is not None
+    if not weighted:
+        w = np.ones((n, t), dtype)
+    pad = ((0, shape[0] - n), (0, shape[1] - t))
     arrays = [np.pad(x, pad) for x in (lp, olp, adv, m.astype(dtype))]
     terms = [None if x is None else np.pad(x, pad) for x in (w, ref)]
     as_counts = lambda c: (np.asarray(c[0], dtype), np.asarray(c[1], dtype))
-    used = None if norm is None else as_counts(norm)
-    params = {k: getattr(config, k) for k in _TRACED_PARAMS if getattr(config, k) is not None}
+    counts = as_counts((local.num_tokens, local.num_rows))
+    used = counts if norm is None else as_counts(norm)
+    params = {
+        k: getattr(config, k)
+        for k in _TRACED_PARAMS
+        if getattr(config, k) is not None and not (k == "kl_coef" and config.kl_coef == 0.0)
+    }
     if not config.is_soft:
         params["dual_clip"] = math.inf if config.dual_clip is None else config.dual_clip
     static = dataclasses.replace(
         config, count_empty_rows=False, **dict.fromkeys(params, 1.0)
     )  # one program per method and aggregation: the values are traced
-    loss, metrics, parts, bad = _kernel(
-        static,
-        want_metrics,
-        *arrays,
-        used,
-        as_counts((local.num_tokens, local.num_rows)),
-        params,
-        *terms,
-    )
+    loss, metrics, parts, bad = _kernel(static, True, *arrays, used, counts, params, *terms)
+    if not want_metrics:
+        metrics = {}
+    elif not weighted:
+        metrics = {k: v for k, v in metrics.items() if k != "weights/mean"}
     parts = tuple(None if g is None else jnp.asarray(np.asarray(g)[:n, :t]) for g in parts)
     return loss, metrics, parts, bad
 
