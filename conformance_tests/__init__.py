@@ -23,7 +23,7 @@ from .runner import SuiteResult, run_suite
 from .targets import BUILTIN_TARGETS, Target, UsageError, builtin_target, impl_target
 from .worker import WorkerPool
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DTYPES",

@@ -37,7 +37,7 @@ from .metrics import compute_metrics, metric_keys
 from .penalties import KL_ESTIMATOR_NAMES, kl_penalty
 from .ratios import sequence_log_ratio, sequence_ratio, token_log_ratio, token_ratio
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 SPEC_VERSION: str = spec.VERSION
 
 __all__ = [

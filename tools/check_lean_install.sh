@@ -21,7 +21,7 @@ wheel=$(ls "$work"/dist/sapo_ref-*.whl)
 sdist=$(ls "$work"/dist/sapo_ref-*.tar.gz)
 # The sdist carries the spec data and golden vectors (a rebuild from it must be complete).
 tar -tzf "$sdist" > "$work/sdist.txt"  # (grep -q on a pipe would SIGPIPE tar under pipefail)
-for member in spec/clauses.toml spec/vectors/0.1.0/methods.json conformance_tests/report.schema.json; do
+for member in spec/clauses.toml spec/vectors/0.1.0/methods.json spec/vectors/0.2.0/terms.json conformance_tests/report.schema.json; do
   grep -q "/$member\$" "$work/sdist.txt" || { echo "sdist lacks $member" >&2; exit 1; }
 done
 echo "built $(basename "$wheel") and $(basename "$sdist")"

@@ -31,7 +31,7 @@ from .distributed import global_normalizer, local_counts
 from .loss import policy_loss
 from .namespace import MLX
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CAPABILITIES",

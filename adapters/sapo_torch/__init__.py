@@ -32,7 +32,7 @@ from ._function import PolicyLossFunction, compute_dtype
 from .capabilities import CAPABILITIES
 from .loss import check_inputs, policy_loss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CAPABILITIES",
