@@ -36,7 +36,6 @@ True
 from __future__ import annotations
 
 import inspect
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +46,8 @@ import torch
 
 import sapo_ref
 import sapo_torch
+
+from ._peer import version_tuple
 
 __all__ = [
     "Aggregation",
@@ -90,13 +91,6 @@ _VERL_PARAMETERS = (
 )
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
-    if match is None:
-        return ()
-    return tuple(int(p) for p in match.groups(default="0"))
-
-
 def _import_verl() -> Any:
     """verl's ``core_algos``, after checking the installed version and the registry contract."""
     try:
@@ -111,7 +105,7 @@ def _import_verl() -> Any:
             name="verl",
         ) from err
     version = str(getattr(verl, "__version__", ""))
-    if not _LOWEST <= _version_tuple(version) < _BELOW:
+    if not _LOWEST <= version_tuple(version) < _BELOW:
         raise ImportError(
             f"sapo_torch.integrations.verl supports verl {SUPPORTED_VERL}; installed: {version!r}"
         )
